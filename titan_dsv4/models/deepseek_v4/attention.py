@@ -1,0 +1,218 @@
+"""DeepSeek-V4 attention: sliding window + compressed entries (CSA with lightning indexer, or HCA), sinks.
+
+One shared 512-d K=V head, per-head weightless RMS on queries, interleaved RoPE on the trailing dims,
+inverse RoPE on the output, and a grouped low-rank output projection (dsv4-spec.md §2.4-2.7).
+
+The score computation runs over query blocks: each block sees only the raw keys its window can reach and
+the compressed entries, so nothing of size ``[S, S]`` is materialised when the block is smaller than the
+sequence. ``query_block=None`` (one block) is the plain dense reference; ``auto`` picks blocks on long
+sequences and on GPUs. Both are the same math and are tested equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import CSA_RATIO, DeepseekV4ModelArgs
+from .norm import RMSNorm, rms_normalise
+from .rope import apply_rope, rope_cos_sin
+
+AUTO_BLOCK = 256  # query block used by ``auto`` on GPUs and for sequences longer than 2 blocks
+
+
+@dataclass
+class AttentionContext:
+    """Per-batch tensors every layer needs; built once per forward by the model."""
+
+    positions: torch.Tensor  # [B, S] position inside the document
+    doc_ids: torch.Tensor  # [B, S]
+    inv_freq: dict[str, torch.Tensor]  # "main" / "compress" -> [rope_dim / 2]
+    cos_sin: dict[str, tuple[torch.Tensor, torch.Tensor]]  # at ``positions``
+
+
+@dataclass
+class CompressedEntries:
+    kv: torch.Tensor  # [B, P, d]
+    end: torch.Tensor  # [B, P] index of the last token of each entry's window
+    doc: torch.Tensor  # [B, P] document of the entry
+    valid: torch.Tensor  # [B, P] bool (rows have different entry counts; padding is invalid)
+
+    def visible(self, query_index: torch.Tensor, query_doc: torch.Tensor) -> torch.Tensor:
+        """``[B, Q, P]``: the entry's window lies in the query's document, at or before the query."""
+        return (
+            self.valid[:, None, :]
+            & (self.end[:, None, :] <= query_index[None, :, None])
+            & (self.doc[:, None, :] == query_doc[:, :, None])
+        )
+
+
+class Compressor(nn.Module):
+    """Pools every ``ratio`` tokens of a document into one RMS-normed, RoPE'd entry (fp32 math).
+
+    With ``overlap`` (ratio 4, CSA) each entry pools 2·ratio tokens: the previous window through channels
+    ``[:d]`` and the current one through ``[d:]``, so the projections are ``2d`` wide.
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, ratio: int, overlap: bool, norm_eps: float):
+        super().__init__()
+        self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
+        width = (2 if overlap else 1) * head_dim
+        self.wkv = nn.Linear(hidden_size, width, bias=False)
+        self.wgate = nn.Linear(hidden_size, width, bias=False)
+        self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32))
+        self.norm = RMSNorm(head_dim, norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> CompressedEntries:
+        batch, seq, _ = x.shape
+        m, d = self.ratio, self.head_dim
+        pos, doc = ctx.positions, ctx.doc_ids
+        index = torch.arange(seq, device=x.device)
+        start = (index - (m - 1)).clamp(min=0)
+        is_end = (pos % m == m - 1) & (index >= m - 1) & (doc.gather(1, start.expand(batch, -1)) == doc)
+        counts = is_end.sum(dim=1)
+        num = int(counts.max()) if seq else 0
+        # stable sort puts each row's window ends first, in order
+        order = torch.sort((~is_end).to(torch.int8), dim=1, stable=True).indices[:, :num]
+        valid = torch.arange(num, device=x.device)[None, :] < counts[:, None]
+        end = torch.where(valid, order, torch.full_like(order, m - 1))
+
+        kv = F.linear(x.float(), self.wkv.weight.float())
+        gate = F.linear(x.float(), self.wgate.weight.float())
+        slots = end[:, :, None] - (m - 1) + torch.arange(m, device=x.device)  # [B, P, m]
+        kv_w = _gather_tokens(kv, slots)
+        gate_w = _gather_tokens(gate, slots) + self.ape.float()
+        if self.overlap:
+            prev = slots - m
+            has_prev = (prev[:, :, 0] >= 0) & valid
+            has_prev &= doc.gather(1, prev[:, :, 0].clamp(min=0)) == doc.gather(1, end)
+            kv_p = _gather_tokens(kv, prev.clamp(min=0))[..., :d]
+            gate_p = _gather_tokens(gate, prev.clamp(min=0))[..., :d] + self.ape.float()[:, :d]
+            kv_p = torch.where(has_prev[..., None, None], kv_p, torch.zeros_like(kv_p))
+            gate_p = torch.where(has_prev[..., None, None], gate_p, torch.full_like(gate_p, float("-inf")))
+            kv_w = torch.cat([kv_p, kv_w[..., d:]], dim=2)
+            gate_w = torch.cat([gate_p, gate_w[..., d:]], dim=2)
+        pooled = (kv_w * gate_w.softmax(dim=2)).sum(dim=2)  # per-channel softmax over the window's tokens
+        pooled = self.norm(pooled.to(x.dtype))
+        entry_pos = pos.gather(1, end) - (m - 1)
+        cos, sin = rope_cos_sin(entry_pos, ctx.inv_freq["compress"])
+        pooled = apply_rope(pooled, cos, sin)
+        return CompressedEntries(kv=pooled, end=end, doc=doc.gather(1, end), valid=valid)
+
+
+def _gather_tokens(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``x[b, slots[b, p, j]]`` -> ``[B, P, m, C]``."""
+    batch, num, m = slots.shape
+    flat = slots.reshape(batch, num * m, 1).expand(-1, -1, x.shape[-1])
+    return x.gather(1, flat).view(batch, num, m, x.shape[-1])
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: scores compressed entries per query and keeps the top ``index_topk``.
+
+    The selection is not differentiable; its parameters learn nothing from the LM loss (the trainer
+    freezes them, see docs).
+    """
+
+    def __init__(self, args: DeepseekV4ModelArgs):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
+        self.wq_b = nn.Linear(args.q_lora_rank, args.index_n_heads * args.index_head_dim, bias=False)
+        self.weights_proj = nn.Linear(args.hidden_size, args.index_n_heads, bias=False)
+        self.compressor = Compressor(args.hidden_size, args.index_head_dim, CSA_RATIO, True, args.rms_norm_eps)
+
+    def select(self, x: torch.Tensor, qr: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+               keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """``[B, Q, P]`` bool mask of the chosen visible entries for the queries ``x``/``qr``."""
+        batch, q_len, _ = x.shape
+        q = self.wq_b(qr).view(batch, q_len, self.n_heads, self.head_dim)
+        q = apply_rope(q, *cos_sin)
+        scores = torch.einsum("bqhd,bpd->bqhp", q.float(), keys.float()).relu() * self.head_dim**-0.5
+        weights = self.weights_proj(x).float() * self.n_heads**-0.5
+        scores = torch.einsum("bqhp,bqh->bqp", scores, weights)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        k = min(self.topk, scores.shape[-1])
+        top = scores.topk(k, dim=-1).indices
+        chosen = torch.zeros_like(visible).scatter_(-1, top, True)
+        return chosen & visible
+
+
+class Attention(nn.Module):
+    def __init__(self, args: DeepseekV4ModelArgs, layer_id: int):
+        super().__init__()
+        self.n_heads, self.head_dim = args.num_attention_heads, args.head_dim
+        self.o_groups, self.window, self.eps = args.o_groups, args.sliding_window, args.rms_norm_eps
+        self.kind = args.layer_kind(layer_id)
+        self.rope_kind = "main" if self.kind == "sliding" else "compress"
+        self.query_block: int | str | None = "auto"
+        h, d = args.hidden_size, args.head_dim
+        self.wq_a = nn.Linear(h, args.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * d, bias=False)
+        self.wkv = nn.Linear(h, d, bias=False)
+        self.kv_norm = RMSNorm(d, args.rms_norm_eps)
+        self.wo_a = nn.Linear(self.n_heads * d // self.o_groups, self.o_groups * args.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(self.o_groups * args.o_lora_rank, h, bias=False)
+        self.attn_sink = nn.Parameter(torch.empty(self.n_heads, dtype=torch.float32))
+        ratio = args.compress_ratios[layer_id]
+        self.compressor = (
+            Compressor(h, d, ratio, self.kind == "csa", args.rms_norm_eps) if self.kind != "sliding" else None
+        )
+        self.indexer = Indexer(args) if self.kind == "csa" else None
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        cos, sin = ctx.cos_sin[self.rope_kind]
+        qr = self.q_norm(self.wq_a(x))
+        q = rms_normalise(self.wq_b(qr).view(batch, seq, self.n_heads, self.head_dim), self.eps)
+        q = apply_rope(q, cos, sin)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, d], K == V
+
+        entries = self.compressor(x, ctx) if self.compressor is not None else None
+        index_keys = self.indexer.compressor(x, ctx).kv if self.indexer is not None else None
+        block = self._block_size(x)
+        outs = []
+        for q0 in range(0, seq, block):
+            q1 = min(seq, q0 + block)
+            outs.append(self._attend(x, qr, q, kv, entries, index_keys, ctx, q0, q1))
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+        out = apply_rope(out, cos, sin, inverse=True)
+        grouped = out.reshape(batch, seq, self.o_groups, -1)
+        wo_a = self.wo_a.weight.view(self.o_groups, -1, grouped.shape[-1])
+        low_rank = torch.einsum("bsgi,goi->bsgo", grouped, wo_a).flatten(2)
+        return self.wo_b(low_rank)
+
+    def _block_size(self, x: torch.Tensor) -> int:
+        seq = x.shape[1]
+        if self.query_block is None:
+            return max(seq, 1)
+        if self.query_block == "auto":
+            return AUTO_BLOCK if (x.is_cuda or seq > 2 * AUTO_BLOCK) else max(seq, 1)
+        return int(self.query_block)
+
+    def _attend(self, x, qr, q, kv, entries, index_keys, ctx, q0: int, q1: int) -> torch.Tensor:
+        """Attention output ``[B, q1-q0, h, d]`` for queries ``q0:q1`` (keys limited to what they can see)."""
+        device = x.device
+        k0 = max(0, q0 - self.window + 1)
+        q_idx = torch.arange(q0, q1, device=device)
+        k_idx = torch.arange(k0, q1, device=device)
+        q_doc = ctx.doc_ids[:, q0:q1]
+        window_ok = (k_idx[None, :] <= q_idx[:, None]) & (k_idx[None, :] > q_idx[:, None] - self.window)
+        window_ok = window_ok[None] & (ctx.doc_ids[:, None, k0:q1] == q_doc[:, :, None])  # [B, Q, K]
+        keys, allowed = kv[:, k0:q1], window_ok
+        if entries is not None:
+            visible = entries.visible(q_idx, q_doc)
+            if self.indexer is not None and visible.shape[-1] > 0:
+                cos_sin = tuple(t[:, q0:q1] for t in ctx.cos_sin["compress"])
+                visible = self.indexer.select(x[:, q0:q1], qr[:, q0:q1], cos_sin, index_keys, visible)
+            keys = torch.cat([keys, entries.kv], dim=1)
+            allowed = torch.cat([allowed, visible], dim=-1)
+        scores = torch.einsum("bqhd,bkd->bhqk", q[:, q0:q1], keys).float() * self.head_dim**-0.5
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        sink = self.attn_sink.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]  # sink: denominator only
+        return torch.einsum("bhqk,bkd->bqhd", probs.to(keys.dtype), keys)

@@ -1,0 +1,77 @@
+"""Manifold-constrained hyper-connections (mHC): the residual stream is ``hc_mult`` parallel copies.
+
+Every mixing coefficient is computed in fp32 from the flattened streams (dsv4-spec.md §2.2):
+``pre = sigmoid + eps`` collapses the streams into the sub-layer input, ``post = 2 * sigmoid`` spreads the
+sub-layer output back, and ``comb`` (softmax + eps, then Sinkhorn) mixes the residual streams. The residual
+update uses ``comb`` **transposed** (``X'_k = post_k * o + sum_j comb[j, k] * X_j``), the orientation bug that
+hit three frameworks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _flat_mix(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(rms_normalise(flatten(x)) @ fn.T)`` in fp32; ``x`` is ``[B, S, n, H]``."""
+    flat = x.flatten(2).float()
+    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+    return flat @ fn.float().t()
+
+
+def sinkhorn(comb_logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Softmax over the last axis, then alternate column/row normalisation (column first)."""
+    comb = torch.softmax(comb_logits, dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return comb
+
+
+class HyperConnection(nn.Module):
+    """One mHC site (before attention or before the MoE) of a block."""
+
+    def __init__(self, hidden_size: int, hc_mult: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
+        super().__init__()
+        self.hc_mult, self.sinkhorn_iters, self.hc_eps, self.norm_eps = hc_mult, sinkhorn_iters, hc_eps, norm_eps
+        mix = (2 + hc_mult) * hc_mult
+        self.fn = nn.Parameter(torch.empty(mix, hc_mult * hidden_size, dtype=torch.float32))
+        self.base = nn.Parameter(torch.empty(mix, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
+
+    def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(collapsed [B,S,H] in x.dtype, post [B,S,n] fp32, comb [B,S,n,n] fp32)``."""
+        n = self.hc_mult
+        mixes = _flat_mix(x, self.fn, self.norm_eps)
+        base, scale = self.base.float(), self.scale.float()
+        pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
+        pre_b, post_b, comb_b = base.split([n, n, n * n])
+        pre = torch.sigmoid(pre_w * scale[0] + pre_b) + self.hc_eps
+        post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
+        comb = sinkhorn((comb_w * scale[2] + comb_b).unflatten(-1, (n, n)), self.sinkhorn_iters, self.hc_eps)
+        collapsed = (pre.unsqueeze(-1) * x.float()).sum(dim=2).to(x.dtype)
+        return collapsed, post, comb
+
+    @staticmethod
+    def post(out: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """``X'_k = post_k * out + sum_j comb[j,k] * X_j`` computed in fp32, cast to the stream dtype."""
+        mixed = post.unsqueeze(-1) * out.float().unsqueeze(-2) + comb.transpose(-1, -2) @ residual.float()
+        return mixed.to(residual.dtype)
+
+
+class HyperHead(nn.Module):
+    """Final collapse of the streams before the last norm (no Sinkhorn, no post)."""
+
+    def __init__(self, hidden_size: int, hc_mult: int, hc_eps: float, norm_eps: float):
+        super().__init__()
+        self.hc_eps, self.norm_eps = hc_eps, norm_eps
+        self.fn = nn.Parameter(torch.empty(hc_mult, hc_mult * hidden_size, dtype=torch.float32))
+        self.base = nn.Parameter(torch.empty(hc_mult, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixes = _flat_mix(x, self.fn, self.norm_eps)
+        pre = torch.sigmoid(mixes * self.scale.float() + self.base.float()) + self.hc_eps
+        return (pre.unsqueeze(-1) * x.float()).sum(dim=2).to(x.dtype)

@@ -1,0 +1,90 @@
+"""Weight init for training from scratch (dsv4-spec.md §5.10, Automodel's scheme; DeepSeek's own init is
+unpublished).
+
+Every tensor draws from its own generator seeded by ``(seed, FQN)`` — and each routed expert from
+``(seed, FQN, expert)`` — so a model split over any pipeline / FSDP / EP layout gets exactly the weights a
+single process would. The MTP embedding replica is named after the table it copies.
+
+| tensor | init |
+|---|---|
+| ``embed`` | N(0, 1) |
+| ``head`` | trunc-normal(0, H^-0.5, ±3σ) |
+| other linear / expert weights, router ``weight`` | trunc-normal(0, 0.02, ±2) / N(0, 0.02) for routers |
+| mHC ``fn`` / ``base`` / ``scale`` | N(0, 0.02) / 0 / 1 |
+| ``attn_sink``, compressor ``ape``, router ``bias`` | 0 |
+| norms | 1 |
+| ``tid2eid`` | k distinct random experts per token id |
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+
+EXPERT_WEIGHTS = ("experts.w1", "experts.w2", "experts.w3")
+
+
+def _generator(seed: int, *key: object) -> torch.Generator:
+    text = ":".join(str(k) for k in (seed, *key))
+    return torch.Generator().manual_seed(zlib.crc32(text.encode()) ^ (seed << 32))
+
+
+def full_init_value(name: str, shape: torch.Size, dtype: torch.dtype, seed: int, std: float,
+                    hidden_size: int) -> torch.Tensor:
+    """The full (unsharded) initial value of parameter or buffer ``name``."""
+    name = name.replace("mtp_embed.", "embed.")
+    out = torch.empty(shape, dtype=torch.float32)
+    leaf = name.rsplit(".", 1)[-1]
+    if name.endswith(EXPERT_WEIGHTS):
+        for e in range(shape[0]):
+            nn.init.trunc_normal_(out[e], 0.0, std, -2.0, 2.0, generator=_generator(seed, name, e))
+    elif name == "embed.weight":
+        out.normal_(0.0, 1.0, generator=_generator(seed, name))
+    elif name == "head.weight":
+        s = hidden_size ** -0.5
+        nn.init.trunc_normal_(out, 0.0, s, -3 * s, 3 * s, generator=_generator(seed, name))
+    elif name.endswith("gate.weight") or leaf == "fn":
+        out.normal_(0.0, std, generator=_generator(seed, name))
+    elif leaf in ("base", "attn_sink", "ape", "bias"):
+        out.zero_()
+    elif leaf == "scale" or name.endswith("norm.weight"):
+        out.fill_(1.0)
+    elif len(shape) == 2:
+        nn.init.trunc_normal_(out, 0.0, std, -2.0, 2.0, generator=_generator(seed, name))
+    else:
+        raise ValueError(f"no init rule for tensor {name!r} of shape {tuple(shape)}")
+    return out.to(dtype)
+
+
+def hash_table(name: str, vocab: int, top_k: int, n_experts: int, seed: int) -> torch.Tensor:
+    """``[vocab, top_k]`` distinct experts per token id, deterministic from ``(seed, name)``."""
+    rand = torch.rand(vocab, n_experts, generator=_generator(seed, name))
+    return rand.argsort(dim=-1)[:, :top_k]
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int) -> None:
+    args = model.args
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("expert_load"):
+            tensor.zero_()
+            continue
+        if name.endswith("tid2eid"):
+            value = hash_table(name, args.vocab_size, args.num_experts_per_tok, args.n_routed_experts, seed)
+        else:
+            value = full_init_value(name, tensor.shape, tensor.dtype, seed, args.initializer_range,
+                                    args.hidden_size)
+        copy_full_into(tensor, value)
+
+
+def copy_full_into(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full value into a plain tensor or the local shard of a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(tensor, DTensor):
+        value = distribute_tensor(value.to(tensor.dtype), tensor.device_mesh, tensor.placements)
+        tensor.to_local().copy_(value.to_local())
+    else:
+        tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))

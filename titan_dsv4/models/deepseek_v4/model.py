@@ -1,0 +1,104 @@
+"""The DeepSeek-V4 transformer with its MTP depths. Free of parallelism: modules a pipeline stage does not
+hold are ``None`` (or missing from ``layers``/``mtp``) and their step is skipped, keeping FQNs stable."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import DeepseekV4ModelArgs
+from .attention import AttentionContext
+from .block import Block
+from .document import default_positions, document_ids
+from .hyper_connection import HyperHead
+from .init import init_weights
+from .mtp import MTPBlock, mtp_input_ids
+from .norm import RMSNorm
+from .rope import rope_cos_sin, rope_inv_freq
+
+
+class DeepseekV4Model(nn.Module):
+    def __init__(self, args: DeepseekV4ModelArgs):
+        super().__init__()
+        self.args = args
+        h = args.hidden_size
+        self.embed: nn.Embedding | None = nn.Embedding(args.vocab_size, h)
+        self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.num_hidden_layers)})
+        self.hc_head: HyperHead | None = HyperHead(h, args.hc_mult, args.hc_eps, args.rms_norm_eps)
+        self.norm: RMSNorm | None = RMSNorm(h, args.rms_norm_eps)
+        self.head: nn.Linear | None = nn.Linear(h, args.vocab_size, bias=False)
+        self.mtp = nn.ModuleDict({str(k): MTPBlock(args, k) for k in range(args.num_nextn_predict_layers)})
+        # Pipeline parallelism may give the last stage its own copy of the embedding for MTP.
+        self.mtp_embed: nn.Embedding | None = None
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``tokens``: ids ``[B, S]`` on the first stage, else the mHC stream ``[B, S, hc_mult, H]``.
+
+        Returns the stream (stages without the head), the fp32 logits ``[B, S, V]``, or in training with MTP
+        the tuple ``(logits, mtp_logits_0, ..., mtp_logits_{D-1})`` where depth k's logits at position t
+        predict token t+k+2.
+        """
+        if self.embed is not None:
+            input_ids = tokens
+            x = self.embed(tokens).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)
+        else:
+            x = tokens
+        if positions is None:
+            positions = default_positions(x[..., 0, 0] if input_ids is None else input_ids)
+        ctx = self.attention_context(positions)
+        for layer in self.layers.values():
+            x = layer(x, ctx, input_ids)
+        if self.head is None:
+            return x
+        logits = self._logits(self.norm(self.hc_head(x)))
+        if not (self.training and len(self.mtp)):
+            return logits
+        if input_ids is None:
+            raise ValueError("MTP needs the token ids (pass input_ids)")
+        embed = self.mtp_embed if self.mtp_embed is not None else self.embed
+        outputs = [logits]
+        for depth, block in enumerate(self.mtp.values()):
+            embedded = embed(mtp_input_ids(input_ids, positions, depth))
+            x, hidden = block(x, embedded, ctx, input_ids)
+            outputs.append(self._logits(hidden))
+        return tuple(outputs)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.float(), self.head.weight.float())  # fp32 LM head
+
+    def attention_context(self, positions: torch.Tensor) -> AttentionContext:
+        a = self.args
+        inv_freq = {
+            "main": rope_inv_freq(a.qk_rope_head_dim, a.rope_theta),
+            "compress": rope_inv_freq(a.qk_rope_head_dim, a.compress_rope_theta, a.rope_scaling),
+        }
+        inv_freq = {k: v.to(positions.device) for k, v in inv_freq.items()}
+        cos_sin = {k: rope_cos_sin(positions, f) for k, f in inv_freq.items()}
+        return AttentionContext(positions=positions, doc_ids=document_ids(positions), inv_freq=inv_freq,
+                                cos_sin=cos_sin)
+
+    # ------------------------------------------------------------------ helpers
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic per-FQN init (see ``init.py``): same seed -> same weights for every layout."""
+        init_weights(self, seed)
+
+    def set_attention_query_block(self, block: int | str | None) -> None:
+        """``None``: dense reference; an int: query-blocked; ``"auto"``: blocked on GPU / long sequences."""
+        for module in self.modules():
+            if hasattr(module, "query_block"):
+                module.query_block = block
+
+    def indexer_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if ".attn.indexer." in f".{name}"]
+
+    def moe_routers(self) -> list[nn.Module]:
+        from .moe import Router
+
+        return [m for m in self.modules() if isinstance(m, Router)]

@@ -1,0 +1,61 @@
+"""Interleaved partial RoPE with the two DeepSeek-V4 bases.
+
+Sliding-window layers (and MTP) use ``rope_theta`` without scaling; compressed layers (CSA/HCA, their
+compressors and the indexer) use ``compress_rope_theta`` with YaRN frequency interpolation and no mscale.
+Tables are computed in fp32 on the fly from the positions, so nothing is a buffer that a bf16 cast,
+FSDP or a checkpoint could corrupt.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def rope_inv_freq(dim: int, theta: float, yarn: dict[str, Any] | None = None) -> torch.Tensor:
+    """Inverse frequencies for ``dim`` rotated channels (``dim // 2`` pairs), YaRN-interpolated if given."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if yarn is None:
+        return inv_freq.float()
+    factor = float(yarn["factor"])
+    original = float(yarn["original_max_position_embeddings"])
+    beta_fast = float(yarn.get("beta_fast") or 32)
+    beta_slow = float(yarn.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    smooth = 1 - ramp
+    return (inv_freq / factor * (1 - smooth) + inv_freq * smooth).float()
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``cos, sin`` of shape ``[*positions.shape, dim // 2]``."""
+    angles = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate the trailing ``2 * cos.shape[-1]`` channels of ``x`` in interleaved pairs (2i, 2i+1).
+
+    ``x`` is ``[B, S, ..., D]`` and ``cos``/``sin`` are ``[B, S, D_rope/2]`` (broadcast over the middle
+    axes). ``inverse`` applies the conjugate rotation, used to un-rotate attention outputs (V == K).
+    """
+    half = cos.shape[-1]
+    extra = x.dim() - cos.dim()
+    cos = cos.reshape(*cos.shape[:2], *([1] * extra), half)
+    sin = sin.reshape(*sin.shape[:2], *([1] * extra), half)
+    if inverse:
+        sin = -sin
+    nope, rope = x[..., : -2 * half], x[..., -2 * half:]
+    pairs = rope.float().unflatten(-1, (half, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
