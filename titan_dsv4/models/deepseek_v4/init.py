@@ -31,10 +31,20 @@ def _generator(seed: int, *key: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(text.encode()) ^ (seed << 32))
 
 
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def canonical_fqn(name: str) -> str:
+    """The FQN without activation-checkpoint / compile wrapper components."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def full_init_value(name: str, shape: torch.Size, dtype: torch.dtype, seed: int, std: float,
                     hidden_size: int) -> torch.Tensor:
     """The full (unsharded) initial value of parameter or buffer ``name``."""
-    name = name.replace("mtp_embed.", "embed.")
+    name = canonical_fqn(name).replace("mtp_embed.", "embed.")
     out = torch.empty(shape, dtype=torch.float32)
     leaf = name.rsplit(".", 1)[-1]
     if name.endswith(EXPERT_WEIGHTS):
@@ -68,6 +78,7 @@ def hash_table(name: str, vocab: int, top_k: int, n_experts: int, seed: int) -> 
 def init_weights(model: nn.Module, seed: int) -> None:
     args = model.args
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        name = canonical_fqn(name)
         if name.endswith("expert_load"):
             tensor.zero_()
             continue

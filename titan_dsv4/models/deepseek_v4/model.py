@@ -15,10 +15,15 @@ from .hyper_connection import HyperHead
 from .init import init_weights
 from .mtp import MTPBlock, mtp_input_ids
 from .norm import RMSNorm
+from .pipeline import PIPELINE_REPLICAS, pipeline_stage_metas, pipeline_stage_modules
 from .rope import rope_cos_sin, rope_inv_freq
 
 
 class DeepseekV4Model(nn.Module):
+    pipeline_stage_modules = pipeline_stage_modules
+    pipeline_stage_metas = pipeline_stage_metas
+    pipeline_replicas = PIPELINE_REPLICAS
+
     def __init__(self, args: DeepseekV4ModelArgs):
         super().__init__()
         self.args = args
@@ -39,13 +44,14 @@ class DeepseekV4Model(nn.Module):
         positions: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """``tokens``: ids ``[B, S]`` on the first stage, else the mHC stream ``[B, S, hc_mult, H]``.
+        """``tokens``: ids ``[B, S]`` on the first stage, else the mHC stream ``[B, S, hc_mult, H]`` (then
+        ``input_ids`` must be given for hash-routed layers and MTP).
 
         Returns the stream (stages without the head), the fp32 logits ``[B, S, V]``, or in training with MTP
         the tuple ``(logits, mtp_logits_0, ..., mtp_logits_{D-1})`` where depth k's logits at position t
         predict token t+k+2.
         """
-        if self.embed is not None:
+        if not tokens.is_floating_point():  # token ids: this is the first stage
             input_ids = tokens
             x = self.embed(tokens).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)
         else:

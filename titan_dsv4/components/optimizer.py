@@ -1,0 +1,56 @@
+"""AdamW over every model part, and torchtitan's warmup -> stable -> decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config.job_config import LRScheduler as LRConfig
+from ..config.job_config import Optimizer as OptimizerConfig
+
+DECAY_TYPES = ("linear", "sqrt", "cosine")
+
+
+def unique_trainable_parameters(model_parts: list[nn.Module]) -> list[nn.Parameter]:
+    """Trainable parameters of all parts, each once (stages on one rank may share a module)."""
+    seen, out = set(), []
+    for part in model_parts:
+        for p in part.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def build_optimizer(model_parts: list[nn.Module], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    params = unique_trainable_parameters(model_parts)
+    impl = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, **impl[cfg.implementation])
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: LRConfig) -> float:
+    """Multiplier of the base lr at 0-based ``step``: linear warmup, constant, then decay to min_lr_factor."""
+    warmup = min(cfg.warmup_steps, total_steps)
+    decay_steps = (round(total_steps * cfg.decay_ratio) if cfg.decay_ratio is not None
+                   else total_steps - warmup)
+    stable_end = total_steps - decay_steps
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if step < stable_end or decay_steps <= 0:
+        return 1.0
+    progress = min(1.0, (step - stable_end) / decay_steps)
+    if cfg.decay_type == "linear":
+        factor = 1.0 - progress
+    elif cfg.decay_type == "sqrt":
+        factor = 1.0 - math.sqrt(progress)
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_factor + (1.0 - cfg.min_lr_factor) * factor
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
+                       cfg: LRConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg))

@@ -1,0 +1,123 @@
+"""Check a JobConfig for meaning and resolve everything derived from it — before any process group,
+model weight or data exists. Every failure is a one-line :class:`ConfigError`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .job_config import JobConfig
+from .manager import ConfigError
+
+AC_MODES = ("none", "full", "selective")
+RESHARD_POLICIES = ("default", "always", "never")
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZER_IMPLS = ("for-loop", "foreach", "fused")
+
+
+@dataclass
+class RunSetup:
+    """What the trainer builds from: validated and resolved."""
+
+    spec: Any  # TrainSpec
+    model_args: Any
+    tokenizer: Any
+    parallel_dims: Any
+    grad_accum_steps: int
+    global_batch_size: int
+    pipeline_plan: Any | None
+    meta_model: Any | None  # the meta-device model the plan was made on (its hooks may have added modules)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"`{key}` = {value!r} is invalid: allowed {', '.join(map(str, allowed))}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"`{key}` = {value!r} is invalid: must be >= {low}")
+
+
+def validate(config: JobConfig, world_size: int) -> RunSetup:
+    from ..components.optimizer import DECAY_TYPES
+    from ..components.tokenizer import Tokenizer
+    from ..distributed.parallel_dims import ParallelDims
+    from ..protocols.train_spec import get_train_spec, list_train_specs
+
+    t, p = config.training, config.parallelism
+    for key, low in (("training.steps", 1), ("training.seq_len", 1), ("training.local_batch_size", 1),
+                     ("metrics.log_freq", 1), ("lr_scheduler.warmup_steps", 0), ("optimizer.lr", 0.0),
+                     ("optimizer.weight_decay", 0.0), ("mtp.loss_scaling_factor", 0.0),
+                     ("training.expert_bias_update_speed", 0.0), ("checkpoint.interval", 1),
+                     ("checkpoint.keep_latest_k", 0)):
+        section, name = key.split(".")
+        _at_least(key, getattr(getattr(config, section), name), low)
+    lr = config.lr_scheduler
+    if lr.decay_ratio is not None and not 0.0 <= lr.decay_ratio <= 1.0:
+        raise ConfigError(f"`lr_scheduler.decay_ratio` = {lr.decay_ratio} is invalid: must be in [0, 1] or unset")
+    if not 0.0 <= lr.min_lr_factor <= 1.0:
+        raise ConfigError(f"`lr_scheduler.min_lr_factor` = {lr.min_lr_factor} is invalid: must be in [0, 1]")
+    _choice("lr_scheduler.decay_type", lr.decay_type, DECAY_TYPES)
+    _choice("optimizer.name", config.optimizer.name, ("AdamW",))
+    _choice("optimizer.implementation", config.optimizer.implementation, OPTIMIZER_IMPLS)
+    _choice("activation_checkpoint.mode", config.activation_checkpoint.mode, AC_MODES)
+    _choice("parallelism.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, RESHARD_POLICIES)
+    _choice("training.mixed_precision_param", t.mixed_precision_param, DTYPES)
+    _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, DTYPES)
+    _choice("training.dataset", t.dataset, ("pydocs", "text"))
+    _choice("checkpoint.async_mode", config.checkpoint.async_mode, ("disabled", "async"))
+    for component in config.compile.components:
+        _choice("compile.components", component, ("model", "loss"))
+    if config.optimizer.implementation == "fused" and not torch.cuda.is_available():
+        raise ConfigError("`optimizer.implementation` = 'fused' needs CUDA: use foreach on CPU")
+    if t.dataset == "text":
+        if not t.dataset_path or not Path(t.dataset_path).exists():
+            raise ConfigError(f"`training.dataset_path` = {t.dataset_path!r} is invalid: dataset 'text' needs an "
+                              "existing .txt/.jsonl/.parquet file or folder")
+
+    try:
+        spec = get_train_spec(config.model.name)
+    except KeyError:
+        raise ConfigError(f"`model.name` = {config.model.name!r} is invalid: allowed "
+                          f"{', '.join(list_train_specs())}") from None
+    if config.model.flavor not in spec.model_args:
+        raise ConfigError(f"`model.flavor` = {config.model.flavor!r} is invalid: allowed "
+                          f"{', '.join(spec.model_args)}")
+    model_args = spec.model_args[config.model.flavor]
+    if config.mtp.num_layers is not None:
+        _at_least("mtp.num_layers", config.mtp.num_layers, 0)
+        model_args = model_args.with_mtp_layers(config.mtp.num_layers)
+
+    tokenizer_path = config.model.tokenizer_path or config.model.hf_assets_path
+    try:
+        tokenizer = Tokenizer(tokenizer_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"`model.tokenizer_path` = {tokenizer_path!r} is invalid: {e}") from None
+    if tokenizer.vocab_size > model_args.vocab_size:
+        raise ConfigError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model flavor "
+                          f"{config.model.flavor!r} has vocab_size {model_args.vocab_size}")
+
+    parallel_dims = ParallelDims(dp_replicate=p.data_parallel_replicate_degree,
+                                 dp_shard=p.data_parallel_shard_degree, pp=p.pipeline_parallel_degree,
+                                 ep=p.expert_parallel_degree, world_size=world_size)
+    per_step = t.local_batch_size * parallel_dims.dp
+    global_batch = t.global_batch_size if t.global_batch_size > 0 else per_step
+    if global_batch % per_step:
+        raise ConfigError(f"`training.global_batch_size` = {global_batch} is invalid: must be a multiple of "
+                          f"local_batch_size x data-parallel degree = {per_step}")
+    plan = meta_model = None
+    if parallel_dims.pp_enabled:
+        from ..distributed.pipeline import plan_pipeline
+
+        with torch.device("meta"):
+            meta_model = spec.model_cls(model_args)
+        plan = plan_pipeline(meta_model, config, parallel_dims.pp, t.local_batch_size)
+    elif p.module_fqns_per_model_part:
+        raise ConfigError("`parallelism.module_fqns_per_model_part` needs pipeline_parallel_degree > 1")
+    return RunSetup(spec=spec, model_args=model_args, tokenizer=tokenizer, parallel_dims=parallel_dims,
+                    grad_accum_steps=global_batch // per_step, global_batch_size=global_batch,
+                    pipeline_plan=plan, meta_model=meta_model)

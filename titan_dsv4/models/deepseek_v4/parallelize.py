@@ -1,0 +1,76 @@
+"""``parallelize_fn`` for DeepSeek-V4: activation checkpointing, compile and FSDP2, per block, applied to
+one pipeline model part from the outside. Backbone blocks and MTP blocks are treated alike."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from ...config.job_config import JobConfig
+from ...distributed.parallel_dims import ParallelDims
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def block_containers(model: nn.Module) -> list[nn.ModuleDict]:
+    return [c for c in (getattr(model, "layers", None), getattr(model, "mtp", None)) if c is not None]
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """``full``: recompute each block; ``selective``: recompute every other block (halves the saved
+    activations at half the recompute)."""
+    if mode == "none":
+        return
+    for container in block_containers(model):
+        for i, (name, block) in enumerate(list(container.items())):
+            if mode == "full" or (mode == "selective" and i % 2 == 0):
+                container[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    for container in block_containers(model):
+        for name, block in list(container.items()):
+            container[name] = torch.compile(block, fullgraph=False)
+
+
+def apply_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig, device: torch.device) -> None:
+    mesh = parallel_dims.mesh
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if parallel_dims.dp_replicate > 1 else mesh["dp_shard"]
+    on_gpu = device.type == "cuda"
+    param_dtype = _DTYPES[job_config.training.mixed_precision_param] if on_gpu else None
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype,
+                              reduce_dtype=_DTYPES[job_config.training.mixed_precision_reduce])
+    policy = job_config.parallelism.fsdp_reshard_after_forward
+    # Under PP, resharding after forward silently corrupts zero-bubble schedules' gradients (prior-art.md).
+    reshard = policy == "always" or (policy == "default" and not parallel_dims.pp_enabled)
+    kwargs = dict(mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    for container in block_containers(model):
+        for block in container.values():
+            fully_shard(block, **kwargs)
+    for name in ("embed", "mtp_embed"):
+        if getattr(model, name, None) is not None:
+            fully_shard(getattr(model, name), **kwargs)
+    head_part = [m for m in (model.hc_head, model.norm, model.head) if m is not None]
+    if head_part:
+        fully_shard(head_part, **dict(kwargs, reshard_after_forward=False))
+    fully_shard(model, **kwargs)
+    # The loss is already normalised by the global token count: gradients must be summed, not averaged.
+    # Set on every FSDP module (each only affects itself); gloo also needs the plain SUM op.
+    gloo = device.type == "cpu"
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            if gloo:
+                module.set_force_sum_reduction_for_comms(True)
+
+
+def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig,
+                            device: torch.device) -> nn.Module:
+    apply_activation_checkpointing(model, job_config.activation_checkpoint.mode)
+    if job_config.compile.enable and "model" in job_config.compile.components:
+        apply_compile(model)
+    if parallel_dims.dp_enabled:
+        apply_fsdp(model, parallel_dims, job_config, device)
+    return model

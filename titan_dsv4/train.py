@@ -1,0 +1,170 @@
+"""The trainer: ``python -m titan_dsv4.train --job.config_file X.toml [--section.key value ...]``.
+
+Works as one plain process and under ``torchrun`` (gloo on CPU, NCCL on CUDA). Configuration problems end
+the run with exit code 2 and one line on stderr before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .components.dataloader import build_dataloader
+from .components.load_balance import update_expert_bias
+from .components.loss import build_targets, summarise_parts
+from .components.metrics import MetricsLogger, max_memory_mb
+from .components.optimizer import build_lr_scheduler, build_optimizer, unique_trainable_parameters
+from .config import ConfigError, JobConfig, load_config
+from .config.validate import RunSetup, validate
+from .distributed.utils import (
+    all_reduce_sum,
+    clip_grad_norm_,
+    init_distributed,
+    launched_world_size,
+    pick_device,
+    shutdown_distributed,
+)
+from .models.deepseek_v4.mtp import IGNORE_INDEX
+
+
+class Trainer:
+    def __init__(self, config: JobConfig, setup: RunSetup):
+        self.config, self.setup = config, setup
+        self.device = pick_device()
+        init_distributed(self.device)
+        dims = self.parallel_dims = setup.parallel_dims
+        self.distributed = dist.is_initialized()
+        if self.distributed:
+            dims.build_mesh(self.device.type)
+        self.rank = dist.get_rank() if self.distributed else 0
+        torch.manual_seed(config.training.seed)
+        if config.training.deterministic:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+        self.model_args = setup.model_args
+        self.num_mtp = self.model_args.num_nextn_predict_layers
+        self.loss_fn = setup.spec.build_loss_fn(config, self.model_args)
+        self.dp_group = dims.dp_group() if self.distributed else None
+        self.pp_group = dims.mesh["pp"].get_group() if self.distributed and dims.pp_enabled else None
+        self.dataloader = build_dataloader(
+            config.training.dataset, config.training.dataset_path, setup.tokenizer, config.training.seq_len,
+            config.training.local_batch_size, dims.dp_rank(), dims.dp)
+
+        model = setup.meta_model
+        if model is None:
+            with torch.device("meta"):
+                model = setup.spec.model_cls(self.model_args)
+        self.pipeline = None
+        if dims.pp_enabled:
+            pp_mesh = dims.mesh["pp"]
+            self.pipeline = setup.spec.pipelining_fn(
+                model, setup.pipeline_plan, pp_mesh.get_local_rank(), pp_mesh.get_group(), dims.mesh.mesh,
+                self.device, self.loss_fn, self._parallelize_and_materialize, config.training.seq_len,
+                torch.float32)
+            self.model_parts = self.pipeline.model_parts
+        else:
+            self.model_parts = [self._parallelize_and_materialize(model)]
+        for part in self.model_parts:
+            part.train()
+
+        self.params = unique_trainable_parameters(self.model_parts)
+        replica_ids = self.pipeline.replicas.replica_params if self.pipeline else set()
+        self.norm_params = [p for p in self.params if id(p) not in replica_ids]
+        self.optimizer = build_optimizer(self.model_parts, config.optimizer)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.training.steps, config.lr_scheduler)
+        self.metrics = MetricsLogger(config.job.dump_folder, enabled=self.rank == 0,
+                                     tensorboard_folder=config.metrics.save_tb_folder
+                                     if config.metrics.enable_tensorboard else None,
+                                     color=not config.metrics.disable_color_printing)
+        self.step = 0
+
+    def _parallelize_and_materialize(self, part: nn.Module) -> nn.Module:
+        """parallelize_fn, then allocate on the device and init deterministically per FQN."""
+        part = self.setup.spec.parallelize_fn(part, self.parallel_dims, self.config, self.device)
+        part.to_empty(device=self.device)
+        part.init_weights(self.config.training.seed)
+        for p in part.indexer_parameters():
+            p.requires_grad_(False)  # top-k selection gives them no gradient (docs/indexer.md)
+        return part
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        batches = [next(self.dataloader) for _ in range(self.setup.grad_accum_steps)]
+        targets = [build_targets(b.labels, b.positions, self.num_mtp) for b in batches]
+        valid = torch.tensor(sum(int((t[..., 0] != IGNORE_INDEX).sum()) for t in targets), dtype=torch.float32)
+        global_valid = all_reduce_sum(valid.to(self._comm_device()), self.dp_group).to(self.device)
+        for batch, target in zip(batches, targets):
+            ids, pos, target = (x.to(self.device) for x in (batch.input_ids, batch.positions, target))
+            if self.pipeline is not None:
+                self.pipeline.step(ids, pos, target, global_valid)
+            else:
+                outputs = self.model_parts[0](ids, pos)
+                self.loss_fn(outputs, target, global_valid).backward()
+        if self.pipeline is not None:
+            self.pipeline.replicas.reduce_grads()
+        grad_norm = clip_grad_norm_(self.norm_params, self.config.training.max_norm, self.pp_group)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_expert_bias(self.model_parts, self.config.training.expert_bias_update_speed, self.dp_group)
+
+        n_calls = len(batches) * (self.pipeline.plan.n_microbatches if self.pipeline else 1)
+        parts = self.loss_fn.take_parts(last=n_calls)
+        if parts is None:
+            parts = torch.zeros(2 + 3 * self.num_mtp, dtype=torch.float64)
+        if self.distributed:  # last-stage ranks hold the parts; others add zeros
+            parts = parts.to(self._comm_device())
+            dist.all_reduce(parts)
+        summary = summarise_parts(parts.cpu(), self.num_mtp, self.config.mtp.loss_scaling_factor)
+        summary.update(grad_norm=float(grad_norm), lr=lr)
+        return summary
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        cfg = self.config
+        tokens_per_step = self.setup.global_batch_size * cfg.training.seq_len
+        while self.step < cfg.training.steps:
+            start = time.perf_counter()
+            summary = self.train_step()
+            self.step += 1
+            elapsed = time.perf_counter() - start
+            if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
+                record = {"step": self.step, **summary, "tokens_per_sec": tokens_per_step / elapsed,
+                          "step_time_s": elapsed, "max_memory_mb": max_memory_mb(self.device), "mfu": None}
+                self.metrics.log(record)
+
+    def close(self) -> None:
+        self.metrics.close()
+        shutdown_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+        setup = validate(config, launched_world_size())
+    except ConfigError as e:
+        print(f"titan_dsv4: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer = Trainer(config, setup)
+    except ConfigError as e:  # layout problems only torch can judge (schedule construction)
+        print(f"titan_dsv4: config error: {e}", file=sys.stderr)
+        shutdown_distributed()
+        return 2
+    trainer.train()  # an exception propagates: torchrun tears the whole group down
+    trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
