@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import CSA_RATIO, DeepseekV4ModelArgs
-from .norm import RMSNorm, rms_normalise
+from .norm import RMSNorm, fp32, rms_normalise
 from .rope import apply_rope, rope_cos_sin
 
 AUTO_BLOCK = 256  # query block used by ``auto`` on GPUs and for sequences longer than 2 blocks
@@ -80,17 +80,17 @@ class Compressor(nn.Module):
         valid = torch.arange(num, device=x.device)[None, :] < counts[:, None]
         end = torch.where(valid, order, torch.full_like(order, m - 1))
 
-        kv = F.linear(x.float(), self.wkv.weight.float())
-        gate = F.linear(x.float(), self.wgate.weight.float())
+        kv = F.linear(fp32(x), fp32(self.wkv.weight))
+        gate = F.linear(fp32(x), fp32(self.wgate.weight))
         slots = end[:, :, None] - (m - 1) + torch.arange(m, device=x.device)  # [B, P, m]
         kv_w = _gather_tokens(kv, slots)
-        gate_w = _gather_tokens(gate, slots) + self.ape.float()
+        gate_w = _gather_tokens(gate, slots) + fp32(self.ape)
         if self.overlap:
             prev = slots - m
             has_prev = (prev[:, :, 0] >= 0) & valid
             has_prev &= doc.gather(1, prev[:, :, 0].clamp(min=0)) == doc.gather(1, end)
             kv_p = _gather_tokens(kv, prev.clamp(min=0))[..., :d]
-            gate_p = _gather_tokens(gate, prev.clamp(min=0))[..., :d] + self.ape.float()[:, :d]
+            gate_p = _gather_tokens(gate, prev.clamp(min=0))[..., :d] + fp32(self.ape)[:, :d]
             kv_p = torch.where(has_prev[..., None, None], kv_p, torch.zeros_like(kv_p))
             gate_p = torch.where(has_prev[..., None, None], gate_p, torch.full_like(gate_p, float("-inf")))
             kv_w = torch.cat([kv_p, kv_w[..., d:]], dim=2)
@@ -130,8 +130,8 @@ class Indexer(nn.Module):
         batch, q_len, _ = x.shape
         q = self.wq_b(qr).view(batch, q_len, self.n_heads, self.head_dim)
         q = apply_rope(q, *cos_sin)
-        scores = torch.einsum("bqhd,bpd->bqhp", q.float(), keys.float()).relu() * self.head_dim**-0.5
-        weights = self.weights_proj(x).float() * self.n_heads**-0.5
+        scores = torch.einsum("bqhd,bpd->bqhp", fp32(q), fp32(keys)).relu() * self.head_dim**-0.5
+        weights = fp32(self.weights_proj(x)) * self.n_heads**-0.5
         scores = torch.einsum("bqhp,bqh->bqp", scores, weights)
         scores = scores.masked_fill(~visible, float("-inf"))
         k = min(self.topk, scores.shape[-1])
@@ -211,8 +211,8 @@ class Attention(nn.Module):
                 visible = self.indexer.select(x[:, q0:q1], qr[:, q0:q1], cos_sin, index_keys, visible)
             keys = torch.cat([keys, entries.kv], dim=1)
             allowed = torch.cat([allowed, visible], dim=-1)
-        scores = torch.einsum("bqhd,bkd->bhqk", q[:, q0:q1], keys).float() * self.head_dim**-0.5
+        scores = fp32(torch.einsum("bqhd,bkd->bhqk", q[:, q0:q1], keys)) * self.head_dim**-0.5
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        sink = self.attn_sink.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        sink = fp32(self.attn_sink).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
         probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]  # sink: denominator only
         return torch.einsum("bhqk,bkd->bqhd", probs.to(keys.dtype), keys)

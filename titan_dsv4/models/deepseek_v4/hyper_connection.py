@@ -12,12 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .norm import fp32
+
 
 def _flat_mix(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     """``(rms_normalise(flatten(x)) @ fn.T)`` in fp32; ``x`` is ``[B, S, n, H]``."""
-    flat = x.flatten(2).float()
+    flat = fp32(x.flatten(2))
     flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
-    return flat @ fn.float().t()
+    return flat @ fp32(fn).t()
 
 
 def sinkhorn(comb_logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -45,19 +47,19 @@ class HyperConnection(nn.Module):
         """Returns ``(collapsed [B,S,H] in x.dtype, post [B,S,n] fp32, comb [B,S,n,n] fp32)``."""
         n = self.hc_mult
         mixes = _flat_mix(x, self.fn, self.norm_eps)
-        base, scale = self.base.float(), self.scale.float()
+        base, scale = fp32(self.base), fp32(self.scale)
         pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = base.split([n, n, n * n])
         pre = torch.sigmoid(pre_w * scale[0] + pre_b) + self.hc_eps
         post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
         comb = sinkhorn((comb_w * scale[2] + comb_b).unflatten(-1, (n, n)), self.sinkhorn_iters, self.hc_eps)
-        collapsed = (pre.unsqueeze(-1) * x.float()).sum(dim=2).to(x.dtype)
+        collapsed = (pre.unsqueeze(-1) * fp32(x)).sum(dim=2).to(x.dtype)
         return collapsed, post, comb
 
     @staticmethod
     def post(out: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """``X'_k = post_k * out + sum_j comb[j,k] * X_j`` computed in fp32, cast to the stream dtype."""
-        mixed = post.unsqueeze(-1) * out.float().unsqueeze(-2) + comb.transpose(-1, -2) @ residual.float()
+        mixed = post.unsqueeze(-1) * fp32(out).unsqueeze(-2) + comb.transpose(-1, -2) @ fp32(residual)
         return mixed.to(residual.dtype)
 
 
@@ -73,5 +75,5 @@ class HyperHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mixes = _flat_mix(x, self.fn, self.norm_eps)
-        pre = torch.sigmoid(mixes * self.scale.float() + self.base.float()) + self.hc_eps
-        return (pre.unsqueeze(-1) * x.float()).sum(dim=2).to(x.dtype)
+        pre = torch.sigmoid(mixes * fp32(self.scale) + fp32(self.base)) + self.hc_eps
+        return (pre.unsqueeze(-1) * fp32(x)).sum(dim=2).to(x.dtype)

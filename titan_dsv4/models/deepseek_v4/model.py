@@ -14,7 +14,7 @@ from .document import default_positions, document_ids
 from .hyper_connection import HyperHead
 from .init import init_weights
 from .mtp import MTPBlock, mtp_input_ids
-from .norm import RMSNorm
+from .norm import RMSNorm, fp32
 from .pipeline import PIPELINE_REPLICAS, pipeline_stage_metas, pipeline_stage_modules
 from .rope import rope_cos_sin, rope_inv_freq
 
@@ -77,7 +77,7 @@ class DeepseekV4Model(nn.Module):
         return tuple(outputs)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.float(), self.head.weight.float())  # fp32 LM head
+        return F.linear(fp32(hidden), fp32(self.head.weight))  # fp32 LM head
 
     def attention_context(self, positions: torch.Tensor) -> AttentionContext:
         a = self.args

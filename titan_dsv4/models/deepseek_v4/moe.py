@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import DeepseekV4ModelArgs
+from .norm import fp32
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     """``silu(min(gate, L)) * clamp(up, -L, L)`` in fp32."""
-    return F.silu(gate.float().clamp(max=limit)) * up.float().clamp(-limit, limit)
+    return F.silu(fp32(gate).clamp(max=limit)) * fp32(up).clamp(-limit, limit)
 
 
 class Router(nn.Module):
@@ -36,7 +37,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[T, H]`` -> (weights ``[T, k]`` fp32, expert ids ``[T, k]``)."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(fp32(x), fp32(self.weight))
         if self.scoring_func == "softmax":
             scores = logits.softmax(dim=-1)
         elif self.scoring_func == "sigmoid":
@@ -48,7 +49,7 @@ class Router(nn.Module):
                 raise ValueError("hash-routed MoE layers need the token ids (pass input_ids)")
             idx = self.tid2eid[input_ids.reshape(-1)].long()
         else:
-            idx = torch.topk(scores + self.bias.float(), self.top_k, dim=-1).indices
+            idx = torch.topk(scores + fp32(self.bias), self.top_k, dim=-1).indices
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -83,9 +84,9 @@ class RoutedExperts(nn.Module):
                 continue
             act = clamped_swiglu(xe @ self.w1[e].t(), xe @ self.w3[e].t(), self.limit) * we
             outs.append(act.to(x.dtype) @ self.w2[e].t())
-        out = torch.zeros(n_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+        out = fp32(torch.zeros(n_tokens, x.shape[-1], dtype=x.dtype, device=x.device))
         if outs:
-            out.index_add_(0, token, torch.cat(outs).float())
+            out.index_add_(0, token, fp32(torch.cat(outs)))
         return out
 
 
@@ -114,4 +115,4 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         weights, idx = self.gate(flat, input_ids)
         routed = self.experts(flat, weights, idx)
-        return (routed + self.shared_experts(flat).float()).to(x.dtype).view(shape)
+        return (routed + fp32(self.shared_experts(flat))).to(x.dtype).view(shape)

@@ -55,7 +55,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     if inverse:
         sin = -sin
     nope, rope = x[..., : -2 * half], x[..., -2 * half:]
-    pairs = rope.float().unflatten(-1, (half, 2))
+    pairs = rope.to(torch.promote_types(rope.dtype, torch.float32)).unflatten(-1, (half, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
     return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
