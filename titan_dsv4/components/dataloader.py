@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import random
 import sys
 import sysconfig
 import tempfile
@@ -33,8 +34,9 @@ MIN_DOC_CHARS = 200
 # ---------------------------------------------------------------------- document sources
 def pydocs_corpus() -> list[str]:
     """Real English text that ships with every Python: docstrings (>= 200 chars) of the top-level
-    standard-library modules, in file order. Read with ``ast`` (nothing imported); cached per Python."""
-    cache = Path(tempfile.gettempdir()) / f"titan_dsv4_pydocs_{sys.version_info[0]}{sys.version_info[1]}.json"
+    standard-library modules, in a fixed shuffled order (file order would feed one module's style at a time).
+    Read with ``ast`` (nothing imported); cached per Python version."""
+    cache = Path(tempfile.gettempdir()) / f"titan_dsv4_pydocs_v2_{sys.version_info[0]}{sys.version_info[1]}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     docs: list[str] = []
@@ -46,6 +48,7 @@ def pydocs_corpus() -> list[str]:
         nodes = [tree] + [n for n in ast.walk(tree)
                           if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
         docs += [d for d in (ast.get_docstring(n) for n in nodes) if d and len(d) >= MIN_DOC_CHARS]
+    random.Random(0).shuffle(docs)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(docs))
     os.replace(tmp, cache)

@@ -49,7 +49,7 @@ def _convert(key: str, value: Any, hint: Any, from_cli: bool) -> Any:
         try:
             value = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            if hint is bool or origin is list:
+            if hint is bool or (origin is list and args[0] is not str):
                 raise ConfigError(f"`{key}` = {value!r} is invalid: expected {_describe(hint)}") from None
     if hint is bool:
         if isinstance(value, bool):
@@ -73,7 +73,7 @@ def _convert(key: str, value: Any, hint: Any, from_cli: bool) -> Any:
 
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
+        return f"a list ({_describe(typing.get_args(hint)[0])} each)"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
@@ -115,7 +115,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
         overrides.append((key.replace("-", "_"), value))
 
     config = JobConfig()
-    config_file = next((v for k, v in overrides if k == "job.config_file"), None)
+    config_file = next((v for k, v in reversed(overrides) if k == "job.config_file"), None)
     if config_file:
         path = Path(config_file)
         if not path.is_file():

@@ -70,6 +70,10 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, DTYPES)
     _choice("training.dataset", t.dataset, ("pydocs", "text"))
     _choice("checkpoint.async_mode", config.checkpoint.async_mode, ("disabled", "async"))
+    if p.pipeline_parallel_degree > 1 and not p.pipeline_parallel_schedule_csv:
+        from ..distributed.pipeline import SCHEDULES
+
+        _choice("parallelism.pipeline_parallel_schedule", p.pipeline_parallel_schedule, SCHEDULES)
     for component in config.compile.components:
         _choice("compile.components", component, ("model", "loss"))
     if config.optimizer.implementation == "fused" and not torch.cuda.is_available():

@@ -31,8 +31,8 @@ class ParallelDims:
             rest = self.dp_replicate * self.pp
             if self.world_size % rest:
                 raise ConfigError(
-                    f"world size {self.world_size} is not divisible by data_parallel_replicate_degree x "
-                    f"pipeline_parallel_degree = {rest}")
+                    f"{self.world_size} processes were launched, not divisible by data_parallel_replicate_degree "
+                    f"x pipeline_parallel_degree = {rest}")
             self.dp_shard = self.world_size // rest
         if self.dp_shard < 1:
             raise ConfigError(f"`parallelism.data_parallel_shard_degree` = {self.dp_shard} is invalid: "

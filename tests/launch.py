@@ -1,0 +1,34 @@
+"""Helpers to run the real CLI, alone or under torchrun, and read its metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEBUG_TOML = str(REPO / "train_configs" / "debug_model.toml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_training(dump: Path, *overrides: str, nproc: int = 1, timeout: int = 600) -> list[dict]:
+    """Train through the CLI and return the metrics.jsonl records."""
+    args = ["-m", "titan_dsv4.train", "--job.config_file", DEBUG_TOML, "--job.dump_folder", str(dump),
+            "--metrics.log_freq", "1", *overrides]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", *args]
+    else:
+        cmd = [sys.executable, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,92 @@
+"""Job config: precedence, parsing, and every bad-input class through the real CLI."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from titan_dsv4.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_toml(tmp_path, text):
+    path = tmp_path / "job.toml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_defaults_then_toml_then_cli(tmp_path):
+    path = write_toml(tmp_path, """
+        [training]
+        steps = 7
+        seq_len = 64
+        [parallelism]
+        module_fqns_per_model_part = [["embed", "layers.0"], ["layers.1"]]
+        [compile]
+        components = ["model"]
+    """)
+    config = load_config(["--job.config_file", path, "--training.seq_len=128", "--checkpoint.enable",
+                          "--optimizer.lr", "1e-3", "--mtp.num_layers", "2", "--lr_scheduler.decay_ratio", "none",
+                          "--metrics.enable_tensorboard", "false"])
+    assert config.training.steps == 7  # TOML over default
+    assert config.training.seq_len == 128  # CLI over TOML
+    assert config.training.local_batch_size == 8  # default
+    assert config.checkpoint.enable is True  # bare flag
+    assert config.optimizer.lr == 1e-3 and config.mtp.num_layers == 2
+    assert config.lr_scheduler.decay_ratio is None and config.metrics.enable_tensorboard is False
+    assert config.parallelism.module_fqns_per_model_part == [["embed", "layers.0"], ["layers.1"]]
+    assert load_config(["--compile.components", "model,loss"]).compile.components == ["model", "loss"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--trainingg.steps", "3"], "did you mean `training`"),
+    (["--training.stpes", "3"], "did you mean `steps`"),
+    (["--training.steps", "three"], "`training.steps` = 'three' is invalid: expected an integer"),
+    (["--checkpoint.enable", "maybe"], "`checkpoint.enable`"),
+    (["training.steps"], "unexpected argument"),
+])
+def test_parse_errors(argv, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_config(argv)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "titan_dsv4.train", *args], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+BAD_RUNS = [
+    (["--training.stpes", "3"], "unknown config key `training.stpes` (did you mean `steps`?)"),
+    (["--nosuch.key", "3"], "unknown config section `nosuch`"),
+    (["--training.steps", "x"], "`training.steps` = 'x' is invalid"),
+    (["--training.steps", "0"], "`training.steps` = 0 is invalid: must be >= 1"),
+    (["--model.flavor", "huge"], "`model.flavor` = 'huge' is invalid: allowed debugmodel"),
+    (["--lr_scheduler.decay_type", "step"], "allowed linear, sqrt, cosine"),
+    (["--parallelism.pipeline_parallel_schedule", "Zigzag", "--parallelism.pipeline_parallel_degree", "2"],
+     "`parallelism.pipeline_parallel_schedule` = 'Zigzag' is invalid"),
+    (["--parallelism.pipeline_parallel_degree", "2"], "launched"),  # 1 process, pp 2
+    (["--training.global_batch_size", "12"], "multiple of local_batch_size"),
+    (["--mtp.num_layers", "-1"], "`mtp.num_layers` = -1 is invalid"),
+    (["--job.config_file", "/nonexistent.toml"], "no such file"),
+    (["--training.dataset", "text", "--training.dataset_path", "/nonexistent"], "`training.dataset_path`"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_RUNS, ids=[m[:30] for _, m in BAD_RUNS])
+def test_bad_input_exits_2_with_one_line(argv, message):
+    result = run_cli("--job.config_file", str(REPO / "train_configs/debug_model.toml"), *argv)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not result.stdout
+
+
+def test_world_size_mismatch_is_caught_before_any_process_group():
+    result = run_cli("--job.config_file", str(REPO / "train_configs/debug_model.toml"),
+                     "--parallelism.data_parallel_shard_degree", "2", env={"WORLD_SIZE": "3"})
+    assert result.returncode == 2 and "3 processes were launched" in result.stderr

@@ -1,0 +1,42 @@
+"""End-to-end training through the CLI: metrics contract, falling loss, data parallel == single process."""
+
+import math
+
+import pytest
+
+from launch import run_training
+
+KEYS = {"step", "loss", "mtp_losses", "mtp_acceptance", "total_loss", "grad_norm", "lr", "tokens_per_sec",
+        "max_memory_mb", "valid_tokens", "step_time_s", "mfu"}
+SMALL = ("--training.local_batch_size", "4", "--training.seq_len", "128")
+
+
+def test_short_run_writes_metrics_and_learns(tmp_path):
+    records = run_training(tmp_path, "--training.local_batch_size", "8", "--training.seq_len", "128",
+                           "--training.steps", "25", "--lr_scheduler.warmup_steps", "2", "--optimizer.lr", "5e-3")
+    assert [r["step"] for r in records] == list(range(1, 26))
+    for r in records:
+        assert KEYS <= r.keys()
+        assert len(r["mtp_losses"]) == 1 and len(r["mtp_acceptance"]) == 1
+        assert math.isclose(r["total_loss"], r["loss"] + 0.3 * r["mtp_losses"][0], rel_tol=0.05)
+        assert r["tokens_per_sec"] > 0 and r["max_memory_mb"] > 0 and r["grad_norm"] > 0
+    first = records[0]["loss"]
+    last = sum(r["loss"] for r in records[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+
+
+def test_mtp_can_be_disabled(tmp_path):
+    records = run_training(tmp_path, *SMALL, "--training.steps", "2", "--mtp.num_layers", "0")
+    assert all(r["mtp_losses"] == [] and r["total_loss"] == pytest.approx(r["loss"]) for r in records)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_equals_single_process(tmp_path):
+    steps = ("--training.steps", "3", "--training.seq_len", "128")
+    single = run_training(tmp_path / "one", *steps, "--training.local_batch_size", "4")
+    fsdp = run_training(tmp_path / "two", *steps, "--training.local_batch_size", "2", nproc=2)
+    for a, b in zip(single, fsdp, strict=True):
+        for key in ("loss", "total_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        assert b["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)
+        assert b["valid_tokens"] == a["valid_tokens"]
