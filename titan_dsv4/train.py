@@ -73,10 +73,10 @@ class Trainer:
         for part in self.model_parts:
             part.train()
 
-        self.params = unique_trainable_parameters(self.model_parts)
-        replica_ids = self.pipeline.replicas.replica_params if self.pipeline else set()
-        self.norm_params = [p for p in self.params if id(p) not in replica_ids]
-        self.optimizer = build_optimizer(self.model_parts, config.optimizer)
+        ties = self.pipeline.ties if self.pipeline else None
+        params = [p for p in unique_trainable_parameters(self.model_parts) if not ties or id(p) not in ties.local_followers]
+        self.norm_params = [p for p in params if not ties or id(p) not in ties.followers]
+        self.optimizer = build_optimizer(params, config.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.training.steps, config.lr_scheduler)
         self.metrics = MetricsLogger(config.job.dump_folder, enabled=self.rank == 0,
                                      tensorboard_folder=config.metrics.save_tb_folder
@@ -107,10 +107,12 @@ class Trainer:
                 outputs = self.model_parts[0](ids, pos)
                 self.loss_fn(outputs, target, global_valid).backward()
         if self.pipeline is not None:
-            self.pipeline.replicas.reduce_grads()
+            self.pipeline.ties.reduce_grads()
         grad_norm = clip_grad_norm_(self.norm_params, self.config.training.max_norm, self.pp_group)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()
+        if self.pipeline is not None:
+            self.pipeline.ties.after_optimizer_step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         update_expert_bias(self.model_parts, self.config.training.expert_bias_update_speed, self.dp_group)

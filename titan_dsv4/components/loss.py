@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.deepseek_v4.mtp import IGNORE_INDEX, mtp_targets
+from ..models.deepseek_v4.norm import fp32
 
 
 def build_targets(labels: torch.Tensor, positions: torch.Tensor, num_mtp: int) -> torch.Tensor:
@@ -53,7 +54,7 @@ class MTPLoss:
         return total / global_valid_tokens
 
     def _ce(self, logits: torch.Tensor, target: torch.Tensor):
-        flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+        flat_logits = fp32(logits.reshape(-1, logits.shape[-1]))
         flat_target = target.reshape(-1)
         loss_sum = F.cross_entropy(flat_logits, flat_target, ignore_index=self.ignore_index, reduction="sum")
         valid = flat_target != self.ignore_index

@@ -24,8 +24,7 @@ def unique_trainable_parameters(model_parts: list[nn.Module]) -> list[nn.Paramet
     return out
 
 
-def build_optimizer(model_parts: list[nn.Module], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    params = unique_trainable_parameters(model_parts)
+def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     impl = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, **impl[cfg.implementation])

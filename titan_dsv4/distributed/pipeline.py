@@ -1,11 +1,11 @@
 """Generic pipeline splitter and schedule builder on ``torch.distributed.pipelining``.
 
-The splitter knows nothing about the model beyond its ``layers`` ModuleDict; every model-specific decision
-goes through two model-owned hooks:
+The splitter knows nothing about the model beyond its ``layers`` ModuleDict and the replicas it declares
+(``model.pipeline_replicas``, see :class:`TiedParameters`); every model-specific decision goes through two
+model-owned hooks:
 
-* ``model.pipeline_stage_modules(fqns_per_stage, *, first_and_last_share_rank)`` -> the module FQNs each
-  stage holds (DeepSeek-V4 puts the embedding on stage 0 and hc_head, norm, head, the MTP blocks and, when
-  stage 0 lives on another rank, an embedding replica on the last stage);
+* ``model.pipeline_stage_modules(fqns_per_stage)`` -> the module FQNs each stage holds (DeepSeek-V4 puts
+  the embedding on stage 0 and hc_head, norm, head, the MTP blocks and an embedding replica on the last);
 * ``model.pipeline_stage_metas(stage_index=, num_stages=, microbatch_size=, seq_len=, dtype=)`` -> meta
   tensors for what the stage receives and sends.
 
@@ -18,12 +18,14 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleMulti,
@@ -64,14 +66,16 @@ class PipelinePlan:
     def rank_of_stage(self, stage: int) -> int:
         return next(r for r in range(self.pp) if stage in self.stage_ids(r))
 
-    @property
-    def first_and_last_share_rank(self) -> bool:
-        return self.rank_of_stage(0) == self.rank_of_stage(self.num_stages - 1)
 
-
-def _csv_ranks(path: str) -> int:
+def _csv_stages(path: str) -> list[list[int]]:
+    """Stage indices each rank row of a compute-only schedule CSV (cells like ``0F1``, ``2B0``) runs."""
+    stages = []
     with open(path, newline="") as f:
-        return sum(1 for row in csv.reader(f) if row)
+        for row in csv.reader(f):
+            found = sorted({int(m.group(1)) for cell in row if (m := re.match(r"\s*(\d+)[A-Z]", cell))})
+            if row:
+                stages.append(found)
+    return stages
 
 
 def split_layers(layer_fqns: list[str], num_stages: int, first_less: int, last_less: int) -> list[list[str]]:
@@ -102,12 +106,14 @@ def plan_pipeline(model: nn.Module, job_config: JobConfig, pp: int, local_batch_
     """Validate the pipeline layout against the (meta-device) model and decide every stage's modules."""
     par = job_config.parallelism
     schedule, csv_path = par.pipeline_parallel_schedule, par.pipeline_parallel_schedule_csv or None
+    csv_stages = None
     if csv_path:
         if not Path(csv_path).is_file():
             raise ConfigError(f"`parallelism.pipeline_parallel_schedule_csv` = {csv_path!r}: no such file")
-        if _csv_ranks(csv_path) != pp:
+        csv_stages = _csv_stages(csv_path)
+        if len(csv_stages) != pp:
             raise ConfigError(f"`parallelism.pipeline_parallel_schedule_csv` = {csv_path!r} has "
-                              f"{_csv_ranks(csv_path)} rank rows but pipeline_parallel_degree = {pp}")
+                              f"{len(csv_stages)} rank rows but pipeline_parallel_degree = {pp}")
         schedule = "CSV"
     elif schedule not in SCHEDULES:
         raise ConfigError(f"`parallelism.pipeline_parallel_schedule` = {schedule!r} is invalid: allowed "
@@ -120,7 +126,9 @@ def plan_pipeline(model: nn.Module, job_config: JobConfig, pp: int, local_batch_
     layer_fqns = [f"layers.{k}" for k in model.layers.keys()]
 
     explicit = par.module_fqns_per_model_part
-    if explicit:
+    if csv_stages:
+        num_stages = 1 + max(max(r, default=0) for r in csv_stages)
+    elif explicit:
         num_stages = len(explicit)
     elif par.pipeline_parallel_layers_per_stage:
         lps = par.pipeline_parallel_layers_per_stage
@@ -141,6 +149,17 @@ def plan_pipeline(model: nn.Module, job_config: JobConfig, pp: int, local_batch_
     if schedule in V_SCHEDULES and stages_per_rank != 2:
         raise ConfigError(f"schedule {schedule} places exactly two stages per rank (V shape), got {stages_per_rank}")
     style = "v" if schedule in V_SCHEDULES else "loop"
+    if csv_stages:
+        per_rank = num_stages // pp
+        loop = [[r + i * pp for i in range(per_rank)] for r in range(pp)]
+        v = [sorted([r, 2 * pp - 1 - r]) for r in range(pp)]
+        if csv_stages == loop:
+            style = "loop"
+        elif per_rank == 2 and csv_stages == v:
+            style = "v"
+        else:
+            raise ConfigError(f"`parallelism.pipeline_parallel_schedule_csv`: ranks run stages {csv_stages}; "
+                              f"supported placements are loop {loop} or V {v}")
 
     if explicit:
         fqns_per_stage = [list(stage) for stage in explicit]
@@ -151,8 +170,7 @@ def plan_pipeline(model: nn.Module, job_config: JobConfig, pp: int, local_batch_
                         style=style, fqns_per_stage=fqns_per_stage, n_microbatches=local_batch_size // mb,
                         microbatch_size=mb)
     try:
-        plan.fqns_per_stage = model.pipeline_stage_modules(
-            fqns_per_stage, first_and_last_share_rank=plan.first_and_last_share_rank)
+        plan.fqns_per_stage = model.pipeline_stage_modules(fqns_per_stage)
     except ValueError as e:
         raise ConfigError(f"pipeline layout: {e}") from None
     _check_cover(model, plan)
@@ -171,7 +189,7 @@ def _pipeline_units(model: nn.Module) -> list[str]:
 
 
 def _check_cover(model: nn.Module, plan: PipelinePlan) -> None:
-    """Every module on exactly one stage; a second stage on the *same rank* may share it (tied module)."""
+    """Every module on exactly one stage."""
     units = set(_pipeline_units(model))
     seen: dict[str, int] = {}
     for stage, fqns in enumerate(plan.fqns_per_stage):
@@ -179,10 +197,10 @@ def _check_cover(model: nn.Module, plan: PipelinePlan) -> None:
             if fqn not in units:
                 raise ConfigError(f"`parallelism.module_fqns_per_model_part`: stage {stage} names unknown module "
                                   f"{fqn!r}; modules are {', '.join(sorted(units))}")
-            if fqn in seen and (fqns.count(fqn) > 1 or plan.rank_of_stage(seen[fqn]) != plan.rank_of_stage(stage)):
+            if fqn in seen:
                 raise ConfigError(f"`parallelism.module_fqns_per_model_part`: module {fqn!r} is placed on stages "
                                   f"{seen[fqn]} and {stage}; each module belongs to exactly one stage")
-            seen.setdefault(fqn, stage)
+            seen[fqn] = stage
     missing = sorted(units - set(seen))
     if missing:
         raise ConfigError(f"`parallelism.module_fqns_per_model_part` leaves modules on no stage: {', '.join(missing)}")
@@ -212,7 +230,7 @@ class PipelineParts:
     schedule: object
     has_first_stage: bool
     has_last_stage: bool
-    replicas: "ReplicaSync"
+    ties: TiedParameters
 
     def step(self, input_ids, positions, targets, global_valid_tokens) -> None:
         kwargs = dict(positions=positions, input_ids=input_ids,
@@ -223,84 +241,122 @@ class PipelineParts:
         self.schedule.step(*args, **kwargs)
 
 
-class ReplicaSync:
-    """Keeps model-declared replicas (``model.pipeline_replicas``: replica prefix -> source prefix, e.g. the
-    last stage's ``mtp_embed`` of stage 0's ``embed``) equal to their source.
+class TiedParameters:
+    """Model-declared replicas (``model.pipeline_replicas``: replica prefix -> source prefix, e.g. the last
+    stage's ``mtp_embed`` of stage 0's ``embed``) that must behave as one parameter.
 
-    Both start from the same per-FQN init; after backward their gradients are summed over the two ranks
-    (for every data-parallel coordinate, on the local FSDP shards), so both optimizers take the same step.
-    The replica is left out of the grad norm and of checkpoints, and re-copied from the source after a load.
+    Both start from the same per-FQN init. The replica is left out of the grad norm and of checkpoints.
+
+    * Source and replica on different ranks: after backward their gradients are summed over the two ranks
+      (for every data-parallel coordinate, on the local FSDP shards), so both optimizers take the same step.
+    * On the same rank (V-shaped schedules put stages 0 and 2pp-1 together): no communication and one
+      optimizer state — the replica's gradient is added into the source's, and the replica is refreshed from
+      the source after every optimizer step. (It cannot simply *be* the source module: torch's zero-bubble
+      schedules take weight gradients per stage from the stage's own parameters, and a module registered in
+      two stages fails their split backward with "Trying to backward through the graph a second time".)
     """
 
-    def __init__(self, plan: PipelinePlan, model: nn.Module, parts: list[nn.Module], stage_ids: list[int],
-                 mesh_ranks: torch.Tensor | None, pp_rank: int):
-        self.pairs: list[tuple[nn.Parameter, dist.ProcessGroup | None]] = []
-        self.replica_params: set[int] = set()
-        self.groups: list[dist.ProcessGroup] = []
-        replicas = getattr(model, "pipeline_replicas", {})
-        for replica, source in replicas.items():
-            holder = {u: i for i, fqns in enumerate(plan.fqns_per_stage) for u in fqns}
+    def __init__(self) -> None:
+        self.cross_rank: list[tuple[nn.Parameter, dist.ProcessGroup | None, bool]] = []  # (param, group, replica?)
+        self.local: list[tuple[nn.Parameter, nn.Parameter]] = []  # (source, replica) on this rank
+        self.followers: set[int] = set()  # replicas: left out of the grad norm (counted through the source)
+        self.local_followers: set[int] = set()  # same-rank replicas: also left out of the optimizer
+
+    def add(self, plan: PipelinePlan, model: nn.Module, parts: list[nn.Module], stage_ids: list[int],
+            mesh_ranks: torch.Tensor | None) -> None:
+        holder = {u: i for i, fqns in enumerate(plan.fqns_per_stage) for u in fqns}
+        local_units = {u: part for part, stage in zip(parts, stage_ids) for u in plan.fqns_per_stage[stage]}
+        for replica, source in getattr(model, "pipeline_replicas", {}).items():
             if replica not in holder:
                 continue
             ranks = (plan.rank_of_stage(holder[source]), plan.rank_of_stage(holder[replica]))
+            if ranks[0] == ranks[1]:
+                if source in local_units:
+                    for src, rep in zip(getattr(local_units[source], source).parameters(),
+                                        getattr(local_units[replica], replica).parameters()):
+                        self.local.append((src, rep))
+                        self.followers.add(id(rep))
+                        self.local_followers.add(id(rep))
+                continue
             my_group = None
             if mesh_ranks is not None:  # every rank creates every group, in the same order
                 flat = mesh_ranks.reshape(mesh_ranks.shape[0], -1)
                 for column in range(flat.shape[1]):
-                    pair = sorted({int(flat[ranks[0], column]), int(flat[ranks[1], column])})
-                    group = dist.new_group(pair)
+                    pair = [int(flat[ranks[0], column]), int(flat[ranks[1], column])]
+                    group = dist.new_group(sorted(pair))
                     if dist.get_rank() in pair:
                         my_group = group
-            for part, stage in zip(parts, stage_ids):
-                for unit, prefix in ((source, source), (replica, replica)):
-                    if unit in plan.fqns_per_stage[stage] and getattr(part, unit, None) is not None:
-                        for p in getattr(part, unit).parameters():
-                            self.pairs.append((p, my_group))
-                            if unit == replica:
-                                self.replica_params.add(id(p))
+            for unit in (source, replica):
+                if unit in local_units:
+                    for p in getattr(local_units[unit], unit).parameters():
+                        self.cross_rank.append((p, my_group, unit == replica))
+                        if unit == replica:
+                            self.followers.add(id(p))
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
-        for p, group in self.pairs:
+        """After backward: every tied gradient becomes the sum of its uses."""
+        for owner, follower in self.local:
+            if follower.grad is not None:
+                if owner.grad is None:
+                    owner.grad = follower.grad.clone()
+                else:
+                    owner.grad += follower.grad
+                follower.grad = None
+        for p, group, _ in self.cross_rank:
             if group is not None and p.grad is not None:
-                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                dist.all_reduce(grad, group=group)
+                dist.all_reduce(_local(p.grad), group=group)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        for owner, follower in self.local:
+            _local(follower).copy_(_local(owner))
 
     @torch.no_grad()
     def copy_from_source(self) -> None:
-        """After loading weights into the source: broadcast them into the replica."""
-        for p, group in self.pairs:
+        """After loading weights into the sources: make every replica equal again."""
+        self.after_optimizer_step()
+        for p, group, is_replica in self.cross_rank:
             if group is not None:
-                data = p.to_local() if hasattr(p, "to_local") else p
                 # two members: summing "my rank if I hold the source else 0" yields the source's rank
-                source = torch.tensor([0 if id(p) in self.replica_params else dist.get_rank()])
+                source = torch.tensor([0 if is_replica else dist.get_rank()])
                 dist.all_reduce(source, group=group)
-                dist.broadcast(data, src=int(source.item()), group=group)
+                dist.broadcast(_local(p), src=int(source.item()), group=group)
+
+
+def _weight_grads_in_input_pass():
+    """``dw_builder`` making a zero-bubble stage compute its weight gradients in the input-gradient action.
+
+    torch splits a stage's backward into input (I) and weight (W) actions by grouping parameters through the
+    autograd nodes they share with the path to the stage input. On the MTP stage (replica embedding whose
+    path joins the stream only inside each depth, D >= 2 depths) that grouping frees graph parts another
+    group still needs: the W action fails with "Trying to backward through the graph a second time". With a
+    ``dw_builder`` torch runs the full backward in I and the (empty) runner in W: exact gradients, and only
+    this stage gives up the I/W split.
+    """
+    return lambda: None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_rank: int, pp_group: dist.ProcessGroup,
                    mesh_ranks: torch.Tensor | None, device: torch.device, loss_fn,
                    parallelize_and_materialize, seq_len: int, dtype: torch.dtype) -> PipelineParts:
-    """Build this rank's stages from the meta-device ``model``: prune, parallelize, materialise, link shared
-    modules, wrap in ``PipelineStage`` and build the schedule."""
+    """Build this rank's stages from the meta-device ``model``: prune, parallelize, materialise, wrap in
+    ``PipelineStage``, build the schedule and tie replicas."""
     parts, stages = [], []
     stage_ids = plan.stage_ids(pp_rank)
-    owners: dict[str, nn.Module] = {}
     for stage_index in stage_ids:
-        fqns = plan.fqns_per_stage[stage_index]
-        shared = [f for f in fqns if f in owners]  # already held by an earlier stage of this rank
-        part = prune_to_stage(model, [f for f in fqns if f not in shared])
-        part = parallelize_and_materialize(part)
-        for fqn in shared:
-            # a plain (unregistered) reference: parameters stay owned, counted and saved once
-            object.__setattr__(part, fqn, getattr(owners[fqn], fqn))
-        for fqn in fqns:
-            owners.setdefault(fqn, part)
+        part = parallelize_and_materialize(prune_to_stage(model, plan.fqns_per_stage[stage_index]))
         inputs_meta, outputs_meta = model.pipeline_stage_metas(
             stage_index=stage_index, num_stages=plan.num_stages, microbatch_size=plan.microbatch_size,
             seq_len=seq_len, dtype=dtype)
+        holds_replica = any(u in plan.fqns_per_stage[stage_index] for u in getattr(model, "pipeline_replicas", {}))
         stages.append(PipelineStage(part, stage_index, plan.num_stages, device, input_args=inputs_meta,
-                                    output_args=outputs_meta, group=pp_group))
+                                    output_args=outputs_meta, group=pp_group,
+                                    dw_builder=_weight_grads_in_input_pass if holds_replica else None))
         parts.append(part)
     try:
         if plan.schedule == "CSV":
@@ -317,10 +373,11 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_rank: int, pp_group:
     except (ValueError, AssertionError, RuntimeError) as e:
         raise ConfigError(f"pipeline schedule {plan.schedule} rejects this layout ({plan.num_stages} stages, "
                           f"{plan.n_microbatches} microbatches): {e}") from None
-    replicas = ReplicaSync(plan, model, parts, stage_ids, mesh_ranks, pp_rank)
+    ties = TiedParameters()
+    ties.add(plan, model, parts, stage_ids, mesh_ranks)
     return PipelineParts(plan=plan, model_parts=parts, stages=stages, schedule=schedule,
                          has_first_stage=0 in stage_ids, has_last_stage=plan.num_stages - 1 in stage_ids,
-                         replicas=replicas)
+                         ties=ties)
 
 
 def pipeline_model(*args, **kwargs) -> PipelineParts:

@@ -63,18 +63,19 @@ class DeepseekV4Model(nn.Module):
             x = layer(x, ctx, input_ids)
         if self.head is None:
             return x
-        logits = self._logits(self.norm(self.hc_head(x)))
+        hidden = self.norm(self.hc_head(x))
         if not (self.training and len(self.mtp)):
-            return logits
+            return self._logits(hidden)
         if input_ids is None:
             raise ValueError("MTP needs the token ids (pass input_ids)")
         embed = self.mtp_embed if self.mtp_embed is not None else self.embed
-        outputs = [logits]
-        for depth, block in enumerate(self.mtp.values()):
-            embedded = embed(mtp_input_ids(input_ids, positions, depth))
-            x, hidden = block(x, embedded, ctx, input_ids)
-            outputs.append(self._logits(hidden))
-        return tuple(outputs)
+        # one embedding lookup and one LM-head matmul serve all depths
+        shifted = torch.stack([mtp_input_ids(input_ids, positions, d) for d in range(len(self.mtp))])
+        hiddens = [hidden]
+        for block, embedded in zip(self.mtp.values(), embed(shifted).unbind(0)):
+            x, depth_hidden = block(x, embedded, ctx, input_ids)
+            hiddens.append(depth_hidden)
+        return tuple(self._logits(torch.stack(hiddens)).unbind(0))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(fp32(hidden), fp32(self.head.weight))  # fp32 LM head

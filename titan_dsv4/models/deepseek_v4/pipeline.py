@@ -2,8 +2,9 @@
 
 Only the mHC stream ``[mb, S, hc_mult, H]`` crosses a stage boundary. Token ids and positions reach every
 stage as keyword inputs (hash-routed layers may sit anywhere; MTP embeds future tokens on the last stage).
-MTP runs on the last stage, which therefore needs the embedding table: a replica (``mtp_embed``) when
-stage 0 lives on another rank, the very same module when it does not (V-shaped schedules).
+MTP runs on the last stage, which therefore needs the embedding table: ``mtp_embed``, declared a replica
+of ``embed`` so the splitter keeps the two one parameter (gradients summed, counted and saved once;
+without any communication when both stages share a rank, as in V-shaped schedules).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ LAST_STAGE_UNITS = ("hc_head", "norm", "head")
 PIPELINE_REPLICAS = {"mtp_embed": "embed"}
 
 
-def pipeline_stage_modules(self, fqns_per_stage: list[list[str]], *,
-                           first_and_last_share_rank: bool) -> list[list[str]]:
+def pipeline_stage_modules(self, fqns_per_stage: list[list[str]]) -> list[list[str]]:
     stages = [list(s) for s in fqns_per_stage]
     last = len(stages) - 1
     mtp_units = [f"mtp.{k}" for k in self.mtp.keys()]
@@ -35,14 +35,11 @@ def pipeline_stage_modules(self, fqns_per_stage: list[list[str]], *,
         place(unit, 0)
     for unit in (*LAST_STAGE_UNITS, *mtp_units):
         place(unit, last)
-    if mtp_units and last > 0:
-        if first_and_last_share_rank:
-            stages[last].append("embed")  # same rank: share stage 0's module, no replica
-        else:
-            if self.mtp_embed is None:
-                self.mtp_embed = nn.Embedding(self.args.vocab_size, self.args.hidden_size,
-                                              device=self.embed.weight.device, dtype=self.embed.weight.dtype)
-            stages[last].append("mtp_embed")
+    if mtp_units and last > 0 and "mtp_embed" not in stages[last]:
+        if self.mtp_embed is None:
+            self.mtp_embed = nn.Embedding(self.args.vocab_size, self.args.hidden_size,
+                                          device=self.embed.weight.device, dtype=self.embed.weight.dtype)
+        stages[last].append("mtp_embed")
     return stages
 
 
@@ -56,6 +53,6 @@ def pipeline_stage_metas(self, *, stage_index: int, num_stages: int, microbatch_
     inputs = (ids,) if stage_index == 0 else (stream,)
     if stage_index < num_stages - 1:
         return inputs, (stream,)
-    logits = torch.empty(microbatch_size, seq_len, a.vocab_size, dtype=torch.float32, device="meta",
-                         requires_grad=True)
+    logits = torch.empty(microbatch_size, seq_len, a.vocab_size, device="meta", requires_grad=True,
+                         dtype=torch.promote_types(dtype, torch.float32))  # the LM head runs in fp32
     return inputs, (logits,) * (1 + len(self.mtp))
