@@ -22,7 +22,7 @@ def free_port() -> int:
 def run_training(dump: Path, *overrides: str, nproc: int = 1, timeout: int = 600) -> list[dict]:
     """Train through the CLI and return the metrics.jsonl records."""
     args = ["-m", "titan_dsv4.train", "--job.config_file", DEBUG_TOML, "--job.dump_folder", str(dump),
-            "--metrics.log_freq", "1", *overrides]
+            "--metrics.log_freq", "1", "--parallelism.pipeline_parallel_degree", "1", *overrides]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", *args]

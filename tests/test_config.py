@@ -78,7 +78,8 @@ BAD_RUNS = [
 
 @pytest.mark.parametrize("argv,message", BAD_RUNS, ids=[m[:30] for _, m in BAD_RUNS])
 def test_bad_input_exits_2_with_one_line(argv, message):
-    result = run_cli("--job.config_file", str(REPO / "train_configs/debug_model.toml"), *argv)
+    result = run_cli("--job.config_file", str(REPO / "train_configs/debug_model.toml"),
+                     "--parallelism.pipeline_parallel_degree", "1", *argv)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -88,5 +89,6 @@ def test_bad_input_exits_2_with_one_line(argv, message):
 
 def test_world_size_mismatch_is_caught_before_any_process_group():
     result = run_cli("--job.config_file", str(REPO / "train_configs/debug_model.toml"),
-                     "--parallelism.data_parallel_shard_degree", "2", env={"WORLD_SIZE": "3"})
+                     "--parallelism.pipeline_parallel_degree", "1", "--parallelism.data_parallel_shard_degree", "2",
+                     env={"WORLD_SIZE": "3"})
     assert result.returncode == 2 and "3 processes were launched" in result.stderr
