@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from titan_dsv4.components.load_balance import update_expert_bias
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.config.job_config import JobConfig
 from titan_dsv4.distributed.parallel_dims import ParallelDims
@@ -78,6 +79,13 @@ def run_case(schedule: str, depth: int, csv: str | None, dims: ParallelDims) -> 
                            torch.device("cpu"), loss_fn, materialize, SEQ, torch.float64)
     parts.step(ids, positions, targets, n_valid)
     parts.ties.reduce_grads()
+    # aux-loss-free balancing: per-stage expert loads summed over microbatches move each bias like the reference
+    update_expert_bias([reference], 1e-3, None)
+    update_expert_bias(parts.model_parts, 1e-3, None)
+    ref_buffers = dict(reference.named_buffers())
+    bias_err = max((float((b - ref_buffers[canonical_fqn(n)]).abs().max())
+                    for part in parts.model_parts for n, b in part.named_buffers() if n.endswith("gate.bias")),
+                   default=0.0)
 
     errors = {"parts": 0.0, "grads": 0.0, "missing": 0}
     worst = ("", 0.0)
@@ -107,11 +115,14 @@ def run_case(schedule: str, depth: int, csv: str | None, dims: ParallelDims) -> 
     coverage = torch.tensor(counted, dtype=torch.long)
     dist.all_reduce(coverage)
     errors["uncovered"] = int((coverage == 0).sum())
-    result = torch.tensor([errors["parts"], errors["grads"], float(errors["missing"])])
+    moved = max((float(b.abs().max()) for part in parts.model_parts for n, b in part.named_buffers()
+                 if n.endswith("gate.bias")), default=0.0)
+    result = torch.tensor([errors["parts"], errors["grads"], float(errors["missing"]), bias_err, moved])
     dist.all_reduce(result, op=dist.ReduceOp.MAX)
     worsts = [None] * dist.get_world_size()
     dist.all_gather_object(worsts, worst)
     return {"parts_rel_err": float(result[0]), "grad_rel_err": float(result[1]), "missing_grads": int(result[2]),
+            "expert_bias_err": float(result[3]), "expert_bias_moved": float(result[4]),
             "uncovered_params": errors["uncovered"], "worst_grad": max(worsts, key=lambda w: w[1])[0],
             "stages": plan.num_stages}
 

@@ -38,6 +38,7 @@ def check(results: dict, cases: list[str]) -> None:
         assert r["missing_grads"] == 0 and r["uncovered_params"] == 0, (case, r)
         assert r["parts_rel_err"] < 1e-12, (case, r)  # main and every MTP depth's loss sum (fp64)
         assert r["grad_rel_err"] < 1e-9, (case, r)  # every gradient, embedding = stage 0 + replica
+        assert r["expert_bias_err"] == 0.0 < r["expert_bias_moved"], (case, r)  # balancing bias after a step
 
 
 @pytest.mark.slow

@@ -70,7 +70,7 @@ class ParallelDims:
     def build_mesh(self, device_type: str) -> DeviceMesh:
         self._mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard),
                                       mesh_dim_names=("pp", "dp_replicate", "dp_shard"))
-        self._mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        self._dp_mesh = self._mesh[("dp_replicate", "dp_shard")]._flatten("dp")
         return self._mesh
 
     @property
@@ -80,7 +80,7 @@ class ParallelDims:
         return self._mesh
 
     def dp_rank(self) -> int:
-        return self.mesh["dp"].get_local_rank() if self._mesh is not None else 0
+        return self._dp_mesh.get_local_rank() if self._mesh is not None else 0
 
     def dp_group(self) -> torch.distributed.ProcessGroup:
-        return self.mesh["dp"].get_group()
+        return self._dp_mesh.get_group()

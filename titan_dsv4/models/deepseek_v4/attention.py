@@ -5,8 +5,8 @@ inverse RoPE on the output, and a grouped low-rank output projection (dsv4-spec.
 
 The score computation runs over query blocks: each block sees only the raw keys its window can reach and
 the compressed entries, so nothing of size ``[S, S]`` is materialised when the block is smaller than the
-sequence. ``query_block=None`` (one block) is the plain dense reference; ``auto`` picks blocks on long
-sequences and on GPUs. Both are the same math and are tested equal.
+sequence. ``query_block=None`` (one block) is the plain dense reference; ``auto`` picks blocks on GPUs and
+for sequences longer than two blocks (also the faster choice on CPU there). Both are the same math and are tested equal.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .args import CSA_RATIO, DeepseekV4ModelArgs
 from .norm import RMSNorm, fp32, rms_normalise
 from .rope import apply_rope, rope_cos_sin
 
-AUTO_BLOCK = 256  # query block used by ``auto`` on GPUs and for sequences longer than 2 blocks
+AUTO_BLOCK = 128  # query block used by ``auto`` on GPUs and for sequences longer than 2 blocks
 
 
 @dataclass
