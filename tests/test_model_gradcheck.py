@@ -34,6 +34,17 @@ def _check(module, inputs, param_names):
                                     rtol=1e-4)
 
 
+class _Call(torch.nn.Module):
+    """Exposes ``module`` as ``self.inner`` and calls ``call(inner, *inputs)``."""
+
+    def __init__(self, module, call):
+        super().__init__()
+        self.inner, self.call = module, call
+
+    def forward(self, *inputs):
+        return self.call(self.inner, *inputs)
+
+
 def _randomised(model):
     init_weights(model, 0)
     with torch.no_grad():
@@ -49,18 +60,13 @@ def test_hyper_connection_pre_post():
     with torch.no_grad():
         hc.fn.normal_(0, 0.3), hc.base.normal_(0, 0.5), hc.scale.uniform_(0.5, 1.5)
 
-    class Site(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.hc = hc
-
-        def forward(self, x, out):
-            collapsed, post, comb = self.hc.pre(x)
-            return HyperConnection.post(out * collapsed, x, post, comb)
+    def site(module, x, out):
+        collapsed, post, comb = module.pre(x)
+        return HyperConnection.post(out * collapsed, x, post, comb)
 
     x = torch.randn(2, 3, 3, 8, dtype=torch.float64, requires_grad=True)
     out = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
-    _check(Site(), (x, out), ["hc.fn", "hc.base", "hc.scale"])
+    _check(_Call(hc, site), (x, out), ["inner.fn", "inner.base", "inner.scale"])
 
 
 @pytest.mark.parametrize("layer_id", [0, 1, 2], ids=["sliding", "csa", "hca"])
@@ -72,19 +78,11 @@ def test_attention(layer_id):
     ctx = model.attention_context(positions)
     ctx.cos_sin = {k: tuple(t.double() for t in v) for k, v in ctx.cos_sin.items()}
 
-    class Wrapped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = attn
-
-        def forward(self, x):
-            return self.attn(x, ctx)
-
     x = torch.randn(2, 13, 8, dtype=torch.float64, requires_grad=True)
-    names = ["attn.wq_b.weight", "attn.wkv.weight", "attn.attn_sink", "attn.wo_a.weight"]
+    names = ["inner.wq_b.weight", "inner.wkv.weight", "inner.attn_sink", "inner.wo_a.weight"]
     if attn.compressor is not None:
-        names += ["attn.compressor.wkv.weight", "attn.compressor.wgate.weight", "attn.compressor.ape"]
-    _check(Wrapped(), (x,), names)
+        names += ["inner.compressor.wkv.weight", "inner.compressor.wgate.weight", "inner.compressor.ape"]
+    _check(_Call(attn, lambda m, x: m(x, ctx)), (x,), names)
 
 
 @pytest.mark.parametrize("layer_id", [0, 1], ids=["hash", "learned"])
@@ -98,13 +96,6 @@ def test_moe_routing(layer_id):
     moe = moe.double()
     ids = torch.randint(0, args.vocab_size, (2, 5))
 
-    class Wrapped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.moe = moe
-
-        def forward(self, x):
-            return self.moe(x, ids)
-
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
-    _check(Wrapped(), (x,), ["moe.gate.weight", "moe.experts.w1", "moe.experts.w2", "moe.shared_experts.w3.weight"])
+    names = ["inner.gate.weight", "inner.experts.w1", "inner.experts.w2", "inner.shared_experts.w3.weight"]
+    _check(_Call(moe, lambda m, x: m(x, ids)), (x,), names)

@@ -66,7 +66,7 @@ class Trainer:
             self.pipeline = setup.spec.pipelining_fn(
                 model, setup.pipeline_plan, pp_mesh.get_local_rank(), pp_mesh.get_group(), dims.mesh.mesh,
                 self.device, self.loss_fn, self._parallelize_and_materialize, config.training.seq_len,
-                torch.float32)
+                self._activation_dtype())
             self.model_parts = self.pipeline.model_parts
         else:
             self.model_parts = [self._parallelize_and_materialize(model)]
@@ -83,6 +83,12 @@ class Trainer:
                                      if config.metrics.enable_tensorboard else None,
                                      color=not config.metrics.disable_color_printing)
         self.step = 0
+
+    def _activation_dtype(self) -> torch.dtype:
+        """dtype of the stream between stages: FSDP's param dtype on GPU, else the fp32 parameters'."""
+        if self.device.type == "cuda" and self.parallel_dims.dp_enabled:
+            return getattr(torch, self.config.training.mixed_precision_param)
+        return torch.float32
 
     def _parallelize_and_materialize(self, part: nn.Module) -> nn.Module:
         """parallelize_fn, then allocate on the device and init deterministically per FQN."""

@@ -19,7 +19,7 @@ import copy
 import csv
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -378,8 +378,3 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_rank: int, pp_group:
     return PipelineParts(plan=plan, model_parts=parts, stages=stages, schedule=schedule,
                          has_first_stage=0 in stage_ids, has_last_stage=plan.num_stages - 1 in stage_ids,
                          ties=ties)
-
-
-def pipeline_model(*args, **kwargs) -> PipelineParts:
-    """``pipelining_fn`` of the registry."""
-    return build_pipeline(*args, **kwargs)

@@ -14,7 +14,7 @@ class TrainSpec:
     model_cls: type[nn.Module]
     model_args: dict[str, Any]  # flavor -> model args
     parallelize_fn: Callable[..., nn.Module]  # (model_part, parallel_dims, job_config) -> model_part
-    pipelining_fn: Callable[..., Any]  # (model, parallel_dims, job_config, device, loss_fn) -> PipelineParts
+    pipelining_fn: Callable[..., Any]  # (meta model, plan, pp rank/group, mesh, device, loss_fn, ...) -> parts
     build_loss_fn: Callable[..., Any]  # (job_config, model_args) -> loss object
     state_dict_adapter: type | None = None
 

@@ -104,8 +104,3 @@ class DeepseekV4Model(nn.Module):
 
     def indexer_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if ".attn.indexer." in f".{name}"]
-
-    def moe_routers(self) -> list[nn.Module]:
-        from .moe import Router
-
-        return [m for m in self.modules() if isinstance(m, Router)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...components.loss import MTPLoss
 from ...config.job_config import JobConfig
-from ...distributed.pipeline import pipeline_model
+from ...distributed.pipeline import build_pipeline
 from ...protocols.train_spec import TrainSpec, register_train_spec
 from .args import DeepseekV4ModelArgs
 from .flavors import FLAVORS
@@ -22,7 +22,7 @@ register_train_spec(TrainSpec(
     model_cls=DeepseekV4Model,
     model_args=FLAVORS,
     parallelize_fn=parallelize_deepseek_v4,
-    pipelining_fn=pipeline_model,
+    pipelining_fn=build_pipeline,
     build_loss_fn=build_loss_fn,
     state_dict_adapter=DeepseekV4StateDictAdapter,
 ))

@@ -110,11 +110,7 @@ class DeepseekV4StateDictAdapter:
             elif rest == "ffn.experts.w3":
                 continue
             else:
-                for ours, theirs in _TRANSFORMERS_LAYER:
-                    if rest.startswith(ours):
-                        rest = theirs + rest[len(ours):]
-                        break
-                out[prefix + rest] = tensor
+                out[prefix + _rename(rest, to_transformers=True)] = tensor
         return out
 
     def from_transformers(self, hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -134,9 +130,14 @@ class DeepseekV4StateDictAdapter:
             elif rest == "mlp.experts.down_proj":
                 out[prefix + "ffn.experts.w2"] = tensor
             else:
-                for ours, theirs in _TRANSFORMERS_LAYER:
-                    if rest.startswith(theirs):
-                        rest = ours + rest[len(theirs):]
-                        break
-                out[prefix + rest] = tensor
+                out[prefix + _rename(rest, to_transformers=False)] = tensor
         return out
+
+
+def _rename(rest: str, to_transformers: bool) -> str:
+    """Translate the part of a layer key after ``layers.{i}.`` with the first matching table entry."""
+    for ours, theirs in _TRANSFORMERS_LAYER:
+        source, target = (ours, theirs) if to_transformers else (theirs, ours)
+        if rest.startswith(source):
+            return target + rest[len(source):]
+    return rest
