@@ -2,13 +2,14 @@
 
 Same weights, same process, same thread count, same batch; MTP off (transformers has none), fp32 on CPU.
 
-    python scripts/bench_model.py [--seq 512] [--batch 2] [--iters 5] [--threads 2]
+    python scripts/bench_model.py [--seq 512] [--batch 2] [--iters 5] [--threads 2] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurements; medians reported")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
 
@@ -52,9 +54,13 @@ def main() -> None:
         theirs(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
 
     tokens = opts.batch * opts.seq
-    t_theirs = tokens_per_second(theirs_step, tokens, opts.iters)
-    t_ours = tokens_per_second(ours_step, tokens, opts.iters)
-    print(f"debugmodel fwd+bwd, batch {opts.batch} x seq {opts.seq}, {opts.threads} threads, fp32 CPU")
+    theirs_runs, ours_runs = [], []
+    for _ in range(opts.rounds):  # interleaved, so machine noise hits both alike
+        theirs_runs.append(tokens_per_second(theirs_step, tokens, opts.iters))
+        ours_runs.append(tokens_per_second(ours_step, tokens, opts.iters))
+    t_theirs, t_ours = statistics.median(theirs_runs), statistics.median(ours_runs)
+    print(f"debugmodel fwd+bwd, batch {opts.batch} x seq {opts.seq}, {opts.threads} threads, fp32 CPU, "
+          f"median of {opts.rounds} interleaved rounds of {opts.iters} steps")
     print(f"  transformers {t_theirs:10,.0f} tokens/s")
     print(f"  titan_dsv4   {t_ours:10,.0f} tokens/s")
     print(f"  speed-up     {t_ours / t_theirs:10.2f}x")

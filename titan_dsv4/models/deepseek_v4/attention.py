@@ -19,7 +19,7 @@ from torch import nn
 
 from .args import CSA_RATIO, DeepseekV4ModelArgs
 from .norm import RMSNorm, fp32, rms_normalise
-from .rope import apply_rope, rope_cos_sin
+from .rope import apply_rope, rope_rotation
 
 AUTO_BLOCK = 128  # query block used by ``auto`` on GPUs and for sequences longer than 2 blocks
 
@@ -31,7 +31,7 @@ class AttentionContext:
     positions: torch.Tensor  # [B, S] position inside the document
     doc_ids: torch.Tensor  # [B, S]
     inv_freq: dict[str, torch.Tensor]  # "main" / "compress" -> [rope_dim / 2]
-    cos_sin: dict[str, tuple[torch.Tensor, torch.Tensor]]  # at ``positions``
+    rotation: dict[str, torch.Tensor]  # complex RoPE rotations at ``positions``
 
 
 @dataclass
@@ -98,8 +98,7 @@ class Compressor(nn.Module):
         pooled = (kv_w * gate_w.softmax(dim=2)).sum(dim=2)  # per-channel softmax over the window's tokens
         pooled = self.norm(pooled.to(x.dtype))
         entry_pos = pos.gather(1, end) - (m - 1)
-        cos, sin = rope_cos_sin(entry_pos, ctx.inv_freq["compress"])
-        pooled = apply_rope(pooled, cos, sin)
+        pooled = apply_rope(pooled, rope_rotation(entry_pos, ctx.inv_freq["compress"]))
         return CompressedEntries(kv=pooled, end=end, doc=doc.gather(1, end), valid=valid)
 
 
@@ -124,12 +123,12 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(args.hidden_size, args.index_n_heads, bias=False)
         self.compressor = Compressor(args.hidden_size, args.index_head_dim, CSA_RATIO, True, args.rms_norm_eps)
 
-    def select(self, x: torch.Tensor, qr: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+    def select(self, x: torch.Tensor, qr: torch.Tensor, rotation: torch.Tensor,
                keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """``[B, Q, P]`` bool mask of the chosen visible entries for the queries ``x``/``qr``."""
         batch, q_len, _ = x.shape
         q = self.wq_b(qr).view(batch, q_len, self.n_heads, self.head_dim)
-        q = apply_rope(q, *cos_sin)
+        q = apply_rope(q, rotation)
         scores = torch.einsum("bqhd,bpd->bqhp", fp32(q), fp32(keys)).relu() * self.head_dim**-0.5
         weights = fp32(self.weights_proj(x)) * self.n_heads**-0.5
         scores = torch.einsum("bqhp,bqh->bqp", scores, weights)
@@ -165,11 +164,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         batch, seq, _ = x.shape
-        cos, sin = ctx.cos_sin[self.rope_kind]
+        rotation = ctx.rotation[self.rope_kind]
         qr = self.q_norm(self.wq_a(x))
         q = rms_normalise(self.wq_b(qr).view(batch, seq, self.n_heads, self.head_dim), self.eps)
-        q = apply_rope(q, cos, sin)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, d], K == V
+        q = apply_rope(q, rotation)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), rotation)  # [B, S, d], K == V
 
         entries = self.compressor(x, ctx) if self.compressor is not None else None
         index_keys = self.indexer.compressor(x, ctx).kv if self.indexer is not None else None
@@ -180,7 +179,7 @@ class Attention(nn.Module):
             outs.append(self._attend(x, qr, q, kv, entries, index_keys, ctx, q0, q1))
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
-        out = apply_rope(out, cos, sin, inverse=True)
+        out = apply_rope(out, rotation, inverse=True)
         grouped = out.reshape(batch, seq, self.o_groups, -1)
         wo_a = self.wo_a.weight.view(self.o_groups, -1, grouped.shape[-1])
         low_rank = torch.einsum("bsgi,goi->bsgo", grouped, wo_a).flatten(2)
@@ -207,8 +206,8 @@ class Attention(nn.Module):
         if entries is not None:
             visible = entries.visible(q_idx, q_doc)
             if self.indexer is not None and visible.shape[-1] > 0:
-                cos_sin = tuple(t[:, q0:q1] for t in ctx.cos_sin["compress"])
-                visible = self.indexer.select(x[:, q0:q1], qr[:, q0:q1], cos_sin, index_keys, visible)
+                rotation = ctx.rotation["compress"][:, q0:q1]
+                visible = self.indexer.select(x[:, q0:q1], qr[:, q0:q1], rotation, index_keys, visible)
             keys = torch.cat([keys, entries.kv], dim=1)
             allowed = torch.cat([allowed, visible], dim=-1)
         scores = fp32(torch.einsum("bqhd,bkd->bhqk", q[:, q0:q1], keys)) * self.head_dim**-0.5

@@ -16,7 +16,7 @@ from .init import init_weights
 from .mtp import MTPBlock, mtp_input_ids
 from .norm import RMSNorm, fp32
 from .pipeline import PIPELINE_REPLICAS, pipeline_stage_metas, pipeline_stage_modules
-from .rope import rope_cos_sin, rope_inv_freq
+from .rope import rope_inv_freq, rope_rotation
 
 
 class DeepseekV4Model(nn.Module):
@@ -87,9 +87,9 @@ class DeepseekV4Model(nn.Module):
             "compress": rope_inv_freq(a.qk_rope_head_dim, a.compress_rope_theta, a.rope_scaling),
         }
         inv_freq = {k: v.to(positions.device) for k, v in inv_freq.items()}
-        cos_sin = {k: rope_cos_sin(positions, f) for k, f in inv_freq.items()}
+        rotation = {k: rope_rotation(positions, f) for k, f in inv_freq.items()}
         return AttentionContext(positions=positions, doc_ids=document_ids(positions), inv_freq=inv_freq,
-                                cos_sin=cos_sin)
+                                rotation=rotation)
 
     # ------------------------------------------------------------------ helpers
     def init_weights(self, seed: int = 0) -> None:

@@ -2,7 +2,7 @@
 
 Sliding-window layers (and MTP) use ``rope_theta`` without scaling; compressed layers (CSA/HCA, their
 compressors and the indexer) use ``compress_rope_theta`` with YaRN frequency interpolation and no mscale.
-Tables are computed in fp32 on the fly from the positions, so nothing is a buffer that a bf16 cast,
+Rotations are computed in fp32 (complex64) on the fly from the positions, so nothing is a buffer that a bf16 cast,
 FSDP or a checkpoint could corrupt.
 """
 
@@ -36,26 +36,26 @@ def rope_inv_freq(dim: int, theta: float, yarn: dict[str, Any] | None = None) ->
     return (inv_freq / factor * (1 - smooth) + inv_freq * smooth).float()
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``cos, sin`` of shape ``[*positions.shape, dim // 2]``."""
+def rope_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Complex unit rotations ``exp(i * position * freq)`` of shape ``[*positions.shape, dim // 2]`` (fp32)."""
     angles = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate the trailing ``2 * cos.shape[-1]`` channels of ``x`` in interleaved pairs (2i, 2i+1).
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate the trailing ``2 * rotation.shape[-1]`` channels of ``x`` in interleaved pairs (2i, 2i+1).
 
-    ``x`` is ``[B, S, ..., D]`` and ``cos``/``sin`` are ``[B, S, D_rope/2]`` (broadcast over the middle
-    axes). ``inverse`` applies the conjugate rotation, used to un-rotate attention outputs (V == K).
+    ``x`` is ``[B, S, ..., D]`` and ``rotation`` ``[B, S, D_rope/2]`` (broadcast over the middle axes).
+    ``inverse`` applies the conjugate rotation, used to un-rotate attention outputs (V == K).
     """
-    half = cos.shape[-1]
-    extra = x.dim() - cos.dim()
-    cos = cos.reshape(*cos.shape[:2], *([1] * extra), half)
-    sin = sin.reshape(*sin.shape[:2], *([1] * extra), half)
+    half = rotation.shape[-1]
+    rotation = rotation.reshape(*rotation.shape[:2], *([1] * (x.dim() - rotation.dim())), half)
     if inverse:
-        sin = -sin
+        rotation = rotation.conj()
     nope, rope = x[..., : -2 * half], x[..., -2 * half:]
-    pairs = rope.to(torch.promote_types(rope.dtype, torch.float32)).unflatten(-1, (half, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    if rope.dtype == torch.float64:
+        rotation = rotation.to(torch.complex128)  # gradient checks
+    pairs = torch.view_as_complex(rope.to(torch.promote_types(rope.dtype, torch.float32))
+                                  .unflatten(-1, (half, 2)).contiguous())
+    rotated = torch.view_as_real(pairs * rotation).flatten(-2)
     return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
