@@ -73,9 +73,10 @@ class Trainer:
         for part in self.model_parts:
             part.train()
 
-        ties = self.pipeline.ties if self.pipeline else None
-        params = [p for p in unique_trainable_parameters(self.model_parts) if not ties or id(p) not in ties.local_followers]
-        self.norm_params = [p for p in params if not ties or id(p) not in ties.followers]
+        local_followers = self.pipeline.ties.local_followers if self.pipeline else set()
+        followers = self.pipeline.ties.followers if self.pipeline else set()
+        params = [p for p in unique_trainable_parameters(self.model_parts) if id(p) not in local_followers]
+        self.norm_params = [p for p in params if id(p) not in followers]  # replicas count once
         self.optimizer = build_optimizer(params, config.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.training.steps, config.lr_scheduler)
         self.metrics = MetricsLogger(config.job.dump_folder, enabled=self.rank == 0,
@@ -96,7 +97,7 @@ class Trainer:
         part.to_empty(device=self.device)
         part.init_weights(self.config.training.seed)
         for p in part.indexer_parameters():
-            p.requires_grad_(False)  # top-k selection gives them no gradient (docs/indexer.md)
+            p.requires_grad_(False)  # top-k selection gives them no gradient (README, "The model, in brief")
         return part
 
     # ------------------------------------------------------------------ one step

@@ -173,7 +173,7 @@ def plan_pipeline(model: nn.Module, job_config: JobConfig, pp: int, local_batch_
         plan.fqns_per_stage = model.pipeline_stage_modules(fqns_per_stage)
     except ValueError as e:
         raise ConfigError(f"pipeline layout: {e}") from None
-    _check_cover(model, plan)
+    _check_cover(model, plan.fqns_per_stage)
     return plan
 
 
@@ -188,11 +188,11 @@ def _pipeline_units(model: nn.Module) -> list[str]:
     return units
 
 
-def _check_cover(model: nn.Module, plan: PipelinePlan) -> None:
+def _check_cover(model: nn.Module, fqns_per_stage: list[list[str]]) -> None:
     """Every module on exactly one stage."""
     units = set(_pipeline_units(model))
     seen: dict[str, int] = {}
-    for stage, fqns in enumerate(plan.fqns_per_stage):
+    for stage, fqns in enumerate(fqns_per_stage):
         for fqn in fqns:
             if fqn not in units:
                 raise ConfigError(f"`parallelism.module_fqns_per_model_part`: stage {stage} names unknown module "
