@@ -1,0 +1,314 @@
+"""Hugging Face DeepSeek-V4 checkpoints: read (released layout, transformers' ``save_pretrained`` layout, the
+three MTP key forms, FP8/FP4 weights) and write (released layout, sharded, bf16 or FP8), tensor by tensor.
+
+Loading never initialises silently: every model tensor must come from the checkpoint and every checkpoint
+tensor must be used, else the error lists them. Extra MTP depths beyond the configured ones are skipped with
+a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..models.deepseek_v4.args import DeepseekV4ModelArgs
+from ..models.deepseek_v4.state_dict_adapter import _TRANSFORMERS_GLOBAL, _rename
+from .quantization import dequantize_fp4, dequantize_fp8, quantize_fp8
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+_HC = re.compile(r"(^|\.)(hc_attn|hc_ffn|hc_head)_(fn|base|scale)$")
+_EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+# dense weights the released files store as FP8 with 128x128 block scales
+FP8_WEIGHTS = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|shared_experts\.w[123]|"
+                         r"e_proj|h_proj)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model; the message names the files and tensors."""
+
+
+# ---------------------------------------------------------------------- reading
+class SafetensorsFolder:
+    """Tensor access across the shards of a folder (``model.safetensors.index.json`` or every file)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (self.path / name).is_file():
+                    raise CheckpointError(f"{index}: shard {name} listed in the index does not exist")
+        else:
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{self.path}: no *.safetensors files")
+            weight_map = {}
+        self._handles = {}
+        listed = dict(weight_map)
+        weight_map = {}
+        for name in files:
+            for key in self._open(name).keys():
+                weight_map[key] = name
+        if listed:
+            absent = sorted(k for k, f in listed.items() if weight_map.get(k) != f)
+            if absent:
+                raise CheckpointError(f"{index}: tensors listed in the index are not in their shard: "
+                                      f"{', '.join(absent[:10])}")
+            unlisted = sorted(set(weight_map) - set(listed))
+            if unlisted:
+                raise CheckpointError(f"{index}: shard tensors missing from the index: {', '.join(unlisted[:10])}")
+        self.weight_map = weight_map
+
+    def _open(self, name: str):
+        if name not in self._handles:
+            try:
+                self._handles[name] = safe_open(str(self.path / name), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+                raise CheckpointError(f"{self.path / name}: not a readable safetensors file ({e})") from None
+        return self._handles[name]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self.weight_map[key]
+        try:
+            return self._open(name).get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{self.path / name}: cannot read tensor {key!r} ({e})") from None
+
+
+def canonical_key(key: str, args: DeepseekV4ModelArgs) -> str:
+    """Any accepted HF key -> our module FQN (experts still per expert, ``*.scale`` kept)."""
+    n = args.num_hidden_layers
+    if key in {v: k for k, v in _TRANSFORMERS_GLOBAL.items()}:
+        return {v: k for k, v in _TRANSFORMERS_GLOBAL.items()}[key]
+    m = re.match(r"^(?:model\.)?layers\.(\d+)\.(.*)$", key)
+    if m:
+        layer, rest = int(m.group(1)), m.group(2)
+        if "self_attn." in rest or rest.startswith(("mlp.", "input_layernorm", "post_attention_layernorm",
+                                                    "attn_hc.", "ffn_hc.")):
+            rest = _rename(rest, to_transformers=False)  # transformers' module names
+        elif rest.startswith("attn.norm."):
+            rest = "attn.kv_norm." + rest[len("attn.norm."):]  # transformers 5.23 save_pretrained writes this
+        key = f"mtp.{layer - n}.{rest}" if layer >= n else f"layers.{layer}.{rest}"
+    return _HC.sub(lambda g: f"{g.group(1)}{g.group(2)}.{g.group(3)}", key)
+
+
+@dataclass
+class _Recipe:
+    """How one model tensor is produced from checkpoint tensors."""
+
+    sources: list[tuple[str, str | None]] = field(default_factory=list)  # (weight key, scale key)
+    kind: str = "copy"  # copy | stack | gate_up
+
+
+def _weight(folder: SafetensorsFolder, key: str, scale_key: str | None) -> torch.Tensor:
+    tensor = folder.get(key)
+    if scale_key is None:
+        return tensor.float() if tensor.is_floating_point() else tensor
+    scale = folder.get(scale_key)
+    if tensor.dtype == torch.int8:
+        return dequantize_fp4(tensor, scale)
+    return dequantize_fp8(tensor, scale)
+
+
+class HFCheckpointReader:
+    """Plans which checkpoint tensors build each model tensor, validates the plan, then reads on demand."""
+
+    def __init__(self, path: str | Path, args: DeepseekV4ModelArgs, expected: dict[str, torch.Size]):
+        self.folder = SafetensorsFolder(path)
+        self.args = args
+        self.recipes: dict[str, _Recipe] = {}
+        used: set[str] = set()
+        skipped_depths: set[int] = set()
+        keys = self.folder.keys()
+        key_set = set(keys)
+        for key in keys:
+            if key.endswith((".scale", ".weight_scale_inv")):
+                continue
+            name = canonical_key(key, args)
+            depth = re.match(r"^mtp\.(\d+)\.", name)
+            if depth and int(depth.group(1)) >= args.num_nextn_predict_layers:
+                skipped_depths.add(int(depth.group(1)))
+                used.add(key)
+                used.update(s for s in (_scale_key(key, key_set),) if s)
+                continue
+            scale = _scale_key(key, key_set)
+            used.add(key)
+            if scale:
+                used.add(scale)
+            expert = _EXPERT.match(name)
+            if expert:
+                fqn = f"{expert.group(1)}.{expert.group(3)}"
+                recipe = self.recipes.setdefault(fqn, _Recipe(kind="stack"))
+                recipe.sources.append((key, scale))
+                recipe.sources.sort(key=lambda s: int(_EXPERT.match(canonical_key(s[0], args)).group(2)))
+            elif name.endswith("mlp.experts.gate_up_proj"):
+                prefix = name[: -len("mlp.experts.gate_up_proj")] + "ffn.experts."
+                self.recipes[prefix + "w1"] = _Recipe([(key, None)], kind="gate_up_0")
+                self.recipes[prefix + "w3"] = _Recipe([(key, None)], kind="gate_up_1")
+            elif name.endswith("mlp.experts.down_proj"):
+                self.recipes[name[: -len("mlp.experts.down_proj")] + "ffn.experts.w2"] = _Recipe([(key, None)])
+            else:
+                self.recipes[name] = _Recipe([(key, scale)])
+        if skipped_depths:
+            logger.warning("checkpoint %s: skipping MTP depths %s (model uses %d)", path, sorted(skipped_depths),
+                           args.num_nextn_predict_layers)
+        for fqn, recipe in self.recipes.items():
+            if recipe.kind == "stack" and len(recipe.sources) != args.n_routed_experts:
+                raise CheckpointError(f"{path}: {fqn} has {len(recipe.sources)} routed experts in the checkpoint, "
+                                      f"the model has {args.n_routed_experts}")
+        missing = sorted(set(expected) - set(self.recipes))
+        unexpected = sorted(set(self.recipes) - set(expected))
+        unused = sorted(key_set - used)
+        if missing or unexpected or unused:
+            parts = []
+            if missing:
+                parts.append(f"missing tensors for {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+            if unexpected or unused:
+                names = [self.recipes[u].sources[0][0] for u in unexpected] + unused
+                parts.append(f"unexpected tensors {', '.join(names[:20])}" + (" ..." if len(names) > 20 else ""))
+            raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(parts))
+        self.expected = expected
+
+    def load(self, fqn: str) -> torch.Tensor:
+        recipe = self.recipes[fqn]
+        if recipe.kind == "stack":
+            tensor = torch.stack([_weight(self.folder, k, s) for k, s in recipe.sources])
+        elif recipe.kind.startswith("gate_up"):
+            both = _weight(self.folder, *recipe.sources[0])
+            tensor = both.split(self.args.moe_intermediate_size, dim=1)[int(recipe.kind[-1])]
+        else:
+            tensor = _weight(self.folder, *recipe.sources[0])
+        if tuple(tensor.shape) != tuple(self.expected[fqn]):
+            raise CheckpointError(f"{self.folder.path}: tensor {recipe.sources[0][0]!r} has shape "
+                                  f"{tuple(tensor.shape)}, the model's {fqn} needs {tuple(self.expected[fqn])}")
+        if fqn.endswith("tid2eid"):
+            tensor = tensor.long()
+        return tensor
+
+
+def _scale_key(key: str, keys: set[str]) -> str | None:
+    if not key.endswith(".weight"):
+        return None
+    for suffix in (".scale", ".weight_scale_inv"):
+        candidate = key[: -len(".weight")] + suffix
+        if candidate in keys:
+            return candidate
+    return None
+
+
+def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model tensors a checkpoint holds: parameters and persistent buffers, without replicas."""
+    return {k: v for k, v in model.state_dict().items()
+            if not k.startswith("mtp_embed.") and not k.endswith("expert_load")}
+
+
+@torch.no_grad()
+def load_hf_into(model: torch.nn.Module, path: str | Path, names: Iterable[str] | None = None) -> None:
+    """Fill ``model``'s tensors (or only ``names``) from the checkpoint at ``path``, one tensor at a time."""
+    from ..models.deepseek_v4.init import copy_full_into
+
+    targets = checkpoint_tensors(model)
+    args = model.args
+    full = {k: v.shape for k, v in _full_shapes(args).items()}
+    reader = HFCheckpointReader(path, args, full)
+    for name in (names if names is not None else targets):
+        copy_full_into(targets[name], reader.load(name))
+    if getattr(model, "mtp_embed", None) is not None and model.embed is not None:
+        model.mtp_embed.weight.copy_(model.embed.weight)
+
+
+def _full_shapes(args: DeepseekV4ModelArgs) -> dict[str, torch.Tensor]:
+    from ..models.deepseek_v4.model import DeepseekV4Model
+
+    with torch.device("meta"):
+        return checkpoint_tensors(DeepseekV4Model(args))
+
+
+# ---------------------------------------------------------------------- writing
+def hf_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype, quantize: str | None):
+    """Our tensors -> released names (experts unstacked), yielded one at a time."""
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
+            prefix, w = name.rsplit(".", 1)
+            for e in range(tensor.shape[0]):
+                yield from _encode(f"{prefix}.{e}.{w}.weight", tensor[e], dtype, quantize)
+            continue
+        hf_name = re.sub(r"(^|\.)(hc_attn|hc_ffn|hc_head)\.(fn|base|scale)$", r"\1\2_\3", name)
+        yield from _encode(hf_name, tensor, dtype, quantize)
+
+
+def _encode(name: str, tensor: torch.Tensor, dtype: torch.dtype, quantize: str | None):
+    if not tensor.is_floating_point():
+        yield name, tensor.contiguous()
+    elif quantize == "fp8" and (FP8_WEIGHTS.search(name) or re.search(r"experts\.\d+\.w[123]\.weight$", name)):
+        weight, scale = quantize_fp8(tensor)
+        yield name, weight
+        yield name[: -len(".weight")] + ".scale", scale
+    elif tensor.dtype == torch.float32 and _keeps_fp32(name):
+        yield name, tensor.contiguous()
+    else:
+        yield name, tensor.to(dtype).contiguous()
+
+
+def _keeps_fp32(name: str) -> bool:
+    """Tensors the released files store in fp32 (mHC, sinks, compressor position bias, gate bias)."""
+    return bool(re.search(r"(hc_(attn|ffn|head)_(fn|base|scale)|attn_sink|\.ape|gate\.bias)$", name))
+
+
+def save_hf(state: dict[str, torch.Tensor], args: DeepseekV4ModelArgs, path: str | Path,
+            dtype: torch.dtype = torch.bfloat16, quantize: str | None = None,
+            max_shard_bytes: int = 4 * 2**30) -> None:
+    """Write the released layout: ``config.json``, shards and the index (written last)."""
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"quantize = {quantize!r} is invalid: allowed None, 'fp8'")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, list[str], int]] = []  # (temporary file, keys, bytes); renamed once counted
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        tmp = path / f".shard-{len(written):05d}.tmp"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, list(shard), size))
+
+    for name, tensor in hf_tensors(state, dtype, quantize):  # streamed: at most one shard in memory
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = tensor
+        size += nbytes
+    flush()
+    weight_map = {}
+    for i, (tmp, keys, _) in enumerate(written, 1):
+        file = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        os.replace(tmp, path / file)
+        weight_map.update({k: file for k in keys})
+    config = args.to_hf_config()
+    if quantize == "fp8":
+        config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                         "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+        config["expert_dtype"] = "fp8"
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    index = {"metadata": {"total_size": sum(b for _, _, b in written)}, "weight_map": weight_map}
+    tmp = path / f".{INDEX_FILE}.tmp"
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, path / INDEX_FILE)
