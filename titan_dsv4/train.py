@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .components.dataloader import build_dataloader
+from .components.hf_checkpoint import checkpoint_tensors, load_hf_into, write_index, write_shards
 from .components.load_balance import update_expert_bias
 from .components.loss import build_targets, summarise_parts
 from .components.metrics import MetricsLogger, max_memory_mb
@@ -29,6 +32,7 @@ from .distributed.utils import (
     pick_device,
     shutdown_distributed,
 )
+from .models.deepseek_v4.init import canonical_fqn
 from .models.deepseek_v4.mtp import IGNORE_INDEX
 
 
@@ -72,6 +76,11 @@ class Trainer:
             self.model_parts = [self._parallelize_and_materialize(model)]
         for part in self.model_parts:
             part.train()
+        if config.checkpoint.initial_load_path:
+            for part in self.model_parts:  # each rank reads only its stages' tensors (and FSDP-shards them)
+                load_hf_into(part, config.checkpoint.initial_load_path)
+            if self.pipeline is not None:
+                self.pipeline.ties.copy_from_source()
 
         local_followers = self.pipeline.ties.local_followers if self.pipeline else set()
         followers = self.pipeline.ties.followers if self.pipeline else set()
@@ -152,6 +161,31 @@ class Trainer:
                           "step_time_s": elapsed, "max_memory_mb": max_memory_mb(self.device), "mfu": None}
                 self.metrics.log(record)
 
+    def export_hf(self) -> Path:
+        """Write the weights in the released HF layout: each pipeline rank writes its stages' shards
+        (gathered over FSDP), global rank 0 writes ``config.json`` and the index last."""
+        cfg = self.config
+        path = Path(cfg.job.dump_folder) / cfg.checkpoint.folder / f"step-{self.step}-hf"
+        state = {}
+        for part in self.model_parts:
+            for name, tensor in checkpoint_tensors(part).items():
+                state[canonical_fqn(name)] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        result = ({}, 0)
+        if self.parallel_dims.dp_rank() == 0:
+            pp_rank = self.parallel_dims.mesh["pp"].get_local_rank() if self.distributed else 0
+            result = write_shards(state, path, getattr(torch, cfg.checkpoint.export_dtype), None,
+                                  lambda i, n: f"model-pp{pp_rank:03d}-{i:05d}-of-{n:05d}.safetensors")
+        results = [result]
+        if self.distributed:
+            results = [None] * dist.get_world_size()
+            dist.all_gather_object(results, result)
+        if self.rank == 0:
+            weight_map = {k: f for m, _ in results for k, f in m.items()}
+            write_index(path, weight_map, sum(n for _, n in results), self.model_args, None)
+        if self.distributed:
+            dist.barrier()
+        return path
+
     def close(self) -> None:
         self.metrics.close()
         shutdown_distributed()
@@ -171,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
         return 2
     trainer.train()  # an exception propagates: torchrun tears the whole group down
+    if config.checkpoint.last_save_in_hf:
+        trainer.export_hf()
     trainer.close()
     return 0
 

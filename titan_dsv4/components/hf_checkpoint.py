@@ -213,7 +213,8 @@ def _scale_key(key: str, keys: set[str]) -> str | None:
 
 
 def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model tensors a checkpoint holds: parameters and persistent buffers, without replicas."""
+    """The model tensors a checkpoint holds: parameters and persistent buffers, without replicas (keys may
+    carry activation-checkpoint / compile wrapper components; see ``init.canonical_fqn``)."""
     return {k: v for k, v in model.state_dict().items()
             if not k.startswith("mtp_embed.") and not k.endswith("expert_load")}
 
@@ -221,14 +222,14 @@ def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_hf_into(model: torch.nn.Module, path: str | Path, names: Iterable[str] | None = None) -> None:
     """Fill ``model``'s tensors (or only ``names``) from the checkpoint at ``path``, one tensor at a time."""
-    from ..models.deepseek_v4.init import copy_full_into
+    from ..models.deepseek_v4.init import canonical_fqn, copy_full_into
 
     targets = checkpoint_tensors(model)
     args = model.args
     full = {k: v.shape for k, v in _full_shapes(args).items()}
     reader = HFCheckpointReader(path, args, full)
     for name in (names if names is not None else targets):
-        copy_full_into(targets[name], reader.load(name))
+        copy_full_into(targets[name], reader.load(canonical_fqn(name)))
     if getattr(model, "mtp_embed", None) is not None and model.embed is not None:
         model.mtp_embed.weight.copy_(model.embed.weight)
 
@@ -272,24 +273,23 @@ def _keeps_fp32(name: str) -> bool:
     return bool(re.search(r"(hc_(attn|ffn|head)_(fn|base|scale)|attn_sink|\.ape|gate\.bias)$", name))
 
 
-def save_hf(state: dict[str, torch.Tensor], args: DeepseekV4ModelArgs, path: str | Path,
-            dtype: torch.dtype = torch.bfloat16, quantize: str | None = None,
-            max_shard_bytes: int = 4 * 2**30) -> None:
-    """Write the released layout: ``config.json``, shards and the index (written last)."""
+def write_shards(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, quantize: str | None,
+                 file_name, max_shard_bytes: int = 4 * 2**30) -> tuple[dict[str, str], int]:
+    """Stream ``state`` into safetensors shards named ``file_name(i, count)``; returns (weight map, bytes).
+    At most one shard is held in memory; files appear under their final names only when complete."""
     if quantize not in (None, "fp8"):
         raise ValueError(f"quantize = {quantize!r} is invalid: allowed None, 'fp8'")
-    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, list[str], int]] = []  # (temporary file, keys, bytes); renamed once counted
     shard: dict[str, torch.Tensor] = {}
     size = 0
 
     def flush() -> None:
-        tmp = path / f".shard-{len(written):05d}.tmp"
+        tmp = path / f".{file_name(len(written) + 1, 0)}.tmp"
         save_file(shard, str(tmp), metadata={"format": "pt"})
         written.append((tmp, list(shard), size))
 
-    for name, tensor in hf_tensors(state, dtype, quantize):  # streamed: at most one shard in memory
+    for name, tensor in hf_tensors(state, dtype, quantize):
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > max_shard_bytes:
             flush()
@@ -299,16 +299,31 @@ def save_hf(state: dict[str, torch.Tensor], args: DeepseekV4ModelArgs, path: str
     flush()
     weight_map = {}
     for i, (tmp, keys, _) in enumerate(written, 1):
-        file = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        file = file_name(i, len(written))
         os.replace(tmp, path / file)
         weight_map.update({k: file for k in keys})
+    return weight_map, sum(b for _, _, b in written)
+
+
+def write_index(path: Path, weight_map: dict[str, str], total_bytes: int, args: DeepseekV4ModelArgs,
+                quantize: str | None) -> None:
+    """``config.json`` and the index, written last (atomically): a folder without an index is incomplete."""
     config = args.to_hf_config()
     if quantize == "fp8":
         config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                          "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
         config["expert_dtype"] = "fp8"
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    index = {"metadata": {"total_size": sum(b for _, _, b in written)}, "weight_map": weight_map}
     tmp = path / f".{INDEX_FILE}.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
+    tmp.write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
     os.replace(tmp, path / INDEX_FILE)
+
+
+def save_hf(state: dict[str, torch.Tensor], args: DeepseekV4ModelArgs, path: str | Path,
+            dtype: torch.dtype = torch.bfloat16, quantize: str | None = None,
+            max_shard_bytes: int = 4 * 2**30) -> None:
+    """Write the released layout from one process: shards, ``config.json`` and the index."""
+    path = Path(path)
+    weight_map, total = write_shards(state, path, dtype, quantize,
+                                     lambda i, n: f"model-{i:05d}-of-{n:05d}.safetensors", max_shard_bytes)
+    write_index(path, weight_map, total, args, quantize)

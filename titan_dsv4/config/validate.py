@@ -92,6 +92,20 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
         raise ConfigError(f"`model.flavor` = {config.model.flavor!r} is invalid: allowed "
                           f"{', '.join(spec.model_args)}")
     model_args = spec.model_args[config.model.flavor]
+    ck = config.checkpoint
+    if ck.initial_load_path:
+        if not ck.initial_load_in_hf:
+            raise ConfigError("`checkpoint.initial_load_path` with initial_load_in_hf = false (a DCP checkpoint) "
+                              "is not supported yet: set checkpoint.initial_load_in_hf = true")
+        hf_config = Path(ck.initial_load_path) / "config.json"
+        if not hf_config.is_file():
+            raise ConfigError(f"`checkpoint.initial_load_path` = {ck.initial_load_path!r} is invalid: "
+                              "no config.json there (a Hugging Face checkpoint folder is expected)")
+        try:  # the checkpoint decides the shape; model.flavor is ignored
+            model_args = type(model_args).from_hf_config(hf_config)
+        except ValueError as e:
+            raise ConfigError(f"{hf_config}: {e}") from None
+    _choice("checkpoint.export_dtype", ck.export_dtype, DTYPES)
     if config.mtp.num_layers is not None:
         _at_least("mtp.num_layers", config.mtp.num_layers, 0)
         model_args = model_args.with_mtp_layers(config.mtp.num_layers)
