@@ -124,3 +124,18 @@ def test_flash_mtp_parameters_map_one_to_one_onto_released_names():
     released = DeepseekV4StateDictAdapter(args).to_hf(state)
     assert {k: tuple(v.shape) for k, v in released.items()} == _released_mtp_tensors(256)
     assert len(released) == 29 + 3 * 256
+
+
+def test_rows_of_a_packed_batch_equal_each_row_alone():
+    """No batch dependence, even with ties in the indexer's scores and rows that pack documents differently
+    (different numbers of compressed entries per row): pipeline microbatches and data-parallel shards then
+    compute exactly what the whole batch does."""
+    model = random_model(ARGS2).double().train()
+    ids = torch.randint(2, ARGS2.vocab_size, (3, 90))
+    positions = torch.stack([torch.arange(90), torch.cat([torch.arange(35), torch.arange(55)]),
+                             torch.arange(90) + 13])
+    with torch.no_grad():
+        together = model(ids, positions)
+        alone = [model(ids[i:i + 1], positions[i:i + 1]) for i in range(3)]
+    for depth in range(3):
+        torch.testing.assert_close(together[depth], torch.cat([a[depth] for a in alone]), rtol=0, atol=1e-12)

@@ -134,7 +134,9 @@ class Indexer(nn.Module):
         scores = torch.einsum("bqhp,bqh->bqp", scores, weights)
         scores = scores.masked_fill(~visible, float("-inf"))
         k = min(self.topk, scores.shape[-1])
-        top = scores.topk(k, dim=-1).indices
+        # ReLU makes exact ties (often at 0) common; a stable sort keeps the earliest entries among equals, so
+        # the choice does not depend on the batch's padding or on the kernel (topk's tie order is unspecified)
+        top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         chosen = torch.zeros_like(visible).scatter_(-1, top, True)
         return chosen & visible
 
