@@ -152,3 +152,12 @@ def test_long_sequences_never_materialise_seq_by_seq_scores(monkeypatch):
     out[0].mean().backward()
     assert max(q for q, _ in widths) <= attention.AUTO_BLOCK
     assert max(k for _, k in widths) < 1024
+
+
+def test_indexer_top_k_breaks_exact_ties_by_position():
+    from titan_dsv4.models.deepseek_v4.attention import topk_earliest_first
+
+    scores = torch.tensor([[0.0, 1.0, -0.0, -2.0, 1.0, float("-inf"), 0.5, 0.0, -1e-30]])
+    assert topk_earliest_first(scores, 6).tolist() == [[1, 4, 6, 0, 2, 7]]  # -0.0 ties with +0.0
+    wide = torch.randn(4, 300)
+    assert torch.equal(topk_earliest_first(wide, 20).sort().values, wide.topk(20).indices.sort().values)

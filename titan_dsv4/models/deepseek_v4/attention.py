@@ -109,6 +109,19 @@ def _gather_tokens(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return x.gather(1, flat).view(batch, num, m, x.shape[-1])
 
 
+def topk_earliest_first(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest fp32 scores along the last axis, exact ties going to the earliest entry.
+
+    ReLU makes exact ties (often at 0) common, and ``torch.topk``'s order among ties depends on the length
+    of the axis, so with it a packed row chose different entries alone and in a padded batch. Each score is
+    mapped to an order-preserving int32, and the position goes in the low bits of one int64 key.
+    """
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: they tie
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    position = torch.arange(scores.shape[-1] - 1, -1, -1, device=scores.device)
+    return ((ordered << 32) | position).topk(k, dim=-1).indices
+
+
 class Indexer(nn.Module):
     """Lightning indexer: scores compressed entries per query and keeps the top ``index_topk``.
 
@@ -134,9 +147,7 @@ class Indexer(nn.Module):
         scores = torch.einsum("bqhp,bqh->bqp", scores, weights)
         scores = scores.masked_fill(~visible, float("-inf"))
         k = min(self.topk, scores.shape[-1])
-        # ReLU makes exact ties (often at 0) common; a stable sort keeps the earliest entries among equals, so
-        # the choice does not depend on the batch's padding or on the kernel (topk's tie order is unspecified)
-        top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+        top = topk_earliest_first(scores, k)
         chosen = torch.zeros_like(visible).scatter_(-1, top, True)
         return chosen & visible
 
