@@ -34,6 +34,9 @@ FP8_WEIGHTS = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|
                          r"e_proj|h_proj)\.weight$")
 
 
+_FROM_TRANSFORMERS_GLOBAL = {v: k for k, v in _TRANSFORMERS_GLOBAL.items()}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model; the message names the files and tensors."""
 
@@ -94,8 +97,8 @@ class SafetensorsFolder:
 def canonical_key(key: str, args: DeepseekV4ModelArgs) -> str:
     """Any accepted HF key -> our module FQN (experts still per expert, ``*.scale`` kept)."""
     n = args.num_hidden_layers
-    if key in {v: k for k, v in _TRANSFORMERS_GLOBAL.items()}:
-        return {v: k for k, v in _TRANSFORMERS_GLOBAL.items()}[key]
+    if key in _FROM_TRANSFORMERS_GLOBAL:
+        return _FROM_TRANSFORMERS_GLOBAL[key]
     m = re.match(r"^(?:model\.)?layers\.(\d+)\.(.*)$", key)
     if m:
         layer, rest = int(m.group(1)), m.group(2)
@@ -112,8 +115,8 @@ def canonical_key(key: str, args: DeepseekV4ModelArgs) -> str:
 class _Recipe:
     """How one model tensor is produced from checkpoint tensors."""
 
-    sources: list[tuple[str, str | None]] = field(default_factory=list)  # (weight key, scale key)
-    kind: str = "copy"  # copy | stack | gate_up
+    sources: list = field(default_factory=list)  # (weight key, scale key); "stack" collects (expert, ...) first
+    kind: str = "copy"  # copy | stack | gate_up_0 | gate_up_1
 
 
 def _weight(folder: SafetensorsFolder, key: str, scale_key: str | None) -> torch.Tensor:
@@ -155,8 +158,7 @@ class HFCheckpointReader:
             if expert:
                 fqn = f"{expert.group(1)}.{expert.group(3)}"
                 recipe = self.recipes.setdefault(fqn, _Recipe(kind="stack"))
-                recipe.sources.append((key, scale))
-                recipe.sources.sort(key=lambda s: int(_EXPERT.match(canonical_key(s[0], args)).group(2)))
+                recipe.sources.append((int(expert.group(2)), key, scale))
             elif name.endswith("mlp.experts.gate_up_proj"):
                 prefix = name[: -len("mlp.experts.gate_up_proj")] + "ffn.experts."
                 self.recipes[prefix + "w1"] = _Recipe([(key, None)], kind="gate_up_0")
@@ -169,9 +171,12 @@ class HFCheckpointReader:
             logger.warning("checkpoint %s: skipping MTP depths %s (model uses %d)", path, sorted(skipped_depths),
                            args.num_nextn_predict_layers)
         for fqn, recipe in self.recipes.items():
-            if recipe.kind == "stack" and len(recipe.sources) != args.n_routed_experts:
-                raise CheckpointError(f"{path}: {fqn} has {len(recipe.sources)} routed experts in the checkpoint, "
-                                      f"the model has {args.n_routed_experts}")
+            if recipe.kind == "stack":
+                ids = sorted(e for e, _, _ in recipe.sources)
+                if ids != list(range(args.n_routed_experts)):
+                    raise CheckpointError(f"{path}: {fqn} has routed experts {ids[:8]}... in the checkpoint, the "
+                                          f"model has {args.n_routed_experts}")
+                recipe.sources = [(k, s) for _, k, s in sorted(recipe.sources)]
         missing = sorted(set(expected) - set(self.recipes))
         unexpected = sorted(set(self.recipes) - set(expected))
         unused = sorted(key_set - used)
