@@ -59,11 +59,10 @@ class SafetensorsFolder:
             if not files:
                 raise CheckpointError(f"{self.path}: no *.safetensors files")
             weight_map = {}
-        self._handles = {}
         listed = dict(weight_map)
         weight_map = {}
         for name in files:
-            for key in self._open(name).keys():
+            for key in self._keys_of(name):
                 weight_map[key] = name
         if listed:
             absent = sorted(k for k, f in listed.items() if weight_map.get(k) != f)
@@ -75,13 +74,12 @@ class SafetensorsFolder:
                 raise CheckpointError(f"{index}: shard tensors missing from the index: {', '.join(unlisted[:10])}")
         self.weight_map = weight_map
 
-    def _open(self, name: str):
-        if name not in self._handles:
-            try:
-                self._handles[name] = safe_open(str(self.path / name), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-                raise CheckpointError(f"{self.path / name}: not a readable safetensors file ({e})") from None
-        return self._handles[name]
+    def _keys_of(self, name: str) -> list[str]:
+        try:
+            with safe_open(str(self.path / name), framework="pt") as f:
+                return list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+            raise CheckpointError(f"{self.path / name}: not a readable safetensors file ({e})") from None
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -89,7 +87,9 @@ class SafetensorsFolder:
     def get(self, key: str) -> torch.Tensor:
         name = self.weight_map[key]
         try:
-            return self._open(name).get_tensor(key)
+            # a fresh handle per tensor: a long-lived one keeps the file's pages mapped (resident) as it is read
+            with safe_open(str(self.path / name), framework="pt") as f:
+                return f.get_tensor(key).clone()
         except Exception as e:
             raise CheckpointError(f"{self.path / name}: cannot read tensor {key!r} ({e})") from None
 
