@@ -85,7 +85,8 @@ def main() -> None:
     runs = {
         "import only": "import time, torch, titan_dsv4.convert; time.sleep(1)",
         "hf-to-dcp": f"from titan_dsv4.convert import hf_to_dcp; hf_to_dcp({str(hf)!r}, {str(dcp)!r})",
-        "dcp-to-hf": f"from titan_dsv4.convert import dcp_to_hf; dcp_to_hf({str(dcp)!r}, {str(back)!r})",
+        "dcp-to-hf": f"from titan_dsv4.convert import dcp_to_hf; dcp_to_hf({str(dcp)!r}, {str(back)!r}, "
+                     f"max_shard_bytes={opts.shard_mb * 2**20})",
     }
     print(f"synthetic checkpoint: {args.num_params() / 1e9:.2f}B parameters, {total:,.0f} MiB bf16 in shards "
           f"of <= {shard:,.0f} MiB")

@@ -1,4 +1,5 @@
-"""Trainer integration of HF checkpoints: start from released-layout weights under PP, export at the end."""
+"""Trainer integration of HF checkpoints: start from released-layout weights under PP and FSDP (each rank
+reading only its part), export at the end."""
 
 import pytest
 import torch
@@ -17,13 +18,14 @@ RUN = ("--training.steps", "1", "--training.seq_len", "128", "--training.local_b
 
 
 @pytest.mark.slow
-def test_pipeline_run_starts_from_hf_weights_and_exports(tmp_path):
+def test_pipeline_and_fsdp_runs_start_from_hf_weights_and_export(tmp_path):
     source = tmp_path / "source"
     titan_dsv4.save_pretrained(random_model(FLAVORS["debugmodel"], seed=11), source, dtype=torch.float32)
     load = ("--checkpoint.initial_load_path", str(source))
     single = run_training(tmp_path / "pp1", *RUN, *load)
     piped = run_training(tmp_path / "pp2", *RUN, *load, "--parallelism.pipeline_parallel_degree", "2",
                          "--parallelism.pipeline_parallel_microbatch_size", "1", nproc=2)
+    sharded = run_training(tmp_path / "fsdp2", *RUN, *load, "--training.local_batch_size", "2", nproc=2)
 
     # step 1's loss is the loaded model's loss on the first batch, computed here independently
     model = titan_dsv4.from_pretrained(source, dtype=torch.float32).train()
@@ -34,14 +36,15 @@ def test_pipeline_run_starts_from_hf_weights_and_exports(tmp_path):
         loss_fn(model(batch.input_ids, batch.positions), targets)
     parts = loss_fn.take_parts()
     assert single[0]["loss"] == pytest.approx((parts[0] / parts[1]).item(), rel=1e-5)
-    for a, b in zip(single, piped, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        assert b["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)
+    for a, b, c in zip(single, piped, sharded, strict=True):
+        for other in (b, c):  # pipeline stages / FSDP shards each loaded only their part
+            assert other["loss"] == pytest.approx(a["loss"], rel=1e-5)
+            assert other["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)
 
     exported = [titan_dsv4.from_pretrained(tmp_path / run / "checkpoint" / "step-1-hf", dtype=torch.float32)
-                for run in ("pp1", "pp2")]
-    one, two = (checkpoint_tensors(m) for m in exported)
-    assert one.keys() == two.keys() == checkpoint_tensors(model).keys()
+                for run in ("pp1", "pp2", "fsdp2")]
+    one, two, three = (checkpoint_tensors(m) for m in exported)
+    assert one.keys() == two.keys() == three.keys() == checkpoint_tensors(model).keys()
     initial = checkpoint_tensors(model)
     for name in one:
         # same training update under both layouts; elementwise equality is not expected after Adam: where a
@@ -49,5 +52,6 @@ def test_pipeline_run_starts_from_hf_weights_and_exports(tmp_path):
         # into a full step (gradients themselves are compared exactly in fp64 by test_pipeline.py). One step
         # only: afterwards such noise can flip a lightning-indexer top-k choice and legitimately diverge.
         update = (one[name] - initial[name]).float()
-        assert (two[name] - one[name]).float().norm() <= 0.02 * update.norm() + 1e-6, name
+        for other in (two, three):
+            assert (other[name] - one[name]).float().norm() <= 0.02 * update.norm() + 1e-6, name
     assert not torch.equal(one["layers.1.attn.wq_a.weight"], checkpoint_tensors(model)["layers.1.attn.wq_a.weight"])

@@ -1,11 +1,12 @@
 """Convert between Hugging Face safetensors and DCP checkpoints, one tensor at a time.
 
     python -m titan_dsv4.convert hf-to-dcp HF_DIR DCP_DIR [--dtype bfloat16] [--num-mtp-layers N]
-    python -m titan_dsv4.convert dcp-to-hf DCP_DIR HF_DIR [--dtype bfloat16] [--quantize fp8]
+    python -m titan_dsv4.convert dcp-to-hf DCP_DIR HF_DIR [--dtype bfloat16] [--quantize fp8] [--max-shard-mb 4096]
 
 The DCP checkpoint holds the model's tensors under their FQNs (a model-only checkpoint, as torchtitan's)
 and a ``config.json`` beside it. Neither direction holds the model in memory: DCP's writer pulls each tensor
-from the HF reader when it writes it, and the HF writer pulls each tensor from DCP when it writes it.
+from the HF reader when it writes it, and the HF writer pulls each tensor from DCP as it fills one output
+shard at a time (so the peak is about one output shard).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class _DCPTensors:
 
 
 def dcp_to_hf(dcp_dir: str | Path, hf_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
-              quantize: str | None = None) -> None:
+              quantize: str | None = None, max_shard_bytes: int = 4 * 2**30) -> None:
     config = Path(dcp_dir) / "config.json"
     if not config.is_file():
         raise CheckpointError(f"{dcp_dir}: no config.json beside the DCP checkpoint")
@@ -86,7 +87,7 @@ def dcp_to_hf(dcp_dir: str | Path, hf_dir: str | Path, dtype: torch.dtype = torc
         missing, extra = sorted(expected - set(tensors.specs)), sorted(set(tensors.specs) - expected)
         raise CheckpointError(f"{dcp_dir}: DCP checkpoint does not match its config.json: missing "
                               f"{missing[:10]}, unexpected {extra[:10]}")
-    save_hf(tensors, args, hf_dir, dtype=dtype, quantize=quantize)
+    save_hf(tensors, args, hf_dir, dtype=dtype, quantize=quantize, max_shard_bytes=max_shard_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--num-mtp-layers", type=int, default=None)
     parser.add_argument("--quantize", default=None, choices=["fp8"])
+    parser.add_argument("--max-shard-mb", type=int, default=4096, help="dcp-to-hf: largest output shard")
     opts = parser.parse_args(argv)
     dtype = getattr(torch, opts.dtype)
     try:
         if opts.direction == "hf-to-dcp":
             hf_to_dcp(opts.source, opts.destination, dtype, opts.num_mtp_layers)
         else:
-            dcp_to_hf(opts.source, opts.destination, dtype, opts.quantize)
+            dcp_to_hf(opts.source, opts.destination, dtype, opts.quantize, opts.max_shard_mb * 2**20)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"titan_dsv4.convert: error: {e}", file=sys.stderr)
         return 2
