@@ -12,7 +12,7 @@ def from_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, de
     """A DeepSeek-V4 model with the weights of a Hugging Face checkpoint folder (its ``config.json`` decides
     the shape; ``num_mtp_layers`` keeps fewer MTP depths). Tensors are read and converted one at a time;
     mHC, sinks, norms and other fp32 tensors of the released model stay fp32."""
-    from .components.hf_checkpoint import load_hf_into
+    from .components.hf_checkpoint import load_hf_into, storage_dtype
     from .models.deepseek_v4 import DeepseekV4Model, DeepseekV4ModelArgs
 
     args = DeepseekV4ModelArgs.from_hf_config(Path(path) / "config.json")
@@ -20,10 +20,11 @@ def from_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, de
         args = args.with_mtp_layers(num_mtp_layers)
     with torch.device("meta"):
         model = DeepseekV4Model(args)
-    for module in model.modules():  # matrices in ``dtype``; mHC mixes, compressor ape, vectors stay fp32
+    for module_name, module in model.named_modules():
         for name, p in list(module.named_parameters(recurse=False)):
-            if p.dim() >= 2 and name not in ("fn", "ape"):
-                module._parameters[name] = torch.nn.Parameter(p.to(dtype), requires_grad=p.requires_grad)
+            kept = storage_dtype(f"{module_name}.{name}", p, dtype)
+            if kept != p.dtype:
+                module._parameters[name] = torch.nn.Parameter(p.to(kept), requires_grad=p.requires_grad)
     model.to_empty(device=device)
     load_hf_into(model, path)
     return model

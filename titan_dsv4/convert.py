@@ -22,15 +22,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full_shapes, save_hf
+from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full_shapes, save_hf, storage_dtype
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
-
-
-def storage_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
-    """Matrices in ``dtype``; mHC mixes, compressor ape, vectors and integer tables keep theirs."""
-    if not tensor.is_floating_point() or tensor.dim() < 2 or name.endswith((".fn", ".ape")):
-        return tensor.dtype
-    return dtype
 
 
 class _PullFromHF(DefaultSavePlanner):

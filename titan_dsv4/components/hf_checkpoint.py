@@ -21,14 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models.deepseek_v4.args import DeepseekV4ModelArgs
-from ..models.deepseek_v4.state_dict_adapter import _TRANSFORMERS_GLOBAL, _rename
+from ..models.deepseek_v4.state_dict_adapter import EXPERT_HF, _TRANSFORMERS_GLOBAL, _rename, fqn_from_hf, iter_hf
 from .quantization import dequantize_fp4, dequantize_fp8, quantize_fp8
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
-_HC = re.compile(r"(^|\.)(hc_attn|hc_ffn|hc_head)_(fn|base|scale)$")
-_EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
 # dense weights the released files store as FP8 with 128x128 block scales
 FP8_WEIGHTS = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|shared_experts\.w[123]|"
                          r"e_proj|h_proj)\.weight$")
@@ -108,7 +106,7 @@ def canonical_key(key: str, args: DeepseekV4ModelArgs) -> str:
         elif rest.startswith("attn.norm."):
             rest = "attn.kv_norm." + rest[len("attn.norm."):]  # transformers 5.23 save_pretrained writes this
         key = f"mtp.{layer - n}.{rest}" if layer >= n else f"layers.{layer}.{rest}"
-    return _HC.sub(lambda g: f"{g.group(1)}{g.group(2)}.{g.group(3)}", key)
+    return fqn_from_hf(key)
 
 
 @dataclass
@@ -154,7 +152,7 @@ class HFCheckpointReader:
             used.add(key)
             if scale:
                 used.add(scale)
-            expert = _EXPERT.match(name)
+            expert = EXPERT_HF.match(name)
             if expert:
                 fqn = f"{expert.group(1)}.{expert.group(3)}"
                 recipe = self.recipes.setdefault(fqn, _Recipe(kind="stack"))
@@ -248,16 +246,9 @@ def _full_shapes(args: DeepseekV4ModelArgs) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------- writing
 def hf_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype, quantize: str | None):
-    """Our tensors -> released names (experts unstacked), yielded one at a time."""
-    for name, tensor in state.items():
-        tensor = tensor.detach().cpu()
-        if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
-            prefix, w = name.rsplit(".", 1)
-            for e in range(tensor.shape[0]):
-                yield from _encode(f"{prefix}.{e}.{w}.weight", tensor[e], dtype, quantize)
-            continue
-        hf_name = re.sub(r"(^|\.)(hc_attn|hc_ffn|hc_head)\.(fn|base|scale)$", r"\1\2_\3", name)
-        yield from _encode(hf_name, tensor, dtype, quantize)
+    """Our tensors -> released names (experts unstacked), encoded and yielded one at a time."""
+    for name, tensor in iter_hf(state):
+        yield from _encode(name, tensor.detach().cpu(), dtype, quantize)
 
 
 def _encode(name: str, tensor: torch.Tensor, dtype: torch.dtype, quantize: str | None):
@@ -271,6 +262,14 @@ def _encode(name: str, tensor: torch.Tensor, dtype: torch.dtype, quantize: str |
         yield name, tensor.contiguous()
     else:
         yield name, tensor.to(dtype).contiguous()
+
+
+def storage_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """dtype a loaded tensor is kept in: matrices in ``dtype``; mHC mixes, compressor ape, vectors and
+    integer tables keep theirs."""
+    if not tensor.is_floating_point() or tensor.dim() < 2 or name.endswith((".fn", ".ape")):
+        return tensor.dtype
+    return dtype
 
 
 def _keeps_fp32(name: str) -> bool:

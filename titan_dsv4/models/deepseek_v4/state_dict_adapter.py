@@ -17,7 +17,29 @@ from .args import DeepseekV4ModelArgs
 
 _HC = re.compile(r"(^|\.)(hc_attn|hc_ffn|hc_head)\.(fn|base|scale)$")
 _HC_HF = re.compile(r"(^|\.)(hc_attn|hc_ffn|hc_head)_(fn|base|scale)$")
-_EXPERT_HF = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+EXPERT_HF = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+STACKED_EXPERTS = ("experts.w1", "experts.w2", "experts.w3")
+
+
+def hf_name(fqn: str) -> str:
+    """Our FQN -> the released name (for everything but the stacked experts)."""
+    return _HC.sub(lambda m: f"{m.group(1)}{m.group(2)}_{m.group(3)}", fqn)
+
+
+def fqn_from_hf(name: str) -> str:
+    """Released name -> our FQN (routed experts keep their per-expert name)."""
+    return _HC_HF.sub(lambda m: f"{m.group(1)}{m.group(2)}.{m.group(3)}", name)
+
+
+def iter_hf(state_dict: dict[str, torch.Tensor]):
+    """(released name, tensor) pairs, stacked experts split per expert; lazy, for streaming writers."""
+    for name, tensor in state_dict.items():
+        if name.endswith(STACKED_EXPERTS):
+            prefix, w = name.rsplit(".", 1)
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}.{e}.{w}.weight", tensor[e]
+        else:
+            yield hf_name(name), tensor
 
 # ours -> transformers, applied in order to the part after ``layers.{i}.``
 _TRANSFORMERS_LAYER = [
@@ -65,25 +87,17 @@ class DeepseekV4StateDictAdapter:
 
     # ------------------------------------------------------------------ released layout
     def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for name, tensor in state_dict.items():
-            if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
-                prefix, w = name.rsplit(".", 1)
-                for e in range(tensor.shape[0]):
-                    out[f"{prefix}.{e}.{w}.weight"] = tensor[e]
-                continue
-            out[_HC.sub(lambda m: f"{m.group(1)}{m.group(2)}_{m.group(3)}", name)] = tensor
-        return out
+        return dict(iter_hf(state_dict))
 
     def from_hf(self, hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
         for name, tensor in hf_state_dict.items():
-            match = _EXPERT_HF.match(name)
+            match = EXPERT_HF.match(name)
             if match:
                 experts.setdefault((match.group(1), match.group(3)), {})[int(match.group(2))] = tensor
                 continue
-            out[_HC_HF.sub(lambda m: f"{m.group(1)}{m.group(2)}.{m.group(3)}", name)] = tensor
+            out[fqn_from_hf(name)] = tensor
         for (prefix, w), by_id in experts.items():
             missing = sorted(set(range(self.args.n_routed_experts)) - set(by_id))
             if missing:
