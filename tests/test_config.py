@@ -70,6 +70,7 @@ BAD_RUNS = [
      "`parallelism.pipeline_parallel_schedule` = 'Zigzag' is invalid"),
     (["--parallelism.pipeline_parallel_degree", "2"], "launched"),  # 1 process, pp 2
     (["--training.global_batch_size", "12"], "multiple of local_batch_size"),
+    (["--parallelism.expert_parallel_degree", "2"], "must divide data_parallel_shard_degree (1)"),
     (["--mtp.num_layers", "-1"], "`mtp.num_layers` = -1 is invalid"),
     (["--job.config_file", "/nonexistent.toml"], "no such file"),
     (["--training.dataset", "text", "--training.dataset_path", "/nonexistent"], "`training.dataset_path`"),
@@ -92,3 +93,10 @@ def test_world_size_mismatch_is_caught_before_any_process_group():
                      "--parallelism.pipeline_parallel_degree", "1", "--parallelism.data_parallel_shard_degree", "2",
                      env={"WORLD_SIZE": "3"})
     assert result.returncode == 2 and "3 processes were launched" in result.stderr
+
+
+def test_expert_parallel_degree_must_divide_the_experts():
+    result = run_cli("--job.config_file", str(REPO / "train_configs/debug_model.toml"),
+                     "--parallelism.pipeline_parallel_degree", "1", "--parallelism.expert_parallel_degree", "3",
+                     "--parallelism.data_parallel_shard_degree", "3", env={"WORLD_SIZE": "3"})
+    assert result.returncode == 2 and "must divide the model's n_routed_experts (8)" in result.stderr

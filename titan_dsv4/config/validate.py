@@ -122,6 +122,9 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     parallel_dims = ParallelDims(dp_replicate=p.data_parallel_replicate_degree,
                                  dp_shard=p.data_parallel_shard_degree, pp=p.pipeline_parallel_degree,
                                  ep=p.expert_parallel_degree, world_size=world_size)
+    if model_args.n_routed_experts % parallel_dims.ep:
+        raise ConfigError(f"`parallelism.expert_parallel_degree` = {parallel_dims.ep} is invalid: it must divide "
+                          f"the model's n_routed_experts ({model_args.n_routed_experts})")
     per_step = t.local_batch_size * parallel_dims.dp
     global_batch = t.global_batch_size if t.global_batch_size > 0 else per_step
     if global_batch % per_step:

@@ -1,7 +1,10 @@
 """Parallel degrees, their validation (before any process group exists) and the device mesh.
 
-Mesh dims, outermost first (torchtitan names): ``pp``, ``dp_replicate``, ``dp_shard``. Data-parallel ranks
-(``dp`` = replicate x shard) each get their own slice of the global batch.
+Mesh dims, outermost first (torchtitan names): ``pp``, ``dp_replicate``, ``dp_shard_mod_ep``,
+``dp_shard_in_ep``. Expert parallelism borrows its ranks from the FSDP dimension: ``dp_shard`` =
+``dp_shard_mod_ep`` x ``dp_shard_in_ep`` (= ``ep``). Data-parallel ranks (``dp`` = replicate x shard) each get
+their own slice of the global batch; routed experts are sharded by expert over ``ep`` and FSDP-sharded over
+what is left (``dp_replicate`` x ``dp_shard_mod_ep``), every other parameter over the whole ``dp``.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ class ParallelDims:
                 f"parallel degrees do not match the world size: data_parallel_replicate_degree "
                 f"({self.dp_replicate}) x data_parallel_shard_degree ({self.dp_shard}) x pipeline_parallel_degree "
                 f"({self.pp}) = {product}, but {self.world_size} processes were launched")
-        if self.ep > 1:
-            raise ConfigError(f"`parallelism.expert_parallel_degree` = {self.ep} is not supported yet: use 1")
+        if self.dp_shard % self.ep:
+            raise ConfigError(
+                f"`parallelism.expert_parallel_degree` = {self.ep} must divide data_parallel_shard_degree "
+                f"({self.dp_shard}): expert parallelism borrows its ranks from the FSDP dimension")
 
     @staticmethod
     def _key(name: str) -> str:
@@ -67,11 +72,36 @@ class ParallelDims:
     def pp_enabled(self) -> bool:
         return self.pp > 1
 
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        self._mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard),
-                                      mesh_dim_names=("pp", "dp_replicate", "dp_shard"))
-        self._dp_mesh = self._mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        if self.ep_enabled:
+            self._mesh = init_device_mesh(
+                device_type, (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep),
+                mesh_dim_names=("pp", "dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep"))
+            self._dp_shard_mesh = self._mesh[("dp_shard_mod_ep", "dp_shard_in_ep")]._flatten("dp_shard")
+            self._dp_mesh = self._mesh[("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep")]._flatten("dp")
+        else:
+            self._mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard),
+                                          mesh_dim_names=("pp", "dp_replicate", "dp_shard"))
+            self._dp_shard_mesh = self._mesh["dp_shard"]
+            self._dp_mesh = self._mesh[("dp_replicate", "dp_shard")]._flatten("dp")
         return self._mesh
+
+    def fsdp_mesh(self) -> DeviceMesh:
+        """Where non-expert parameters are sharded (2-D, replicate x shard, for HSDP)."""
+        return self.mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else self._dp_shard_mesh
+
+    def expert_fsdp_mesh(self) -> DeviceMesh:
+        """Where expert-parallel weights are FSDP-sharded: the data-parallel ranks ``ep`` did not take."""
+        if self.dp_replicate > 1:
+            return self.mesh["dp_replicate", "dp_shard_mod_ep"]
+        return self.mesh["dp_shard_mod_ep"]
+
+    def ep_mesh(self) -> DeviceMesh:
+        return self.mesh["dp_shard_in_ep"]
 
     @property
     def mesh(self) -> DeviceMesh:

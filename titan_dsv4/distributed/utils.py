@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -46,25 +47,45 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> tor
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
                     pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Global L2 grad norm over every parameter (FSDP shards via DTensor, pipeline stages via ``pp_group``),
-    then clip if ``max_norm > 0``. Each parameter must appear on exactly one pipeline rank (replicas are
-    excluded by the caller)."""
-    params = [p for p in parameters if p.grad is not None]
-    squares = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        squares = squares + norm.double().cpu() ** 2
+    """Global L2 gradient norm, then clip if ``max_norm > 0``.
+
+    Every parameter is counted exactly once: a DTensor gradient's local squares are summed over the mesh
+    dims it is sharded on (FSDP shards, expert-parallel experts; replicated dims are not summed), pipeline
+    stages over ``pp_group``. One reduction per distinct sharding, not per parameter. Each parameter must
+    appear on exactly one pipeline rank (replicas are excluded by the caller).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    by_sharding: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        if isinstance(g, DTensor):
+            sharded = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())
+            by_sharding[(g.device_mesh, sharded)].append(g.to_local())
+    device = grads[0].device if grads else torch.device("cpu")
+    total = _sum_of_squares(plain, device)
+    for (mesh, sharded_dims), locals_ in by_sharding.items():
+        squares = _sum_of_squares(locals_, device)
+        for dim in sharded_dims:
+            squares = all_reduce_sum(squares, mesh.get_group(dim))
+        total = total + squares
     if pp_group is not None:
-        squares = all_reduce_sum(squares.to(_comm_device(pp_group)), pp_group).cpu()
-    total = squares.sqrt().float()
-    if max_norm > 0 and math.isfinite(total.item()):
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype) if not isinstance(p.grad, DTensor)
-                        else coef.item())
-    return total
+        total = all_reduce_sum(total.to(_comm_device(pp_group)), pp_group).to(device)
+    norm = total.sqrt()
+    if max_norm > 0 and math.isfinite(norm.item()):
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        for dtype in {g.dtype for g in local}:
+            torch._foreach_mul_([g for g in local if g.dtype == dtype], coef.to(dtype))
+    return norm.float().cpu()
+
+
+def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """fp64 sum of squares of the tensors' elements (one fused norm per dtype)."""
+    out = torch.zeros((), dtype=torch.float64, device=device)
+    for dtype in {t.dtype for t in tensors}:
+        norms = torch._foreach_norm([t for t in tensors if t.dtype == dtype], 2.0)
+        out = out + torch.stack(norms).double().square().sum()
+    return out
 
 
 def _comm_device(group: dist.ProcessGroup) -> torch.device:

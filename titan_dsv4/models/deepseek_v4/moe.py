@@ -53,14 +53,25 @@ class Router(nn.Module):
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.training:
+        if self.training and not _recomputing():
             with torch.no_grad():
                 self.expert_load += torch.bincount(idx.flatten(), minlength=self.n_experts).float()
         return weights * self.route_scale, idx
 
 
+def _recomputing() -> bool:
+    """True while activation checkpointing re-runs a forward inside backward (loads were counted already)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class RoutedExperts(nn.Module):
-    """``n_routed_experts`` clamped-SwiGLU experts stored stacked: w1/w3 ``[E, I, H]``, w2 ``[E, H, I]``."""
+    """Clamped-SwiGLU experts stored stacked: w1/w3 ``[E, I, H]``, w2 ``[E, H, I]``.
+
+    Works on token rows already grouped by expert, so expert parallelism only has to move rows around it
+    (``distributed/expert_parallel.py``); ``E`` is then the number of experts this rank holds.
+    """
+
+    use_grouped_mm: bool | None = None  # None: torch._grouped_mm for bf16 on CUDA, the exact loop otherwise
 
     def __init__(self, n_experts: int, hidden: int, inter: int, limit: float):
         super().__init__()
@@ -69,25 +80,31 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, inter))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter, hidden))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """fp32 ``[T, H]`` sum of each token's experts, routing weight applied before ``w2``."""
-        n_tokens, top_k = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // top_k
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
-        xs = x[token]
-        ws = weights.flatten()[order].unsqueeze(-1)
+    def forward(self, xs: torch.Tensor, ws: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``xs`` ``[N, H]`` rows grouped by expert, ``ws`` ``[N, 1]`` fp32 routing weights, ``counts``
+        ``[E]`` rows per expert -> fp32 ``[N, H]``; the routing weight is applied before ``w2``."""
+        w1, w2, w3 = (local_tensor(w) for w in (self.w1, self.w2, self.w3))
+        grouped = self.use_grouped_mm
+        if grouped is None:
+            grouped = xs.is_cuda and xs.dtype == torch.bfloat16
+        if grouped and xs.shape[0] > 0:
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offsets)
+            up = torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offsets)
+            act = (clamped_swiglu(gate, up, self.limit) * ws).to(xs.dtype)
+            return fp32(torch._grouped_mm(act, w2.transpose(-2, -1), offs=offsets))
         outs = []
-        for e, (xe, we) in enumerate(zip(xs.split(counts), ws.split(counts))):
+        for e, (xe, we) in enumerate(zip(xs.split(counts.tolist()), ws.split(counts.tolist()))):
             if xe.shape[0] == 0:
                 continue
-            act = clamped_swiglu(xe @ self.w1[e].t(), xe @ self.w3[e].t(), self.limit) * we
-            outs.append(act.to(x.dtype) @ self.w2[e].t())
-        out = fp32(torch.zeros(n_tokens, x.shape[-1], dtype=x.dtype, device=x.device))
-        if outs:
-            out.index_add_(0, token, fp32(torch.cat(outs)))
-        return out
+            act = clamped_swiglu(xe @ w1[e].t(), xe @ w3[e].t(), self.limit) * we
+            outs.append(fp32(act.to(xs.dtype) @ w2[e].t()))
+        return torch.cat(outs) if outs else fp32(xs.new_zeros(0, xs.shape[-1]))
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of an expert-parallel (DTensor) weight; the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 class SharedExpert(nn.Module):
@@ -114,5 +131,9 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx = self.gate(flat, input_ids)
-        routed = self.experts(flat, weights, idx)
+        order = idx.flatten().argsort(stable=True)
+        token = order // idx.shape[1]
+        counts = torch.bincount(idx.flatten(), minlength=self.gate.n_experts)
+        rows = self.experts(flat[token], weights.flatten()[order].unsqueeze(-1), counts)
+        routed = fp32(torch.zeros_like(flat)).index_add_(0, token, rows)
         return (routed + fp32(self.shared_experts(flat))).to(x.dtype).view(shape)

@@ -9,13 +9,19 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ...config.job_config import JobConfig
+from ...distributed.expert_parallel import apply_expert_parallel
 from ...distributed.parallel_dims import ParallelDims
+from .moe import RoutedExperts
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def block_containers(model: nn.Module) -> list[nn.ModuleDict]:
     return [c for c in (getattr(model, "layers", None), getattr(model, "mtp", None)) if c is not None]
+
+
+def routed_experts(module: nn.Module) -> list[RoutedExperts]:
+    return [m for m in module.modules() if isinstance(m, RoutedExperts)]
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
@@ -36,8 +42,6 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig, device: torch.device) -> None:
-    mesh = parallel_dims.mesh
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if parallel_dims.dp_replicate > 1 else mesh["dp_shard"]
     on_gpu = device.type == "cuda"
     param_dtype = _DTYPES[job_config.training.mixed_precision_param] if on_gpu else None
     mp = MixedPrecisionPolicy(param_dtype=param_dtype,
@@ -45,9 +49,12 @@ def apply_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobCon
     policy = job_config.parallelism.fsdp_reshard_after_forward
     # Under PP, resharding after forward silently corrupts zero-bubble schedules' gradients (prior-art.md).
     reshard = policy == "always" or (policy == "default" and not parallel_dims.pp_enabled)
-    kwargs = dict(mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    kwargs = dict(mesh=parallel_dims.fsdp_mesh(), mp_policy=mp, reshard_after_forward=reshard)
     for container in block_containers(model):
         for block in container.values():
+            if parallel_dims.ep_enabled:  # expert weights: their own unit over the ranks EP left to FSDP
+                for experts in routed_experts(block):
+                    fully_shard(experts, **dict(kwargs, mesh=parallel_dims.expert_fsdp_mesh()))
             fully_shard(block, **kwargs)
     for name in ("embed", "mtp_embed"):
         if getattr(model, name, None) is not None:
@@ -68,6 +75,9 @@ def apply_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobCon
 
 def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig,
                             device: torch.device) -> nn.Module:
+    if parallel_dims.ep_enabled:
+        for experts in routed_experts(model):
+            apply_expert_parallel(experts, parallel_dims.ep_mesh())
     apply_activation_checkpointing(model, job_config.activation_checkpoint.mode)
     if job_config.compile.enable and "model" in job_config.compile.components:
         apply_compile(model)
