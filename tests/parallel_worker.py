@@ -3,8 +3,8 @@ checkpointing) for one step, against a single-process model on the same weights 
 
     torchrun --nproc_per_node N tests/parallel_worker.py OUT.json CASE [CASE ...]
 
-CASE is ``name=key:value,key:value`` over ``parallelism.*`` / ``activation_checkpoint.mode`` / ``mtp``
-keys, e.g. ``ep2_fsdp2=ep:2`` (the shard degree fills the world). Compared per case: loss parts, every
+CASE is ``name=key:value,key:value`` over ``parallelism.*`` / ``activation_checkpoint.mode`` / ``mtp`` /
+``training.indexer_loss_coeff`` keys, e.g. ``ep2_fsdp2=ep:2`` (the shard degree fills the world). Compared per case: loss parts, every
 gradient after clipping (gathered from its shards), the clipping norm, and every expert bias after the step.
 """
 
@@ -45,6 +45,8 @@ def job_config(options: dict[str, str]) -> JobConfig:
             config.activation_checkpoint.mode = value
         elif key == "mtp":
             config.mtp.num_layers = int(value)
+        elif key == "indexer":
+            config.training.indexer_loss_coeff = float(value)
         elif key == "schedule":
             config.parallelism.pipeline_parallel_schedule = value
         else:
@@ -58,8 +60,12 @@ def reference_step(trainer: Trainer, global_batch: int) -> dict:
     model = trainer.setup.spec.model_cls(args)
     model.init_weights(config.training.seed)
     model.train()
-    for p in model.indexer_parameters():
-        p.requires_grad_(False)
+    coeff = config.training.indexer_loss_coeff
+    if coeff > 0:
+        model.set_indexer_loss_scale(coeff / (global_batch * SEQ))
+    else:
+        for p in model.indexer_parameters():
+            p.requires_grad_(False)
     data = build_dataloader(config.training.dataset, None, trainer.setup.tokenizer, SEQ, global_batch, 0, 1)
     batch = next(data)
     targets = build_targets(batch.labels, batch.positions, args.num_nextn_predict_layers)
@@ -69,6 +75,8 @@ def reference_step(trainer: Trainer, global_batch: int) -> dict:
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], MAX_NORM)
     update_expert_bias([model], BIAS_SPEED, None)
     summary = summarise_parts(loss_fn.take_parts(), args.num_nextn_predict_layers, config.mtp.loss_scaling_factor)
+    kl = sum(float(b) for n, b in model.named_buffers() if n.endswith("indexer.kl_sum"))
+    summary["indexer_loss"] = kl / (global_batch * SEQ) if coeff > 0 else None
     return {"summary": summary, "norm": float(norm),
             "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
             "biases": {n: b for n, b in model.named_buffers() if n.endswith("gate.bias")}}
@@ -99,6 +107,9 @@ def run_case(options: dict[str, str]) -> dict:
     err = {"loss": 0.0, "grad": 0.0, "norm": abs(summary["grad_norm"] - ref["norm"]) / ref["norm"], "bias": 0.0}
     for key in ("loss", "total_loss"):
         err["loss"] = max(err["loss"], abs(summary[key] - ref["summary"][key]) / abs(ref["summary"][key]))
+    if ref["summary"]["indexer_loss"] is not None:
+        got, want = summary["indexer_loss"], ref["summary"]["indexer_loss"]
+        err["loss"] = max(err["loss"], abs(got - want) / abs(want))
     for got, want in zip(summary["mtp_losses"], ref["summary"]["mtp_losses"], strict=True):
         err["loss"] = max(err["loss"], abs(got - want) / abs(want))
     worst = ("", 0.0)

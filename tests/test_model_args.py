@@ -141,8 +141,8 @@ def test_long_sequences_never_materialise_seq_by_seq_scores(monkeypatch):
     widths = []
     original = attention.Attention._attend
 
-    def spy(self, x, qr, q, kv, entries, index_keys, ctx, q0, q1):
-        out = original(self, x, qr, q, kv, entries, index_keys, ctx, q0, q1)
+    def spy(self, x, qr, q, kv, entries, index_keys, ctx, q0, q1, train_indexer):
+        out = original(self, x, qr, q, kv, entries, index_keys, ctx, q0, q1, train_indexer)
         widths.append((q1 - q0, min(q1, q1 - q0 + self.window)))
         return out
 

@@ -105,8 +105,12 @@ class Trainer:
         part = self.setup.spec.parallelize_fn(part, self.parallel_dims, self.config, self.device)
         part.to_empty(device=self.device)
         part.init_weights(self.config.training.seed)
-        for p in part.indexer_parameters():
-            p.requires_grad_(False)  # top-k selection gives them no gradient (README, "The model, in brief")
+        coeff = self.config.training.indexer_loss_coeff
+        if coeff > 0:  # the KL is summed per token: normalise by the global batch's token count
+            part.set_indexer_loss_scale(coeff / (self.setup.global_batch_size * self.config.training.seq_len))
+        else:  # top-k selection gives them no gradient from the LM loss: frozen, and not in the optimizer
+            for p in part.indexer_parameters():
+                p.requires_grad_(False)
         return part
 
     # ------------------------------------------------------------------ one step
@@ -141,8 +145,21 @@ class Trainer:
             parts = parts.to(self._comm_device())
             dist.all_reduce(parts)
         summary = summarise_parts(parts.cpu(), self.num_mtp, self.config.mtp.loss_scaling_factor)
-        summary.update(grad_norm=float(grad_norm), lr=lr)
+        summary.update(grad_norm=float(grad_norm), lr=lr, indexer_loss=self._take_indexer_loss())
         return summary
+
+    def _take_indexer_loss(self) -> float | None:
+        """Mean per-token indexer KL of this step, summed over CSA layers (None while the indexer is frozen)."""
+        if self.config.training.indexer_loss_coeff <= 0:
+            return None
+        buffers = [b for part in self.model_parts for n, b in part.named_buffers() if n.endswith("indexer.kl_sum")]
+        total = torch.stack(buffers).sum() if buffers else torch.zeros((), dtype=torch.float64)
+        for b in buffers:
+            b.zero_()
+        if self.distributed:
+            total = total.to(self._comm_device())
+            dist.all_reduce(total)
+        return float(total) / (self.setup.global_batch_size * self.config.training.seq_len)
 
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")

@@ -4,7 +4,9 @@
 ``step``, ``loss`` (main LM cross-entropy per valid token, without MTP), ``mtp_losses`` (one float per
 depth, [] without MTP), ``mtp_acceptance`` (greedy acceptance per depth), ``total_loss`` (the optimised
 objective), ``grad_norm``, ``lr``, ``tokens_per_sec`` (global), ``max_memory_mb`` (this rank's peak) and
-``valid_tokens``, ``step_time_s``, ``mfu`` (null without a known device peak).
+``valid_tokens``, ``step_time_s``, ``mfu`` (null without a known device peak), ``indexer_loss`` (mean
+per-token indexer KL summed over CSA layers; null while the indexer is frozen). ``total_loss`` does not
+include the indexer loss: it trains only the indexer, whose inputs are detached from the main model.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         mtp = " ".join(f"mtp{k}={v:.4f}" for k, v in enumerate(record["mtp_losses"]))
+        if record.get("indexer_loss") is not None:
+            mtp += f"  indexer_kl={record['indexer_loss']:.4f}"
         line = (f"step {record['step']:5d}  loss {record['loss']:.4f}  {mtp + '  ' if mtp else ''}"
                 f"total {record['total_loss']:.4f}  grad_norm {record['grad_norm']:.3f}  lr {record['lr']:.2e}  "
                 f"tok/s {record['tokens_per_sec']:,.0f}  mem {record['max_memory_mb']:,.0f}MiB")

@@ -58,6 +58,9 @@ class Training:
     mixed_precision_param: str = "bfloat16"  # FSDP param dtype on GPU (CPU runs keep float32)
     mixed_precision_reduce: str = "float32"
     expert_bias_update_speed: float = 1e-3  # aux-loss-free balancing step (0 disables)
+    # lightning indexer: 0 freezes it (fine-tuning released weights); > 0 trains it with this weight on the
+    # per-token KL to the main attention (DeepSeek-V3.2's indexer loss; needed when pre-training)
+    indexer_loss_coeff: float = 0.0
 
 
 @dataclass

@@ -52,7 +52,8 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     for key, low in (("training.steps", 1), ("training.seq_len", 1), ("training.local_batch_size", 1),
                      ("metrics.log_freq", 1), ("lr_scheduler.warmup_steps", 0), ("optimizer.lr", 0.0),
                      ("optimizer.weight_decay", 0.0), ("mtp.loss_scaling_factor", 0.0),
-                     ("training.expert_bias_update_speed", 0.0), ("checkpoint.interval", 1),
+                     ("training.expert_bias_update_speed", 0.0), ("training.indexer_loss_coeff", 0.0),
+                     ("checkpoint.interval", 1),
                      ("checkpoint.keep_latest_k", 0)):
         section, name = key.split(".")
         _at_least(key, getattr(getattr(config, section), name), low)

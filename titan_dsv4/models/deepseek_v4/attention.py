@@ -20,6 +20,7 @@ from torch import nn
 from .args import CSA_RATIO, DeepseekV4ModelArgs
 from .norm import RMSNorm, fp32, rms_normalise
 from .rope import apply_rope, rope_rotation
+from .running_stats import recomputing
 
 AUTO_BLOCK = 128  # query block used by ``auto`` on GPUs and for sequences longer than 2 blocks
 
@@ -122,11 +123,41 @@ def topk_earliest_first(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ((ordered << 32) | position).topk(k, dim=-1).indices
 
 
+def indexer_kl(probs: torch.Tensor, index_scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Per-query ``KL(p || softmax(I))`` over the chosen entries (DeepSeek-V3.2's sparse-stage indexer loss):
+    ``p`` is the main attention on those entries summed over heads and L1-normalised (a target, no grad).
+
+    ``probs`` ``[B, h, Q, P]``, ``index_scores`` / ``chosen`` ``[B, Q, P]`` -> ``[B, Q]`` (0 where nothing
+    was chosen)."""
+    target = probs.detach().sum(dim=1) * chosen
+    target = target / target.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(target.dtype).tiny)
+    rows = chosen.any(dim=-1, keepdim=True)
+    logits = torch.where(chosen, index_scores, torch.where(rows, float("-inf"), 0.0))
+    log_q = torch.where(chosen, logits.log_softmax(dim=-1), 0.0)
+    return (torch.xlogy(target, target) - target * log_q).sum(dim=-1)
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Identity on ``out`` whose backward also starts ``loss``'s backward with gradient 1, so an auxiliary
+    loss inside any pipeline stage trains its parameters without travelling to the last stage."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.loss_meta
+        return grad, torch.ones(shape, dtype=dtype, device=device)
+
+
 class Indexer(nn.Module):
     """Lightning indexer: scores compressed entries per query and keeps the top ``index_topk``.
 
-    The selection is not differentiable; its parameters learn nothing from the LM loss (the trainer
-    freezes them, see docs).
+    The selection is not differentiable, so its parameters learn nothing from the LM loss: either they are
+    frozen (``training.indexer_loss_coeff = 0``, fine-tuning), or ``Attention`` trains them with the KL
+    indexer loss (:func:`indexer_kl`) on inputs detached from the main model.
     """
 
     def __init__(self, args: DeepseekV4ModelArgs):
@@ -135,10 +166,13 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(args.q_lora_rank, args.index_n_heads * args.index_head_dim, bias=False)
         self.weights_proj = nn.Linear(args.hidden_size, args.index_n_heads, bias=False)
         self.compressor = Compressor(args.hidden_size, args.index_head_dim, CSA_RATIO, True, args.rms_norm_eps)
+        # sum of the per-query indexer KL since the trainer last read it (for logging; not saved)
+        self.register_buffer("kl_sum", torch.zeros((), dtype=torch.float64), persistent=False)
 
     def select(self, x: torch.Tensor, qr: torch.Tensor, rotation: torch.Tensor,
-               keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """``[B, Q, P]`` bool mask of the chosen visible entries for the queries ``x``/``qr``."""
+               keys: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, Q, P]`` bool mask of the chosen visible entries for the queries ``x``/``qr``, and the fp32
+        index scores (``-inf`` where not visible)."""
         batch, q_len, _ = x.shape
         q = self.wq_b(qr).view(batch, q_len, self.n_heads, self.head_dim)
         q = apply_rope(q, rotation)
@@ -149,7 +183,7 @@ class Indexer(nn.Module):
         k = min(self.topk, scores.shape[-1])
         top = topk_earliest_first(scores, k)
         chosen = torch.zeros_like(visible).scatter_(-1, top, True)
-        return chosen & visible
+        return chosen & visible, scores
 
 
 class Attention(nn.Module):
@@ -174,6 +208,8 @@ class Attention(nn.Module):
             Compressor(h, d, ratio, self.kind == "csa", args.rms_norm_eps) if self.kind != "sliding" else None
         )
         self.indexer = Indexer(args) if self.kind == "csa" else None
+        # weight of the summed per-token indexer KL in the objective (trainer: coeff / global tokens); 0: off
+        self.indexer_loss_scale = 0.0
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -184,19 +220,30 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(x)), rotation)  # [B, S, d], K == V
 
         entries = self.compressor(x, ctx) if self.compressor is not None else None
-        index_keys = self.indexer.compressor(x, ctx).kv if self.indexer is not None else None
+        # the indexer sees the activations but never sends gradient into them
+        index_keys = self.indexer.compressor(x.detach(), ctx).kv if self.indexer is not None else None
+        train_indexer = self.indexer is not None and self.training and self.indexer_loss_scale > 0
         block = self._block_size(x)
-        outs = []
+        outs, kl = [], []
         for q0 in range(0, seq, block):
             q1 = min(seq, q0 + block)
-            outs.append(self._attend(x, qr, q, kv, entries, index_keys, ctx, q0, q1))
+            out, block_kl = self._attend(x, qr, q, kv, entries, index_keys, ctx, q0, q1, train_indexer)
+            outs.append(out)
+            if block_kl is not None:
+                kl.append(block_kl.sum())
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
         out = apply_rope(out, rotation, inverse=True)
         grouped = out.reshape(batch, seq, self.o_groups, -1)
         wo_a = self.wo_a.weight.view(self.o_groups, -1, grouped.shape[-1])
         low_rank = torch.einsum("bsgi,goi->bsgo", grouped, wo_a).flatten(2)
-        return self.wo_b(low_rank)
+        out = self.wo_b(low_rank)
+        if kl:
+            kl_sum = torch.stack(kl).sum()
+            if not recomputing():
+                self.indexer.kl_sum += kl_sum.detach().to(self.indexer.kl_sum.dtype)
+            out = _AttachLoss.apply(out, kl_sum * self.indexer_loss_scale)
+        return out
 
     def _block_size(self, x: torch.Tensor) -> int:
         seq = x.shape[1]
@@ -206,8 +253,10 @@ class Attention(nn.Module):
             return AUTO_BLOCK if (x.is_cuda or seq > 2 * AUTO_BLOCK) else max(seq, 1)
         return int(self.query_block)
 
-    def _attend(self, x, qr, q, kv, entries, index_keys, ctx, q0: int, q1: int) -> torch.Tensor:
-        """Attention output ``[B, q1-q0, h, d]`` for queries ``q0:q1`` (keys limited to what they can see)."""
+    def _attend(self, x, qr, q, kv, entries, index_keys, ctx, q0: int, q1: int,
+                train_indexer: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention output ``[B, q1-q0, h, d]`` for queries ``q0:q1`` (keys limited to what they can see),
+        and the per-query indexer KL ``[B, q1-q0]`` when the indexer trains."""
         device = x.device
         k0 = max(0, q0 - self.window + 1)
         q_idx = torch.arange(q0, q1, device=device)
@@ -215,16 +264,21 @@ class Attention(nn.Module):
         q_doc = ctx.doc_ids[:, q0:q1]
         window_ok = (k_idx[None, :] <= q_idx[:, None]) & (k_idx[None, :] > q_idx[:, None] - self.window)
         window_ok = window_ok[None] & (ctx.doc_ids[:, None, k0:q1] == q_doc[:, :, None])  # [B, Q, K]
-        keys, allowed = kv[:, k0:q1], window_ok
+        keys, allowed, index_scores = kv[:, k0:q1], window_ok, None
         if entries is not None:
             visible = entries.visible(q_idx, q_doc)
             if self.indexer is not None and visible.shape[-1] > 0:
                 rotation = ctx.rotation["compress"][:, q0:q1]
-                visible = self.indexer.select(x[:, q0:q1], qr[:, q0:q1], rotation, index_keys, visible)
+                visible, index_scores = self.indexer.select(x[:, q0:q1].detach(), qr[:, q0:q1].detach(),
+                                                            rotation, index_keys, visible)
             keys = torch.cat([keys, entries.kv], dim=1)
             allowed = torch.cat([allowed, visible], dim=-1)
         scores = fp32(torch.einsum("bqhd,bkd->bhqk", q[:, q0:q1], keys)) * self.head_dim**-0.5
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         sink = fp32(self.attn_sink).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
         probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]  # sink: denominator only
-        return torch.einsum("bhqk,bkd->bqhd", probs.to(keys.dtype), keys)
+        out = torch.einsum("bhqk,bkd->bqhd", probs.to(keys.dtype), keys)
+        if not (train_indexer and index_scores is not None):
+            return out, None
+        n_window = window_ok.shape[-1]
+        return out, indexer_kl(probs[..., n_window:], index_scores, visible)

@@ -79,7 +79,7 @@ def init_weights(model: nn.Module, seed: int) -> None:
     args = model.args
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         name = canonical_fqn(name)
-        if name.endswith("expert_load"):
+        if name.endswith(("expert_load", "kl_sum")):  # running statistics
             tensor.zero_()
             continue
         if name.endswith("tid2eid"):

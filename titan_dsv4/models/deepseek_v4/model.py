@@ -102,5 +102,11 @@ class DeepseekV4Model(nn.Module):
             if hasattr(module, "query_block"):
                 module.query_block = block
 
+    def set_indexer_loss_scale(self, scale: float) -> None:
+        """Weight of the summed per-token indexer KL in the objective; 0 leaves the indexer untrained."""
+        for module in self.modules():
+            if hasattr(module, "indexer_loss_scale"):
+                module.indexer_loss_scale = scale
+
     def indexer_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if ".attn.indexer." in f".{name}"]

@@ -10,6 +10,7 @@ from torch import nn
 
 from .args import DeepseekV4ModelArgs
 from .norm import fp32
+from .running_stats import recomputing
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -53,15 +54,10 @@ class Router(nn.Module):
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.training and not _recomputing():
+        if self.training and not recomputing():
             with torch.no_grad():
                 self.expert_load += torch.bincount(idx.flatten(), minlength=self.n_experts).float()
         return weights * self.route_scale, idx
-
-
-def _recomputing() -> bool:
-    """True while activation checkpointing re-runs a forward inside backward (loads were counted already)."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class RoutedExperts(nn.Module):
