@@ -62,6 +62,10 @@ class MTPLoss:
             correct = ((flat_logits.argmax(-1) == flat_target) & valid).sum()
         return loss_sum, valid.sum(), correct
 
+    def compile(self, backend: str) -> None:
+        """Compile the per-depth cross-entropy (fp32 upcast + log-softmax + argmax fuse into one kernel)."""
+        self._ce = torch.compile(self._ce, backend=backend)
+
     def take_parts(self, last: int | None = None) -> torch.Tensor | None:
         """Sum of the stashed parts of the last ``last`` calls (all if None), then forget them all."""
         parts = self.parts[-last:] if last else self.parts

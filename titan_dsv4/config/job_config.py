@@ -105,6 +105,7 @@ class ActivationCheckpoint:
 class Compile:
     enable: bool = False
     components: list[str] = field(default_factory=lambda: ["model", "loss"])
+    backend: str = "inductor"  # torch.compile backend (inductor | aot_eager | eager)
 
 
 @dataclass

@@ -77,6 +77,9 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
         _choice("parallelism.pipeline_parallel_schedule", p.pipeline_parallel_schedule, SCHEDULES)
     for component in config.compile.components:
         _choice("compile.components", component, ("model", "loss"))
+    if config.compile.enable:
+        _choice("compile.backend", config.compile.backend,
+                sorted({"eager", "aot_eager", *torch._dynamo.list_backends()}))
     if config.optimizer.implementation == "fused" and not torch.cuda.is_available():
         raise ConfigError("`optimizer.implementation` = 'fused' needs CUDA: use foreach on CPU")
     if t.dataset == "text":

@@ -35,10 +35,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
                 container[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` each decoder and MTP block on its own (same code, so recompiles are rare)."""
     for container in block_containers(model):
         for name, block in list(container.items()):
-            container[name] = torch.compile(block, fullgraph=False)
+            container[name] = torch.compile(block, backend=backend, fullgraph=False)
 
 
 def apply_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig, device: torch.device) -> None:
@@ -80,7 +81,7 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
             apply_expert_parallel(experts, parallel_dims.ep_mesh())
     apply_activation_checkpointing(model, job_config.activation_checkpoint.mode)
     if job_config.compile.enable and "model" in job_config.compile.components:
-        apply_compile(model)
+        apply_compile(model, job_config.compile.backend)
     if parallel_dims.dp_enabled:
         apply_fsdp(model, parallel_dims, job_config, device)
     return model

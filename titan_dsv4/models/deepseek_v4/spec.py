@@ -14,7 +14,10 @@ from .state_dict_adapter import DeepseekV4StateDictAdapter
 
 
 def build_loss_fn(job_config: JobConfig, model_args: DeepseekV4ModelArgs) -> MTPLoss:
-    return MTPLoss(model_args.num_nextn_predict_layers, job_config.mtp.loss_scaling_factor)
+    loss = MTPLoss(model_args.num_nextn_predict_layers, job_config.mtp.loss_scaling_factor)
+    if job_config.compile.enable and "loss" in job_config.compile.components:
+        loss.compile(job_config.compile.backend)
+    return loss
 
 
 register_train_spec(TrainSpec(
