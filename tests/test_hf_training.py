@@ -1,5 +1,5 @@
-"""Trainer integration of HF checkpoints: start from released-layout weights under PP and FSDP (each rank
-reading only its part), export at the end."""
+"""Trainer integration of HF checkpoints: start from released-layout weights under PP, FSDP and EP (each
+rank keeping only its part), export at the end."""
 
 import pytest
 import torch
@@ -26,6 +26,8 @@ def test_pipeline_and_fsdp_runs_start_from_hf_weights_and_export(tmp_path):
     piped = run_training(tmp_path / "pp2", *RUN, *load, "--parallelism.pipeline_parallel_degree", "2",
                          "--parallelism.pipeline_parallel_microbatch_size", "1", nproc=2)
     sharded = run_training(tmp_path / "fsdp2", *RUN, *load, "--training.local_batch_size", "2", nproc=2)
+    experts = run_training(tmp_path / "ep2", *RUN, *load, "--training.local_batch_size", "2",
+                           "--parallelism.expert_parallel_degree", "2", nproc=2)
 
     # step 1's loss is the loaded model's loss on the first batch, computed here independently
     model = titan_dsv4.from_pretrained(source, dtype=torch.float32).train()
@@ -36,15 +38,15 @@ def test_pipeline_and_fsdp_runs_start_from_hf_weights_and_export(tmp_path):
         loss_fn(model(batch.input_ids, batch.positions), targets)
     parts = loss_fn.take_parts()
     assert single[0]["loss"] == pytest.approx((parts[0] / parts[1]).item(), rel=1e-5)
-    for a, b, c in zip(single, piped, sharded, strict=True):
-        for other in (b, c):  # pipeline stages / FSDP shards each loaded only their part
+    for a, *others in zip(single, piped, sharded, experts, strict=True):
+        for other in others:  # pipeline stages / FSDP shards / expert shards each loaded only their part
             assert other["loss"] == pytest.approx(a["loss"], rel=1e-5)
             assert other["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)
 
     exported = [titan_dsv4.from_pretrained(tmp_path / run / "checkpoint" / "step-1-hf", dtype=torch.float32)
-                for run in ("pp1", "pp2", "fsdp2")]
-    one, two, three = (checkpoint_tensors(m) for m in exported)
-    assert one.keys() == two.keys() == three.keys() == checkpoint_tensors(model).keys()
+                for run in ("pp1", "pp2", "fsdp2", "ep2")]
+    one, *others = (checkpoint_tensors(m) for m in exported)
+    assert all(one.keys() == o.keys() for o in others) and one.keys() == checkpoint_tensors(model).keys()
     initial = checkpoint_tensors(model)
     for name in one:
         # same training update under both layouts; elementwise equality is not expected after Adam: where a
@@ -52,6 +54,6 @@ def test_pipeline_and_fsdp_runs_start_from_hf_weights_and_export(tmp_path):
         # into a full step (gradients themselves are compared exactly in fp64 by test_pipeline.py). One step
         # only: afterwards such noise can flip a lightning-indexer top-k choice and legitimately diverge.
         update = (one[name] - initial[name]).float()
-        for other in (two, three):
+        for other in others:
             assert (other[name] - one[name]).float().norm() <= 0.02 * update.norm() + 1e-6, name
     assert not torch.equal(one["layers.1.attn.wq_a.weight"], checkpoint_tensors(model)["layers.1.attn.wq_a.weight"])
