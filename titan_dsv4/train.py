@@ -6,8 +6,11 @@ the run with exit code 2 and one line on stderr before any process group or mode
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from .components.checkpoint import CheckpointError, CheckpointManager, complete_steps, load_model_only
 from .components.dataloader import build_dataloader
 from .components.hf_checkpoint import checkpoint_tensors, load_hf_into, write_index, write_shards
 from .components.load_balance import update_expert_bias
@@ -34,6 +38,10 @@ from .distributed.utils import (
 )
 from .models.deepseek_v4.init import canonical_fqn
 from .models.deepseek_v4.mtp import IGNORE_INDEX
+
+
+class NonFiniteError(RuntimeError):
+    pass
 
 
 class Trainer:
@@ -76,12 +84,6 @@ class Trainer:
             self.model_parts = [self._parallelize_and_materialize(model)]
         for part in self.model_parts:
             part.train()
-        if config.checkpoint.initial_load_path:
-            for part in self.model_parts:  # each rank reads only its stages' tensors (and FSDP-shards them)
-                load_hf_into(part, config.checkpoint.initial_load_path)
-            if self.pipeline is not None:
-                self.pipeline.ties.copy_from_source()
-
         local_followers = self.pipeline.ties.local_followers if self.pipeline else set()
         followers = self.pipeline.ties.followers if self.pipeline else set()
         params = [p for p in unique_trainable_parameters(self.model_parts) if id(p) not in local_followers]
@@ -93,6 +95,54 @@ class Trainer:
                                      if config.metrics.enable_tensorboard else None,
                                      color=not config.metrics.disable_color_printing)
         self.step = 0
+        ck = config.checkpoint
+        self.checkpointer = None
+        if ck.enable:
+            self.checkpointer = CheckpointManager(Path(config.job.dump_folder) / ck.folder, self.model_parts,
+                                                  self.optimizer, followers, ck.keep_latest_k,
+                                                  ck.async_mode == "async")
+        resume = self._resume_step()
+        if resume is not None:
+            self._restore(self.checkpointer.load(resume))
+        elif ck.initial_load_path:
+            if ck.initial_load_in_hf:
+                for part in self.model_parts:  # each rank reads only its stages' tensors (and FSDP-shards them)
+                    load_hf_into(part, ck.initial_load_path)
+            else:
+                load_model_only(self.model_parts, ck.initial_load_path)
+        if self.pipeline is not None and (resume is not None or ck.initial_load_path):
+            self.pipeline.ties.copy_from_source()
+        self._signal: int | None = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume_step(self) -> int | None:
+        """The checkpoint to continue from: ``load_step``, else the latest complete one (rank 0 decides)."""
+        if self.checkpointer is None:
+            return None
+        ck = self.config.checkpoint
+        steps = complete_steps(self.checkpointer.folder)
+        choice = [ck.load_step if ck.load_step >= 0 else (steps[-1] if steps else None)]
+        if self.distributed:
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "lr_scheduler": self.lr_scheduler.state_dict(),
+                "dataloader": self.dataloader.state_dict(), "rng": torch.get_rng_state()}
+
+    def _restore(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.dataloader.load_state_dict(state["dataloader"])
+        torch.set_rng_state(state["rng"])
+        self.metrics.drop_after(self.step)  # records of steps the interrupted run did after this checkpoint
+        if self.rank == 0:
+            print(f"titan_dsv4: resumed from {self.checkpointer.folder / f'step-{self.step}'}", flush=True)
+
+    def save_checkpoint(self, model_only: bool = False) -> None:
+        self.checkpointer.save(self.step, self._trainer_state(), model_only)
 
     def _activation_dtype(self) -> torch.dtype:
         """dtype of the stream between stages: FSDP's param dtype on GPU, else the fp32 parameters'."""
@@ -129,14 +179,6 @@ class Trainer:
         if self.pipeline is not None:
             self.pipeline.ties.reduce_grads()
         grad_norm = clip_grad_norm_(self.norm_params, self.config.training.max_norm, self.pp_group)
-        lr = self.lr_scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        if self.pipeline is not None:
-            self.pipeline.ties.after_optimizer_step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_expert_bias(self.model_parts, self.config.training.expert_bias_update_speed, self.dp_group)
-
         n_calls = len(batches) * (self.pipeline.plan.n_microbatches if self.pipeline else 1)
         parts = self.loss_fn.take_parts(last=n_calls)
         if parts is None:
@@ -145,7 +187,23 @@ class Trainer:
             parts = parts.to(self._comm_device())
             dist.all_reduce(parts)
         summary = summarise_parts(parts.cpu(), self.num_mtp, self.config.mtp.loss_scaling_factor)
-        summary.update(grad_norm=float(grad_norm), lr=lr, indexer_loss=self._take_indexer_loss())
+        lr = self.lr_scheduler.get_last_lr()[0]
+        summary.update(grad_norm=float(grad_norm), lr=lr, indexer_loss=self._take_indexer_loss(), skipped=False)
+
+        finite = all(map(math.isfinite, (summary["total_loss"], summary["grad_norm"])))  # same on every rank
+        if not finite and not self.config.training.skip_nonfinite_steps:
+            raise NonFiniteError(f"non-finite loss or gradient norm at step {self.step + 1} (loss "
+                                 f"{summary['total_loss']}, grad_norm {summary['grad_norm']}); set "
+                                 "training.skip_nonfinite_steps = true to skip such steps instead")
+        if finite:
+            self.optimizer.step()
+            if self.pipeline is not None:
+                self.pipeline.ties.after_optimizer_step()
+        summary["skipped"] = not finite
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_expert_bias(self.model_parts, self.config.training.expert_bias_update_speed if finite else 0.0,
+                           self.dp_group)
         return summary
 
     def _take_indexer_loss(self) -> float | None:
@@ -165,18 +223,59 @@ class Trainer:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     # ------------------------------------------------------------------ loop
-    def train(self) -> None:
+    def train(self) -> bool:
+        """Run to ``training.steps``; False if a preemption signal stopped it early (after a save)."""
         cfg = self.config
         tokens_per_step = self.setup.global_batch_size * cfg.training.seq_len
-        while self.step < cfg.training.steps:
-            start = time.perf_counter()
-            summary = self.train_step()
-            self.step += 1
-            elapsed = time.perf_counter() - start
-            if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
-                record = {"step": self.step, **summary, "tokens_per_sec": tokens_per_step / elapsed,
-                          "step_time_s": elapsed, "max_memory_mb": max_memory_mb(self.device), "mfu": None}
-                self.metrics.log(record)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            while self.step < cfg.training.steps:
+                start = time.perf_counter()
+                summary = self.train_step()
+                self.step += 1
+                elapsed = time.perf_counter() - start
+                if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
+                    record = {"step": self.step, **summary, "tokens_per_sec": tokens_per_step / elapsed,
+                              "step_time_s": elapsed, "max_memory_mb": max_memory_mb(self.device), "mfu": None}
+                    self.metrics.log(record)
+                if self._preempted():
+                    if self.checkpointer is not None:
+                        self.save_checkpoint()
+                        self.checkpointer.wait()
+                    return False
+                if self.checkpointer is not None and (self.step % cfg.checkpoint.interval == 0
+                                                      or self.step == cfg.training.steps):
+                    final = self.step == cfg.training.steps
+                    self.save_checkpoint(model_only=final and cfg.checkpoint.last_save_model_only)
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
+            return True
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._signal is None:
+            self._signal = signum
+            grace = self.config.checkpoint.preemption_grace_s
+            if self.rank == 0:
+                print(f"titan_dsv4: got {signal.Signals(signum).name}: saving after this step "
+                      f"(giving up after {grace:.0f}s)", flush=True)
+            timer = threading.Timer(grace, self._give_up)
+            timer.daemon = True
+            timer.start()
+
+    def _give_up(self) -> None:
+        print(f"titan_dsv4: preemption grace period of {self.config.checkpoint.preemption_grace_s:.0f}s "
+              "exceeded; exiting without a new checkpoint", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def _preempted(self) -> bool:
+        """Whether any rank got a preemption signal (all ranks stop at the same step)."""
+        flag = torch.tensor([0.0 if self._signal is None else 1.0], device=self._comm_device())
+        if self.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def export_hf(self) -> Path:
         """Write the weights in the released HF layout: each pipeline rank writes its stages' shards
@@ -221,8 +320,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"titan_dsv4: config error: {e}", file=sys.stderr)
         shutdown_distributed()
         return 2
-    trainer.train()  # an exception propagates: torchrun tears the whole group down
-    if config.checkpoint.last_save_in_hf:
+    except CheckpointError as e:
+        print(f"titan_dsv4: checkpoint error: {e}", file=sys.stderr)
+        shutdown_distributed()
+        return 2
+    try:
+        finished = trainer.train()  # other exceptions propagate: torchrun tears the whole group down
+    except NonFiniteError as e:
+        if trainer.rank == 0:
+            print(f"titan_dsv4: stopping: {e}", file=sys.stderr, flush=True)
+        trainer.close()
+        return 3
+    if finished and config.checkpoint.last_save_in_hf:
         trainer.export_hf()
     trainer.close()
     return 0

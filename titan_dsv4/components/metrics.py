@@ -41,6 +41,17 @@ class MetricsLogger:
                                       "pip install 'titan_dsv4[metrics]'") from e
                 self.tb = SummaryWriter(str(Path(dump_folder) / tensorboard_folder))
 
+    def drop_after(self, step: int) -> None:
+        """Forget records past ``step`` (a resumed run redoes those steps)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return

@@ -61,6 +61,7 @@ class Training:
     # lightning indexer: 0 freezes it (fine-tuning released weights); > 0 trains it with this weight on the
     # per-token KL to the main attention (DeepSeek-V3.2's indexer loss; needed when pre-training)
     indexer_loss_coeff: float = 0.0
+    skip_nonfinite_steps: bool = False  # a NaN/inf loss or gradient norm: False stops the run, True skips the update
 
 
 @dataclass
@@ -91,8 +92,10 @@ class Checkpoint:
     last_save_model_only: bool = False
     export_dtype: str = "bfloat16"
     async_mode: str = "disabled"  # disabled | async
-    keep_latest_k: int = 10
-    load_step: int = -1
+    keep_latest_k: int = 10  # 0 keeps all
+    load_step: int = -1  # -1: the latest complete checkpoint
+    # on SIGTERM / SIGUSR1 (preemption): finish the step, save, exit 0; give up (exit 1) after this long
+    preemption_grace_s: float = 120.0
 
 
 @dataclass

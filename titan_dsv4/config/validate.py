@@ -54,7 +54,7 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                      ("optimizer.weight_decay", 0.0), ("mtp.loss_scaling_factor", 0.0),
                      ("training.expert_bias_update_speed", 0.0), ("training.indexer_loss_coeff", 0.0),
                      ("checkpoint.interval", 1),
-                     ("checkpoint.keep_latest_k", 0)):
+                     ("checkpoint.keep_latest_k", 0), ("checkpoint.preemption_grace_s", 0.0)):
         section, name = key.split(".")
         _at_least(key, getattr(getattr(config, section), name), low)
     lr = config.lr_scheduler
@@ -98,17 +98,25 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     model_args = spec.model_args[config.model.flavor]
     ck = config.checkpoint
     if ck.initial_load_path:
-        if not ck.initial_load_in_hf:
-            raise ConfigError("`checkpoint.initial_load_path` with initial_load_in_hf = false (a DCP checkpoint) "
-                              "is not supported yet: set checkpoint.initial_load_in_hf = true")
         hf_config = Path(ck.initial_load_path) / "config.json"
-        if not hf_config.is_file():
+        if not ck.initial_load_in_hf and not (Path(ck.initial_load_path) / ".metadata").is_file():
+            raise ConfigError(f"`checkpoint.initial_load_path` = {ck.initial_load_path!r} is invalid: no DCP "
+                              "checkpoint there (.metadata); for a Hugging Face folder set initial_load_in_hf")
+        if ck.initial_load_in_hf and not hf_config.is_file():
             raise ConfigError(f"`checkpoint.initial_load_path` = {ck.initial_load_path!r} is invalid: "
                               "no config.json there (a Hugging Face checkpoint folder is expected)")
-        try:  # the checkpoint decides the shape; model.flavor is ignored
-            model_args = type(model_args).from_hf_config(hf_config)
-        except ValueError as e:
-            raise ConfigError(f"{hf_config}: {e}") from None
+        if hf_config.is_file():
+            try:  # the checkpoint decides the shape; model.flavor is ignored
+                model_args = type(model_args).from_hf_config(hf_config)
+            except ValueError as e:
+                raise ConfigError(f"{hf_config}: {e}") from None
+    if ck.enable and ck.load_step >= 0:
+        from ..components.checkpoint import complete_steps
+
+        steps = complete_steps(Path(config.job.dump_folder) / ck.folder)
+        if ck.load_step not in steps:
+            raise ConfigError(f"`checkpoint.load_step` = {ck.load_step} is invalid: complete checkpoints in "
+                              f"{Path(config.job.dump_folder) / ck.folder}: {steps or 'none'}")
     _choice("checkpoint.export_dtype", ck.export_dtype, DTYPES)
     if config.mtp.num_layers is not None:
         _at_least("mtp.num_layers", config.mtp.num_layers, 0)

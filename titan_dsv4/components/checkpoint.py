@@ -1,0 +1,243 @@
+"""DCP training checkpoints: atomic, resumable, and independent of the parallel layout.
+
+A checkpoint is ``{dump_folder}/{checkpoint.folder}/step-{N}/``: DCP files holding the model under its
+FQNs (the same keys as the converter's model-only checkpoints; the MTP embedding replica is not stored, it
+is refreshed from ``embed``), the AdamW moments as ``optimizer.{fqn}.{exp_avg,exp_avg_sq,step}``, and
+``trainer_state.pt`` (step, LR schedule, data position, RNG) written by rank 0. Sharded tensors are saved
+as DTensors with their global shapes, so any PP / FSDP / EP layout can load any checkpoint.
+
+Atomicity: everything is written into ``step-{N}.partial/`` and renamed to ``step-{N}`` by rank 0 only after
+every rank's data, DCP's metadata and the trainer state are on disk. A save killed at any point (or failing
+on a full disk) leaves a ``.partial`` folder, never picked for resume and removed by the next run; the
+previous checkpoints are untouched until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+from ..models.deepseek_v4.init import canonical_fqn
+from .hf_checkpoint import checkpoint_tensors
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+OPTIMIZER_PREFIX = "optimizer."
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def complete_steps(folder: Path) -> list[int]:
+    """Steps with a complete checkpoint in ``folder`` (renamed from ``.partial`` and holding both parts)."""
+    if not folder.is_dir():
+        return []
+    steps = []
+    for child in folder.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and (child / ".metadata").is_file() and (child / TRAINER_STATE).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def model_state(model_parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Layout-independent model entries: canonical FQN -> the live tensor (a DTensor when sharded)."""
+    return {canonical_fqn(k): v for part in model_parts for k, v in checkpoint_tensors(part).items()}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_files(path: Path, metadata) -> None:
+    """Every tensor's bytes exist: a missing or truncated file is named with a tensor it holds."""
+    sizes: dict[str, int] = {}
+    for index, item in metadata.storage_data.items():
+        file = path / item.relative_path
+        if item.relative_path not in sizes:
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing (it holds tensor {index.fqn!r})")
+            sizes[item.relative_path] = file.stat().st_size
+        if item.offset + item.length > sizes[item.relative_path]:
+            raise CheckpointError(f"{file}: truncated at {sizes[item.relative_path]} bytes, tensor {index.fqn!r} "
+                                  f"needs bytes {item.offset}..{item.offset + item.length}")
+
+
+def check_compatible(path: Path, metadata, wanted: dict[str, torch.Tensor]) -> None:
+    """Each wanted entry exists in the checkpoint with the same global shape."""
+    stored = metadata.state_dict_metadata
+    for key, tensor in wanted.items():
+        if key not in stored:
+            raise CheckpointError(f"{path}: checkpoint has no tensor {key!r} (written for another model or "
+                                  "configuration?)")
+        shape = getattr(stored[key], "size", None)
+        if shape is not None and tuple(shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {list(shape)} in the checkpoint but the "
+                                  f"model needs {list(tensor.shape)}")
+
+
+def load_model_only(model_parts: list[nn.Module], path: str | Path) -> None:
+    """Fill the model from a DCP checkpoint (a training checkpoint or the converter's model-only one)."""
+    path = Path(path)
+    state = model_state(model_parts)
+    metadata = _read_metadata(path)
+    check_compatible(path, metadata, state)
+    verify_files(path, metadata)
+    _load(state, path)
+
+
+def _read_metadata(path: Path):
+    try:
+        return FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same user-facing problem
+        raise CheckpointError(f"{path / '.metadata'}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+
+
+def _load(state: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=not dist.is_initialized())
+    except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures; keep the file in the message
+        raise CheckpointError(f"{path}: loading failed: {e}") from None
+
+
+class CheckpointManager:
+    """Saves every ``interval`` steps (and on request), keeps the newest ``keep_latest_k``, resumes."""
+
+    def __init__(self, folder: Path, model_parts: list[nn.Module], optimizer: torch.optim.Optimizer,
+                 followers: set[int], keep_latest_k: int, async_mode: bool):
+        self.folder, self.model_parts, self.optimizer = folder, model_parts, optimizer
+        self.keep_latest_k = keep_latest_k
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.names = {id(p): canonical_fqn(n) for part in model_parts for n, p in part.named_parameters()}
+        self.followers = followers  # pipeline replicas: their optimizer state is their source's
+        # async saves talk on their own gloo group so they never interleave with training collectives
+        self.async_group = dist.new_group(backend="gloo") if async_mode and dist.is_initialized() else None
+        self.async_mode = async_mode
+        self._pending: tuple[Future, Path, dict, int] | None = None
+        if self.rank == 0 and folder.is_dir():
+            for stale in folder.glob("step-*.partial"):  # a save that never completed
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+
+    # ------------------------------------------------------------------ state
+    def _optimizer_entries(self, available: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """``optimizer.{fqn}.{key}`` -> tensors; with ``available`` (loading), freshly allocated state for
+        every parameter the checkpoint has state for, replicas reading their source's."""
+        entries = {}
+        for group in self.optimizer.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                name = self.names[id(p)]
+                if available is None:
+                    if id(p) in self.followers:
+                        continue  # stored once, under the source
+                    for key, value in self.optimizer.state.get(p, {}).items():
+                        entries[f"{OPTIMIZER_PREFIX}{name}.{key}"] = value
+                    continue
+                source = name.replace("mtp_embed.", "embed.") if id(p) in self.followers else name
+                if f"{OPTIMIZER_PREFIX}{source}.step" not in available:
+                    continue
+                state = self.optimizer.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                for key, value in state.items():
+                    entries[f"{OPTIMIZER_PREFIX}{source}.{key}"] = value
+        return entries
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, trainer_state: dict, model_only: bool = False) -> None:
+        """Start writing ``step-{step}`` (``model_only``: without optimizer moments, e.g. the final save)."""
+        self.wait()
+        partial = self.folder / f"step-{step}.partial"
+        state = model_state(self.model_parts)
+        if not model_only:
+            state.update(self._optimizer_entries())
+        writer = FileSystemWriter(str(partial), single_file_per_rank=True, sync_files=True)
+        if self.async_mode:
+            future = dcp.async_save(state, storage_writer=writer, process_group=self.async_group,
+                                    no_dist=not dist.is_initialized())
+            self._pending = (future, partial, trainer_state, step)
+            return
+        try:
+            dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk: the previous checkpoints stay intact
+            self._abandon(partial, e)
+            return
+        self._finalize(partial, trainer_state, step)
+
+    def wait(self) -> None:
+        """Finish an in-flight async save (called before the next save and at exit)."""
+        if self._pending is None:
+            return
+        future, partial, trainer_state, step = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001
+            self._abandon(partial, e)
+            return
+        self._finalize(partial, trainer_state, step)
+
+    def _abandon(self, partial: Path, error: Exception) -> None:
+        if self.rank == 0:
+            print(f"titan_dsv4: checkpoint save to {partial} failed ({error}); the previous checkpoints are "
+                  "intact and training continues", flush=True)
+            shutil.rmtree(partial, ignore_errors=True)
+        _barrier()
+
+    def _finalize(self, partial: Path, trainer_state: dict, step: int) -> None:
+        _barrier()  # every rank's files are written (DCP's metadata too)
+        if self.rank == 0:
+            target = partial / TRAINER_STATE
+            with open(target, "wb") as f:
+                torch.save(trainer_state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            final = self.folder / f"step-{step}"
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(partial, final)  # the commit point
+            _fsync_dir(self.folder)
+            self._prune()
+        _barrier()
+
+    def _prune(self) -> None:
+        steps = complete_steps(self.folder)
+        if self.keep_latest_k > 0:
+            for old in steps[:-self.keep_latest_k]:
+                shutil.rmtree(self.folder / f"step-{old}", ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def load(self, step: int) -> dict:
+        """Restore model, optimizer moments and (returned) trainer state from ``step-{step}``."""
+        path = self.folder / f"step-{step}"
+        metadata = _read_metadata(path)
+        model = model_state(self.model_parts)
+        check_compatible(path, metadata, model)
+        verify_files(path, metadata)
+        optimizer = self._optimizer_entries(available=set(metadata.state_dict_metadata))
+        check_compatible(path, metadata, {k: v for k, v in optimizer.items() if not k.endswith(".step")})
+        _load({**model, **optimizer}, path)
+        try:
+            return torch.load(path / TRAINER_STATE, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path / TRAINER_STATE}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
