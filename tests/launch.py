@@ -19,9 +19,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_training(dump: Path, *overrides: str, nproc: int = 1, timeout: int = 600) -> list[dict]:
-    """Train through the CLI and return the metrics.jsonl records."""
-    args = ["-m", "titan_dsv4.train", "--job.config_file", DEBUG_TOML, "--job.dump_folder", str(dump),
+def training_command(dump: Path, *overrides: str, nproc: int = 1,
+                     module: tuple[str, ...] = ("-m", "titan_dsv4.train")) -> tuple[list[str], dict]:
+    """The CLI command (under torchrun when ``nproc > 1``) and its environment."""
+    args = [*module, "--job.config_file", DEBUG_TOML, "--job.dump_folder", str(dump),
             "--metrics.log_freq", "1", "--parallelism.pipeline_parallel_degree", "1", *overrides]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -29,6 +30,16 @@ def run_training(dump: Path, *overrides: str, nproc: int = 1, timeout: int = 600
     else:
         cmd = [sys.executable, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    return cmd, env
+
+
+def read_metrics(dump: Path) -> list[dict]:
+    return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_training(dump: Path, *overrides: str, nproc: int = 1, timeout: int = 600) -> list[dict]:
+    """Train through the CLI and return the metrics.jsonl records."""
+    cmd, env = training_command(dump, *overrides, nproc=nproc)
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(dump)

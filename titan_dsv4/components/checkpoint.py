@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..models.deepseek_v4.init import canonical_fqn
 from .hf_checkpoint import checkpoint_tensors
@@ -110,7 +111,7 @@ def _read_metadata(path: Path):
 def _load(state: dict[str, torch.Tensor], path: Path) -> None:
     try:
         dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=not dist.is_initialized())
-    except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures; keep the file in the message
+    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures; keep the path in the message
         raise CheckpointError(f"{path}: loading failed: {e}") from None
 
 
@@ -174,7 +175,7 @@ class CheckpointManager:
             return
         try:
             dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
-        except Exception as e:  # noqa: BLE001 - e.g. a full disk: the previous checkpoints stay intact
+        except (Exception, CheckpointException) as e:  # e.g. a full disk: the previous checkpoints stay intact
             self._abandon(partial, e)
             return
         self._finalize(partial, trainer_state, step)
@@ -187,7 +188,7 @@ class CheckpointManager:
         self._pending = None
         try:
             future.result()
-        except Exception as e:  # noqa: BLE001
+        except (Exception, CheckpointException) as e:
             self._abandon(partial, e)
             return
         self._finalize(partial, trainer_state, step)

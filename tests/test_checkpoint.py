@@ -1,0 +1,154 @@
+"""DCP checkpoints through the real CLI: kill -9 anywhere (training, writing, committing) and re-running the
+same command continues exactly; another parallel layout continues the same run; preemption signals save
+and exit; non-finite steps stop or are skipped; broken checkpoints are named."""
+
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from launch import REPO, read_metrics, run_training, training_command
+
+BASE = ("--training.steps", "6", "--training.seq_len", "128", "--checkpoint.enable",
+        "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0", "--lr_scheduler.warmup_steps", "2")
+LOCAL_4 = ("--training.local_batch_size", "4")
+LOCAL_2 = ("--training.local_batch_size", "2")  # the same global batch on 2 data-parallel ranks
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    dump = tmp_path_factory.mktemp("uninterrupted")
+    return dump, run_training(dump, *BASE, *LOCAL_4)
+
+
+def assert_same_run(got: list[dict], want: list[dict], rel: float = 0.0) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in ("loss", "total_loss", "grad_norm", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=0.0), (a["step"], key)
+        assert a["mtp_losses"] == pytest.approx(b["mtp_losses"], rel=rel)
+
+
+def start(dump, *overrides, module=("-m", "titan_dsv4.train"), env_extra=None):
+    cmd, env = training_command(dump, *BASE, *LOCAL_4, *overrides, module=module)
+    return subprocess.Popen(cmd, cwd=REPO, env={**env, **(env_extra or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(dump, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = dump / "metrics.jsonl"
+        if path.is_file() and any(r["step"] >= step for r in read_metrics(dump)):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise TimeoutError(step)
+
+
+def complete(dump) -> list[str]:
+    return sorted(p.name for p in (dump / "checkpoint").iterdir())
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_rerun_equals_uninterrupted(tmp_path, uninterrupted):
+    proc = start(tmp_path)
+    wait_for_step(tmp_path, 3, proc)
+    proc.kill()
+    proc.wait()
+    assert read_metrics(tmp_path)[-1]["step"] >= 3
+    assert_same_run(run_training(tmp_path, *BASE, *LOCAL_4), uninterrupted[1])  # bit-exact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["mid-write", "before-commit"])
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tmp_path, uninterrupted, fault):
+    proc = start(tmp_path, module=(str(REPO / "tests" / "checkpoint_faults.py"), fault))
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL  # killed inside the second save (step 4)
+    assert complete(tmp_path) == ["step-2", "step-4.partial"]
+    assert_same_run(run_training(tmp_path, *BASE, *LOCAL_4), uninterrupted[1])
+    assert complete(tmp_path) == ["step-2", "step-4", "step-6"]  # the partial one was never used
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_save_loses_nothing(tmp_path, uninterrupted):
+    proc = start(tmp_path, module=(str(REPO / "tests" / "checkpoint_faults.py"), "disk-full"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "No space left on device" in out and "previous checkpoints are intact" in out
+    assert complete(tmp_path) == ["step-2", "step-6"]
+    assert_same_run(read_metrics(tmp_path), uninterrupted[1])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_0_and_the_rerun_continues(tmp_path, uninterrupted):
+    proc = start(tmp_path, "--checkpoint.interval", "100")  # only the signal's save and the final one
+    wait_for_step(tmp_path, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    last = read_metrics(tmp_path)[-1]["step"]
+    assert last < 6 and complete(tmp_path) == [f"step-{last}"], (last, out)
+    rerun = run_training(tmp_path, *BASE, *LOCAL_4, "--checkpoint.interval", "100")
+    assert_same_run(rerun, uninterrupted[1])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_continues_under_other_layouts(tmp_path, uninterrupted):
+    """PP=2 -> EP=2 (x FSDP=2) -> none, PP=2 -> PP=1, none -> FSDP=2: each continues the same run."""
+    reference = uninterrupted[1]
+    fp32 = 2e-5  # other layouts sum in other orders; the steps are the same
+    piped = run_training(tmp_path / "pp2", *BASE, *LOCAL_4, "--parallelism.pipeline_parallel_degree", "2",
+                         nproc=2)
+    assert_same_run(piped, reference, rel=fp32)
+
+    def resume_from(source, step, name, *layout, nproc=1):
+        dump = tmp_path / name
+        (dump / "checkpoint").mkdir(parents=True)
+        shutil.copytree(source / "checkpoint" / f"step-{step}", dump / "checkpoint" / f"step-{step}")
+        records = run_training(dump, *BASE, *layout, nproc=nproc)
+        assert_same_run(records, reference[step:], rel=fp32)
+
+    resume_from(tmp_path / "pp2", 2, "ep2", *LOCAL_2, "--parallelism.expert_parallel_degree", "2", nproc=2)
+    resume_from(tmp_path / "ep2", 4, "none", *LOCAL_4)
+    resume_from(tmp_path / "pp2", 4, "pp1", *LOCAL_4)
+    resume_from(uninterrupted[0], 2, "fsdp2", *LOCAL_2, nproc=2)
+
+
+def test_non_finite_loss_stops_with_the_step_or_is_skipped(tmp_path):
+    explode = ("--training.steps", "3", "--training.seq_len", "64", "--training.local_batch_size", "2",
+               "--optimizer.lr", "1e30", "--lr_scheduler.warmup_steps", "0")
+    cmd, env = training_command(tmp_path / "stop", *explode)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3
+    assert "non-finite loss or gradient norm at step 2" in result.stderr
+    records = run_training(tmp_path / "skip", *explode, "--training.skip_nonfinite_steps")
+    assert [r["skipped"] for r in records] == [False, True, True]
+
+
+def _broken_copy(source, dump, breaker):
+    shutil.copytree(source / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
+    breaker(dump / "checkpoint" / "step-2")
+    cmd, env = training_command(dump, *BASE, *LOCAL_4)
+    return cmd, env
+
+
+@pytest.mark.slow
+def test_corrupt_or_incompatible_checkpoints_name_the_file_and_tensor(tmp_path, uninterrupted):
+    def truncate(path):
+        data = next(path.glob("*.distcp"))
+        data.write_bytes(data.read_bytes()[:1000])
+
+    cmd, env = _broken_copy(uninterrupted[0], tmp_path / "truncated", truncate)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "__0_0.distcp: truncated at 1000 bytes, tensor '" in result.stderr
+
+    cmd, env = _broken_copy(uninterrupted[0], tmp_path / "other_model", lambda path: None)
+    result = subprocess.run(cmd + ["--mtp.num_layers", "2"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "checkpoint has no tensor 'mtp.1." in result.stderr
