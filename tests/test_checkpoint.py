@@ -152,3 +152,15 @@ def test_corrupt_or_incompatible_checkpoints_name_the_file_and_tensor(tmp_path, 
                             timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "checkpoint has no tensor 'mtp.1." in result.stderr
+
+
+@pytest.mark.slow
+def test_async_checkpoints_resume_exactly(tmp_path, uninterrupted):
+    """async_mode writes in the background from a snapshot: later steps must not leak into it."""
+    records = run_training(tmp_path, *BASE, *LOCAL_4, "--checkpoint.async_mode", "async")
+    assert_same_run(records, uninterrupted[1])
+    assert complete(tmp_path) == ["step-2", "step-4", "step-6"]
+    shutil.rmtree(tmp_path / "checkpoint" / "step-6")
+    shutil.rmtree(tmp_path / "checkpoint" / "step-4")
+    assert_same_run(run_training(tmp_path, *BASE, *LOCAL_4, "--checkpoint.async_mode", "async"),
+                    uninterrupted[1])

@@ -43,3 +43,17 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     next((tmp_path / "hf").glob("*.safetensors")).write_bytes(b"garbage")
     assert main(["hf-to-dcp", str(tmp_path / "hf"), str(tmp_path / "dcp")]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_training_starts_from_the_converted_dcp_as_from_the_hf_folder(tmp_path):
+    from launch import run_training
+
+    titan_dsv4.save_pretrained(random_model(FLAVORS["debugmodel"], seed=5), tmp_path / "hf", dtype=torch.float32)
+    assert main(["hf-to-dcp", str(tmp_path / "hf"), str(tmp_path / "dcp"), "--dtype", "float32"]) == 0
+    run = ("--training.steps", "2", "--training.seq_len", "64", "--training.local_batch_size", "2")
+    from_hf = run_training(tmp_path / "a", *run, "--checkpoint.initial_load_path", str(tmp_path / "hf"),
+                           "--checkpoint.initial_load_in_hf")
+    from_dcp = run_training(tmp_path / "b", *run, "--checkpoint.initial_load_path", str(tmp_path / "dcp"))
+    assert [r["loss"] for r in from_dcp] == [r["loss"] for r in from_hf]
+    fresh = run_training(tmp_path / "c", *run)
+    assert fresh[0]["loss"] != from_dcp[0]["loss"]
