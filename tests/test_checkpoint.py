@@ -105,16 +105,20 @@ def test_a_checkpoint_continues_under_other_layouts(tmp_path, uninterrupted):
                          nproc=2)
     assert_same_run(piped, reference, rel=fp32)
 
-    def resume_from(source, step, name, *layout, nproc=1):
+    def resume_from(source, step, name, *layout, nproc=1, copy=True):
         dump = tmp_path / name
-        (dump / "checkpoint").mkdir(parents=True)
-        shutil.copytree(source / "checkpoint" / f"step-{step}", dump / "checkpoint" / f"step-{step}")
+        source = source / "checkpoint" / f"step-{step}"
+        if copy:  # as if this run had written it
+            shutil.copytree(source, dump / "checkpoint" / f"step-{step}")
+        else:  # a whole training state from elsewhere
+            layout += ("--checkpoint.initial_load_path", str(source), "--checkpoint.initial_load_model_only",
+                       "false")
         records = run_training(dump, *BASE, *layout, nproc=nproc)
         assert_same_run(records, reference[step:], rel=fp32)
 
     resume_from(tmp_path / "pp2", 2, "ep2", *LOCAL_2, "--parallelism.expert_parallel_degree", "2", nproc=2)
     resume_from(tmp_path / "ep2", 4, "none", *LOCAL_4)
-    resume_from(tmp_path / "pp2", 4, "pp1", *LOCAL_4)
+    resume_from(tmp_path / "pp2", 4, "pp1", *LOCAL_4, copy=False)
     resume_from(uninterrupted[0], 2, "fsdp2", *LOCAL_2, nproc=2)
 
 

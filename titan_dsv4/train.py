@@ -108,8 +108,10 @@ class Trainer:
             if ck.initial_load_in_hf:
                 for part in self.model_parts:  # each rank reads only its stages' tensors (and FSDP-shards them)
                     load_hf_into(part, ck.initial_load_path)
-            else:
+            elif ck.initial_load_model_only:
                 load_model_only(self.model_parts, ck.initial_load_path)
+            else:  # a whole training state from elsewhere: continue that run in this folder
+                self._restore(self.checkpointer.load_from(Path(ck.initial_load_path)))
         if self.pipeline is not None and (resume is not None or ck.initial_load_path):
             self.pipeline.ties.copy_from_source()
         self._signal: int | None = None
@@ -139,7 +141,7 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.metrics.drop_after(self.step)  # records of steps the interrupted run did after this checkpoint
         if self.rank == 0:
-            print(f"titan_dsv4: resumed from {self.checkpointer.folder / f'step-{self.step}'}", flush=True)
+            print(f"titan_dsv4: resumed at step {self.step}", flush=True)
 
     def save_checkpoint(self, model_only: bool = False) -> None:
         self.checkpointer.save(self.step, self._trainer_state(), model_only)

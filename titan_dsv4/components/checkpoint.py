@@ -225,7 +225,10 @@ class CheckpointManager:
     # ------------------------------------------------------------------ load
     def load(self, step: int) -> dict:
         """Restore model, optimizer moments and (returned) trainer state from ``step-{step}``."""
-        path = self.folder / f"step-{step}"
+        return self.load_from(self.folder / f"step-{step}")
+
+    def load_from(self, path: Path) -> dict:
+        """Restore everything from the checkpoint folder ``path``; returns its trainer state."""
         metadata = _read_metadata(path)
         model = model_state(self.model_parts)
         check_compatible(path, metadata, model)

@@ -87,7 +87,7 @@ class Checkpoint:
     interval: int = 500
     initial_load_path: str | None = None
     initial_load_in_hf: bool = False
-    initial_load_model_only: bool = True
+    initial_load_model_only: bool = True  # False: also optimizer, step, data position (a DCP step-N folder)
     last_save_in_hf: bool = False
     last_save_model_only: bool = False
     export_dtype: str = "bfloat16"

@@ -102,6 +102,9 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
         if not ck.initial_load_in_hf and not (Path(ck.initial_load_path) / ".metadata").is_file():
             raise ConfigError(f"`checkpoint.initial_load_path` = {ck.initial_load_path!r} is invalid: no DCP "
                               "checkpoint there (.metadata); for a Hugging Face folder set initial_load_in_hf")
+        if not ck.initial_load_model_only and (ck.initial_load_in_hf or not ck.enable):
+            raise ConfigError("`checkpoint.initial_load_model_only` = false loads a whole training state: it "
+                              "needs a DCP checkpoint (initial_load_in_hf = false) and checkpoint.enable = true")
         if ck.initial_load_in_hf and not hf_config.is_file():
             raise ConfigError(f"`checkpoint.initial_load_path` = {ck.initial_load_path!r} is invalid: "
                               "no config.json there (a Hugging Face checkpoint folder is expected)")
