@@ -84,10 +84,11 @@ def test_disk_full_during_a_save_loses_nothing(tmp_path, uninterrupted):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_exits_0_and_the_rerun_continues(tmp_path, uninterrupted):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_exits_0_and_the_rerun_continues(tmp_path, uninterrupted, signum):
     proc = start(tmp_path, "--checkpoint.interval", "100")  # only the signal's save and the final one
     wait_for_step(tmp_path, 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     last = read_metrics(tmp_path)[-1]["step"]

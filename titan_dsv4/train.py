@@ -115,6 +115,7 @@ class Trainer:
         if self.pipeline is not None and (resume is not None or ck.initial_load_path):
             self.pipeline.ties.copy_from_source()
         self._signal: int | None = None
+        self._grace_timer: threading.Timer | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def _resume_step(self) -> int | None:
@@ -244,6 +245,8 @@ class Trainer:
                     if self.checkpointer is not None:
                         self.save_checkpoint()
                         self.checkpointer.wait()
+                    if self._grace_timer is not None:
+                        self._grace_timer.cancel()
                     return False
                 if self.checkpointer is not None and (self.step % cfg.checkpoint.interval == 0
                                                       or self.step == cfg.training.steps):
@@ -263,9 +266,9 @@ class Trainer:
             if self.rank == 0:
                 print(f"titan_dsv4: got {signal.Signals(signum).name}: saving after this step "
                       f"(giving up after {grace:.0f}s)", flush=True)
-            timer = threading.Timer(grace, self._give_up)
-            timer.daemon = True
-            timer.start()
+            self._grace_timer = threading.Timer(grace, self._give_up)
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
 
     def _give_up(self) -> None:
         print(f"titan_dsv4: preemption grace period of {self.config.checkpoint.preemption_grace_s:.0f}s "
