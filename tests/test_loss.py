@@ -52,3 +52,16 @@ def test_without_mtp_outputs():
     logits = torch.tensor([[[0.0, 3.0]]])
     got = loss_fn(logits, torch.tensor([[1]]))
     assert math.isclose(got.item(), ce([0.0, 3.0], 1), rel_tol=1e-6)
+
+
+def test_greedy_acceptance_per_depth_on_a_hand_made_example():
+    """Depth k accepts a position when its argmax equals its target; ignored targets do not count."""
+    main = torch.zeros(1, 4, 3)
+    depth0 = torch.tensor([[[0.0, 9.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 9.0], [9.0, 0.0, 0.0]]])  # 1, 0, 2, 0
+    depth1 = torch.tensor([[[0.0, 0.0, 9.0], [0.0, 9.0, 0.0], [9.0, 0.0, 0.0], [9.0, 0.0, 0.0]]])  # 2, 1, 0, 0
+    targets = torch.tensor([[[0, 1, 2], [0, 0, 0], [0, 1, -100], [0, -100, -100]]])
+    loss_fn = MTPLoss(num_mtp=2, scaling_factor=0.3)
+    loss_fn((main, depth0, depth1), targets)
+    summary = summarise_parts(loss_fn.take_parts(), 2, 0.3)
+    # depth 0: predictions 1,0,2 vs targets 1,0,1 -> 2 of 3; depth 1: 2,1 vs 2,0 -> 1 of 2
+    assert summary["mtp_acceptance"] == [2 / 3, 1 / 2]

@@ -24,7 +24,7 @@ from .components.dataloader import build_dataloader
 from .components.hf_checkpoint import checkpoint_tensors, load_hf_into, write_index, write_shards
 from .components.load_balance import update_expert_bias
 from .components.loss import build_targets, summarise_parts
-from .components.metrics import MetricsLogger, max_memory_mb
+from .components.metrics import MetricsLogger, device_peak_tflops, max_memory_mb
 from .components.optimizer import build_lr_scheduler, build_optimizer, unique_trainable_parameters
 from .config import ConfigError, JobConfig, load_config
 from .config.validate import RunSetup, validate
@@ -230,7 +230,11 @@ class Trainer:
         """Run to ``training.steps``; False if a preemption signal stopped it early (after a save)."""
         cfg = self.config
         tokens_per_step = self.setup.global_batch_size * cfg.training.seq_len
+        peak = device_peak_tflops(self.device, cfg.metrics.peak_tflops)
+        world = dist.get_world_size() if self.distributed else 1
+        flops_per_token = self.model_args.training_flops_per_token(cfg.training.seq_len)  # MTP included
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        first_step, run_start = self.step, time.perf_counter()
         try:
             while self.step < cfg.training.steps:
                 start = time.perf_counter()
@@ -238,9 +242,12 @@ class Trainer:
                 self.step += 1
                 elapsed = time.perf_counter() - start
                 if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
-                    record = {"step": self.step, **summary, "tokens_per_sec": tokens_per_step / elapsed,
-                              "step_time_s": elapsed, "max_memory_mb": max_memory_mb(self.device), "mfu": None}
-                    self.metrics.log(record)
+                    tokens_per_sec = tokens_per_step / elapsed
+                    mfu = flops_per_token * tokens_per_sec / (world * peak * 1e12) if peak else None
+                    record = {"step": self.step, **summary, "tokens_per_sec": tokens_per_sec,
+                              "step_time_s": elapsed, "max_memory_mb": max_memory_mb(self.device), "mfu": mfu}
+                    per_step = (time.perf_counter() - run_start) / (self.step - first_step)
+                    self.metrics.log(record, cfg.training.steps, per_step * (cfg.training.steps - self.step))
                 if self._preempted():
                     if self.checkpointer is not None:
                         self.save_checkpoint()

@@ -19,6 +19,24 @@ from pathlib import Path
 import torch
 
 
+# dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device name; ``metrics.peak_tflops`` overrides
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "H800": 989.0, "H20": 148.0,
+                    "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def device_peak_tflops(device: torch.device, override: float | None = None) -> float | None:
+    """Peak bf16 TFLOP/s of one device (None on CPU or an unknown GPU without ``override``)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key in name:
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
 def max_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -52,25 +70,47 @@ class MetricsLogger:
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, total_steps: int | None = None, eta_s: float | None = None) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        mtp = " ".join(f"mtp{k}={v:.4f}" for k, v in enumerate(record["mtp_losses"]))
-        if record.get("indexer_loss") is not None:
-            mtp += f"  indexer_kl={record['indexer_loss']:.4f}"
-        line = (f"step {record['step']:5d}  loss {record['loss']:.4f}  {mtp + '  ' if mtp else ''}"
-                f"total {record['total_loss']:.4f}  grad_norm {record['grad_norm']:.3f}  lr {record['lr']:.2e}  "
-                f"tok/s {record['tokens_per_sec']:,.0f}  mem {record['max_memory_mb']:,.0f}MiB")
-        print(f"\033[36m{line}\033[0m" if self.color else line, flush=True)
+        print(self.progress_line(record, total_steps, eta_s), flush=True)
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, record["step"])
-            for k, value in enumerate(record["mtp_losses"]):
-                self.tb.add_scalar(f"mtp_loss/depth_{k}", value, record["step"])
+            for k, (loss, acc) in enumerate(zip(record["mtp_losses"], record["mtp_acceptance"])):
+                self.tb.add_scalar(f"mtp_loss/depth_{k}", loss, record["step"])
+                self.tb.add_scalar(f"mtp_acceptance/depth_{k}", acc, record["step"])
+
+    def progress_line(self, record: dict, total_steps: int | None, eta_s: float | None) -> str:
+        """``step 120/5000 (2%)  loss 3.41  mtp0 3.80 acc 41%  ...  mfu 38.2%  mem 61,203MiB  eta 3h12m``"""
+        step = f"{record['step']}/{total_steps} ({record['step'] / total_steps:.0%})" if total_steps \
+            else str(record["step"])
+        parts = [f"step {step}", f"loss {record['loss']:.4f}"]
+        parts += [f"mtp{k} {loss:.4f} acc {acc:.0%}"
+                  for k, (loss, acc) in enumerate(zip(record["mtp_losses"], record["mtp_acceptance"]))]
+        if record.get("indexer_loss") is not None:
+            parts.append(f"indexer_kl {record['indexer_loss']:.4f}")
+        parts += [f"total {record['total_loss']:.4f}", f"grad_norm {record['grad_norm']:.3f}", f"lr {record['lr']:.2e}",
+                  f"tok/s {record['tokens_per_sec']:,.0f}"]
+        if record.get("mfu") is not None:
+            parts.append(f"mfu {record['mfu']:.1%}")
+        parts.append(f"mem {record['max_memory_mb']:,.0f}MiB")
+        if record.get("skipped"):
+            parts.append("SKIPPED (non-finite)")
+        if eta_s is not None:
+            parts.append(f"eta {format_duration(eta_s)}")
+        line = "  ".join(parts)
+        return f"\033[36m{line}\033[0m" if self.color else line
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

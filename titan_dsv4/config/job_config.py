@@ -117,6 +117,7 @@ class Metrics:
     enable_tensorboard: bool = False
     save_tb_folder: str = "tb"
     disable_color_printing: bool = False
+    peak_tflops: float | None = None  # one device's bf16 peak for MFU; None: known GPUs by name (null on CPU)
 
 
 @dataclass
