@@ -4,7 +4,8 @@
 ``step``, ``loss`` (main LM cross-entropy per valid token, without MTP), ``mtp_losses`` (one float per
 depth, [] without MTP), ``mtp_acceptance`` (greedy acceptance per depth), ``total_loss`` (the optimised
 objective), ``grad_norm``, ``lr``, ``tokens_per_sec`` (global), ``max_memory_mb`` (this rank's peak) and
-``valid_tokens``, ``step_time_s``, ``mfu`` (null without a known device peak), ``indexer_loss`` (mean
+``valid_tokens``, ``step_time_s``, ``mfu`` (null without a known device peak), ``skipped`` (a non-finite
+step whose update was skipped), ``indexer_loss`` (mean
 per-token indexer KL summed over CSA layers; null while the indexer is frozen). ``total_loss`` does not
 include the indexer loss: it trains only the indexer, whose inputs are detached from the main model.
 """
