@@ -235,6 +235,10 @@ class CheckpointManager:
         verify_files(path, metadata)
         optimizer = self._optimizer_entries(available=set(metadata.state_dict_metadata))
         check_compatible(path, metadata, {k: v for k, v in optimizer.items() if not k.endswith(".step")})
+        fresh = sum(len(g["params"]) for g in self.optimizer.param_groups) - len(self.optimizer.state)
+        if fresh and self.rank == 0:  # e.g. the indexer was frozen when it was written, or a final weights-only save
+            print(f"titan_dsv4: {path} has no optimizer state for {fresh} trainable tensors: their AdamW "
+                  "moments start from zero", flush=True)
         _load({**model, **optimizer}, path)
         try:
             return torch.load(path / TRAINER_STATE, weights_only=True)
