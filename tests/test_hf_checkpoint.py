@@ -118,6 +118,22 @@ def test_released_layout_loads_in_every_mtp_form(tmp_path, mtp_form, experts):
     assert loaded.mtp["1"].e_proj.weight.abs().sum() > 0  # MTP really loaded, depth 1 included
 
 
+def test_an_expert_parallel_rank_reads_only_its_experts(tmp_path, monkeypatch):
+    from titan_dsv4.components import hf_checkpoint
+    from titan_dsv4.components.hf_checkpoint import HFCheckpointReader, _full_shapes
+
+    model = random_model(ARGS)
+    tensors, expected = released_tensors(model, "mtp", "fp4")
+    write_folder(tmp_path, tensors, ARGS)
+    reader = HFCheckpointReader(tmp_path, ARGS, {k: v.shape for k, v in _full_shapes(ARGS).items()})
+    read, weight = [], hf_checkpoint._weight
+    monkeypatch.setattr(hf_checkpoint, "_weight", lambda folder, key, scale: read.append(key) or
+                        weight(folder, key, scale))
+    rows = reader.load("layers.1.ffn.experts.w2", slice(2, 4))
+    assert torch.equal(rows.float(), expected["layers.1.ffn.experts.w2"][2:4].float())
+    assert read == ["layers.1.ffn.experts.2.w2.weight", "layers.1.ffn.experts.3.w2.weight"]
+
+
 def test_fewer_mtp_depths_skip_the_rest_with_a_log(tmp_path, caplog):
     tensors, _ = released_tensors(random_model(ARGS), "mtp", "fp4")
     write_folder(tmp_path, tensors, ARGS)

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models.deepseek_v4.args import DeepseekV4ModelArgs
+from ..models.deepseek_v4.init import EXPERT_WEIGHTS
 from ..models.deepseek_v4.state_dict_adapter import EXPERT_HF, _TRANSFORMERS_GLOBAL, _rename, fqn_from_hf, iter_hf
 from .quantization import dequantize_fp4, dequantize_fp8, quantize_fp8
 
@@ -188,18 +189,24 @@ class HFCheckpointReader:
             raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(parts))
         self.expected = expected
 
-    def load(self, fqn: str) -> torch.Tensor:
+    def load(self, fqn: str, rows: slice | None = None) -> torch.Tensor:
+        """The full tensor, or only ``rows`` of dim 0 (stacked experts then read only those experts)."""
         recipe = self.recipes[fqn]
+        expected = tuple(self.expected[fqn])
+        if rows is not None:
+            expected = (len(range(*rows.indices(expected[0]))), *expected[1:])
         if recipe.kind == "stack":
-            tensor = torch.stack([_weight(self.folder, k, s) for k, s in recipe.sources])
+            tensor = torch.stack([_weight(self.folder, k, s) for k, s in recipe.sources[rows or slice(None)]])
         elif recipe.kind.startswith("gate_up"):
             both = _weight(self.folder, *recipe.sources[0])
             tensor = both.split(self.args.moe_intermediate_size, dim=1)[int(recipe.kind[-1])]
         else:
             tensor = _weight(self.folder, *recipe.sources[0])
-        if tuple(tensor.shape) != tuple(self.expected[fqn]):
+        if rows is not None and recipe.kind != "stack":
+            tensor = tensor[rows]
+        if tuple(tensor.shape) != expected:
             raise CheckpointError(f"{self.folder.path}: tensor {recipe.sources[0][0]!r} has shape "
-                                  f"{tuple(tensor.shape)}, the model's {fqn} needs {tuple(self.expected[fqn])}")
+                                  f"{tuple(tensor.shape)}, the model's {fqn} needs {expected}")
         if fqn.endswith("tid2eid"):
             tensor = tensor.long()
         return tensor
@@ -225,14 +232,16 @@ def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_hf_into(model: torch.nn.Module, path: str | Path, names: Iterable[str] | None = None) -> None:
     """Fill ``model``'s tensors (or only ``names``) from the checkpoint at ``path``, one tensor at a time."""
-    from ..models.deepseek_v4.init import canonical_fqn, copy_full_into
+    from ..models.deepseek_v4.init import canonical_fqn, copy_full_into, local_box
 
     targets = checkpoint_tensors(model)
     args = model.args
     full = {k: v.shape for k, v in _full_shapes(args).items()}
     reader = HFCheckpointReader(path, args, full)
     for name in (names if names is not None else targets):
-        copy_full_into(targets[name], reader.load(canonical_fqn(name)))
+        # an expert-parallel rank reads only its own experts' weights
+        rows = local_box(targets[name])[0] if name.endswith(EXPERT_WEIGHTS) else None
+        copy_full_into(targets[name], reader.load(canonical_fqn(name), rows))
     if getattr(model, "mtp_embed", None) is not None and model.embed is not None:
         model.mtp_embed.weight.copy_(model.embed.weight)
 

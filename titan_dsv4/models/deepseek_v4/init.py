@@ -90,12 +90,28 @@ def init_weights(model: nn.Module, seed: int) -> None:
         copy_full_into(tensor, value)
 
 
+def local_box(tensor: torch.Tensor) -> tuple[slice, ...]:
+    """The slice of the full tensor that this rank's shard of a DTensor holds (every dim; FSDP, HSDP and
+    expert-parallel shardings all give one contiguous box)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(tensor, DTensor):
+        return tuple(slice(0, n) for n in tensor.shape)
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
 def copy_full_into(tensor: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy a full value into a plain tensor or the local shard of a DTensor."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """Copy a full value (or just the rows ``local_box`` asks for, when ``value`` holds only those) into a
+    plain tensor or this rank's shard of a DTensor, without communication."""
+    from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, DTensor):
-        value = distribute_tensor(value.to(tensor.dtype), tensor.device_mesh, tensor.placements)
-        tensor.to_local().copy_(value.to_local())
+        box = local_box(tensor)
+        if value.shape[0] == box[0].stop - box[0].start and value.shape[0] != tensor.shape[0]:
+            box = (slice(0, value.shape[0]), *box[1:])  # the caller read only this shard's rows
+        local = tensor.to_local()
+        local.copy_(value[box].to(device=local.device, dtype=local.dtype))
     else:
         tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
