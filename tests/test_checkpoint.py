@@ -99,7 +99,8 @@ def test_preemption_signal_saves_exits_0_and_the_rerun_continues(tmp_path, unint
 
 @pytest.mark.slow
 def test_a_checkpoint_continues_under_other_layouts(tmp_path, uninterrupted):
-    """PP=2 -> EP=2 (x FSDP=2) -> none, PP=2 -> PP=1, none -> FSDP=2: each continues the same run."""
+    """PP=2 -> EP=2 (x FSDP=2) -> none, PP=2 -> PP=1, none -> FSDP=2, none -> PP=2: each continues the
+    same run."""
     reference = uninterrupted[1]
     fp32 = 2e-5  # other layouts sum in other orders; the steps are the same
     piped = run_training(tmp_path / "pp2", *BASE, *LOCAL_4, "--parallelism.pipeline_parallel_degree", "2",
@@ -121,6 +122,8 @@ def test_a_checkpoint_continues_under_other_layouts(tmp_path, uninterrupted):
     resume_from(tmp_path / "ep2", 4, "none", *LOCAL_4)
     resume_from(tmp_path / "pp2", 4, "pp1", *LOCAL_4, copy=False)
     resume_from(uninterrupted[0], 2, "fsdp2", *LOCAL_2, nproc=2)
+    # into PP=2: the MTP stage's embedding replica takes the weights and AdamW moments of `embed`
+    resume_from(uninterrupted[0], 4, "into_pp2", *LOCAL_4, "--parallelism.pipeline_parallel_degree", "2", nproc=2)
 
 
 def test_non_finite_loss_stops_with_the_step_or_is_skipped(tmp_path):

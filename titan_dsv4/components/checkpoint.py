@@ -125,6 +125,7 @@ class CheckpointManager:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.names = {id(p): canonical_fqn(n) for part in model_parts for n, p in part.named_parameters()}
         self.followers = followers  # pipeline replicas: their optimizer state is their source's
+        self.replicas = {r: src for part in model_parts for r, src in getattr(part, "pipeline_replicas", {}).items()}
         # async saves talk on their own gloo group so they never interleave with training collectives
         self.async_group = dist.new_group(backend="gloo") if async_mode and dist.is_initialized() else None
         self.async_mode = async_mode
@@ -149,7 +150,7 @@ class CheckpointManager:
                     for key, value in self.optimizer.state.get(p, {}).items():
                         entries[f"{OPTIMIZER_PREFIX}{name}.{key}"] = value
                     continue
-                source = name.replace("mtp_embed.", "embed.") if id(p) in self.followers else name
+                source = self._source_name(name) if id(p) in self.followers else name
                 if f"{OPTIMIZER_PREFIX}{source}.step" not in available:
                     continue
                 state = self.optimizer.state[p] = {
@@ -158,6 +159,13 @@ class CheckpointManager:
                 for key, value in state.items():
                     entries[f"{OPTIMIZER_PREFIX}{source}.{key}"] = value
         return entries
+
+    def _source_name(self, name: str) -> str:
+        """``mtp_embed.weight`` -> ``embed.weight``: the model's ``pipeline_replicas`` name the source."""
+        for replica, source in self.replicas.items():
+            if name.startswith(replica + "."):
+                return source + name[len(replica):]
+        return name
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, trainer_state: dict, model_only: bool = False) -> None:
