@@ -43,3 +43,13 @@ def run_training(dump: Path, *overrides: str, nproc: int = 1, timeout: int = 600
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return read_metrics(dump)
+
+
+def finish_worker(out: str, results: dict) -> None:
+    """A torchrun worker's end: rank 0 writes the results as JSON, then every rank leaves the group."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -10,13 +10,13 @@ gradient after clipping (gathered from its shards), the clipping norm, and every
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from launch import finish_worker
 from titan_dsv4.components.dataloader import build_dataloader
 from titan_dsv4.components.load_balance import update_expert_bias
 from titan_dsv4.components.loss import build_targets, summarise_parts
@@ -150,11 +150,7 @@ def main() -> None:
         name, _, spec = case.partition("=")
         options = dict(item.split(":") for item in spec.split(",") if item)
         results[name] = run_case(options)
-    if dist.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(out, results)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ a single-process reference on the same weights and batch (loss parts and every g
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 
 import torch
 import torch.distributed as dist
 
+from launch import finish_worker
 from titan_dsv4.components.load_balance import update_expert_bias
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.config.job_config import JobConfig
@@ -141,11 +141,7 @@ def main() -> None:
         except Exception as e:  # report, keep going with the other cases
             results[case] = {"error": f"{type(e).__name__}: {e}"}
             raise
-    if dist.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(out, results)
 
 
 if __name__ == "__main__":
