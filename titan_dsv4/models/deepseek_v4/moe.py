@@ -89,8 +89,8 @@ class RoutedExperts(nn.Module):
             up = torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offsets)
             act = (clamped_swiglu(gate, up, self.limit) * ws).to(xs.dtype)
             return fp32(torch._grouped_mm(act, w2.transpose(-2, -1), offs=offsets))
-        outs = []
-        for e, (xe, we) in enumerate(zip(xs.split(counts.tolist()), ws.split(counts.tolist()))):
+        outs, sizes = [], counts.tolist()
+        for e, (xe, we) in enumerate(zip(xs.split(sizes), ws.split(sizes))):
             if xe.shape[0] == 0:
                 continue
             act = clamped_swiglu(xe @ w1[e].t(), xe @ w3[e].t(), self.limit) * we

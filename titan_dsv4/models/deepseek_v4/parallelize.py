@@ -1,5 +1,6 @@
-"""``parallelize_fn`` for DeepSeek-V4: activation checkpointing, compile and FSDP2, per block, applied to
-one pipeline model part from the outside. Backbone blocks and MTP blocks are treated alike."""
+"""``parallelize_fn`` for DeepSeek-V4: expert parallelism, activation checkpointing, compile and FSDP2,
+per block, applied to one pipeline model part from the outside. Backbone blocks and MTP blocks are treated
+alike."""
 
 from __future__ import annotations
 
