@@ -32,7 +32,7 @@ class Router(nn.Module):
         else:
             # aux-loss-free balancing bias: used for selection only, moved outside autograd by the trainer
             self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
-        # tokens routed to each expert since the last balancing update (not saved)
+        # tokens routed to each expert since the last balancing update (not saved; counted by MoE.forward)
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.float32),
                              persistent=False)
 
@@ -54,9 +54,6 @@ class Router(nn.Module):
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.training and not recomputing():
-            with torch.no_grad():
-                self.expert_load += torch.bincount(idx.flatten(), minlength=self.n_experts).float()
         return weights * self.route_scale, idx
 
 
@@ -130,6 +127,8 @@ class MoE(nn.Module):
         order = idx.flatten().argsort(stable=True)
         token = order // idx.shape[1]
         counts = torch.bincount(idx.flatten(), minlength=self.gate.n_experts)
+        if self.training and not recomputing():
+            self.gate.expert_load += counts
         rows = self.experts(flat[token], weights.flatten()[order].unsqueeze(-1), counts)
         routed = fp32(torch.zeros_like(flat)).index_add_(0, token, rows)
         return (routed + fp32(self.shared_experts(flat))).to(x.dtype).view(shape)
