@@ -19,9 +19,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .components.checkpoint import CheckpointError, CheckpointManager, complete_steps, load_model_only
+from .components.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    complete_steps,
+    load_model_only,
+    model_state,
+)
 from .components.dataloader import build_dataloader
-from .components.hf_checkpoint import checkpoint_tensors, load_hf_into, write_index, write_shards
+from .components.hf_checkpoint import load_hf_into, write_index, write_shards
 from .components.load_balance import update_expert_bias
 from .components.loss import build_targets, summarise_parts
 from .components.metrics import MetricsLogger, device_peak_tflops, max_memory_mb
@@ -36,7 +42,6 @@ from .distributed.utils import (
     pick_device,
     shutdown_distributed,
 )
-from .models.deepseek_v4.init import canonical_fqn
 from .models.deepseek_v4.mtp import IGNORE_INDEX
 
 
@@ -294,10 +299,8 @@ class Trainer:
         (gathered over FSDP), global rank 0 writes ``config.json`` and the index last."""
         cfg = self.config
         path = Path(cfg.job.dump_folder) / cfg.checkpoint.folder / f"step-{self.step}-hf"
-        state = {}
-        for part in self.model_parts:
-            for name, tensor in checkpoint_tensors(part).items():
-                state[canonical_fqn(name)] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        state = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                 for name, tensor in model_state(self.model_parts).items()}
         result = ({}, 0)
         if self.parallel_dims.dp_rank() == 0:
             pp_rank = self.parallel_dims.mesh["pp"].get_local_rank() if self.distributed else 0

@@ -241,7 +241,7 @@ def load_hf_into(model: torch.nn.Module, path: str | Path, names: Iterable[str] 
     for name in (names if names is not None else targets):
         # an expert-parallel rank reads only its own experts' weights
         rows = local_box(targets[name])[0] if name.endswith(EXPERT_WEIGHTS) else None
-        copy_full_into(targets[name], reader.load(canonical_fqn(name), rows))
+        copy_full_into(targets[name], reader.load(canonical_fqn(name), rows), rows_only=rows is not None)
     if getattr(model, "mtp_embed", None) is not None and model.embed is not None:
         model.mtp_embed.weight.copy_(model.embed.weight)
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleMulti,
@@ -36,6 +35,7 @@ from torch.distributed.pipelining.schedules import (
 
 from ..config.job_config import JobConfig
 from ..config.manager import ConfigError
+from .utils import local_shard
 
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
 LOOP_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
@@ -305,12 +305,12 @@ class TiedParameters:
                 follower.grad = None
         for p, group, _ in self.cross_rank:
             if group is not None and p.grad is not None:
-                dist.all_reduce(_local(p.grad), group=group)
+                dist.all_reduce(local_shard(p.grad), group=group)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         for owner, follower in self.local:
-            _local(follower).copy_(_local(owner))
+            local_shard(follower).copy_(local_shard(owner))
 
     @torch.no_grad()
     def copy_from_source(self) -> None:
@@ -321,7 +321,7 @@ class TiedParameters:
                 # two members: summing "my rank if I hold the source else 0" yields the source's rank
                 source = torch.tensor([0 if is_replica else dist.get_rank()])
                 dist.all_reduce(source, group=group)
-                dist.broadcast(_local(p), src=int(source.item()), group=group)
+                dist.broadcast(local_shard(p), src=int(source.item()), group=group)
 
 
 def _weight_grads_in_input_pass():
@@ -335,10 +335,6 @@ def _weight_grads_in_input_pass():
     this stage gives up the I/W split.
     """
     return lambda: None
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_rank: int, pp_group: dist.ProcessGroup,

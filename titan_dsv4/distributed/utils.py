@@ -73,10 +73,15 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
     norm = total.sqrt()
     if max_norm > 0 and math.isfinite(norm.item()):
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        local = [local_shard(g) for g in grads]
         for dtype in {g.dtype for g in local}:
             torch._foreach_mul_([g for g in local if g.dtype == dtype], coef.to(dtype))
     return norm.float().cpu()
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

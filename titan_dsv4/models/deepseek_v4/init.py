@@ -102,15 +102,15 @@ def local_box(tensor: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
-def copy_full_into(tensor: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy a full value (or just the rows ``local_box`` asks for, when ``value`` holds only those) into a
-    plain tensor or this rank's shard of a DTensor, without communication."""
+def copy_full_into(tensor: torch.Tensor, value: torch.Tensor, rows_only: bool = False) -> None:
+    """Copy a full value into a plain tensor or this rank's shard of a DTensor, without communication.
+    ``rows_only``: ``value`` already holds just the dim-0 rows of ``local_box`` (an expert-parallel read)."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, DTensor):
         box = local_box(tensor)
-        if value.shape[0] == box[0].stop - box[0].start and value.shape[0] != tensor.shape[0]:
-            box = (slice(0, value.shape[0]), *box[1:])  # the caller read only this shard's rows
+        if rows_only:
+            box = (slice(None), *box[1:])
         local = tensor.to_local()
         local.copy_(value[box].to(device=local.device, dtype=local.dtype))
     else:
