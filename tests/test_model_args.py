@@ -134,26 +134,6 @@ def test_blocked_attention_equals_dense():
         torch.testing.assert_close(dense_grads[name], blocked_grads[name], rtol=1e-4, atol=1e-6)
 
 
-def test_long_sequences_never_materialise_seq_by_seq_scores(monkeypatch):
-    """At seq 1024 the automatic path scores query blocks: no [S, S] tensor (memory-sane on CPU)."""
-    from titan_dsv4.models.deepseek_v4 import attention
-
-    widths = []
-    original = attention.Attention._attend
-
-    def spy(self, x, qr, q, kv, entries, index_keys, ctx, q0, q1, train_indexer):
-        out = original(self, x, qr, q, kv, entries, index_keys, ctx, q0, q1, train_indexer)
-        widths.append((q1 - q0, min(q1, q1 - q0 + self.window)))
-        return out
-
-    monkeypatch.setattr(attention.Attention, "_attend", spy)
-    model = random_model(FLAVORS["debugmodel"]).train()
-    out = model(torch.randint(0, 2048, (1, 1024)))
-    out[0].mean().backward()
-    assert max(q for q, _ in widths) <= attention.AUTO_BLOCK
-    assert max(k for _, k in widths) < 1024
-
-
 def test_indexer_top_k_breaks_exact_ties_by_position():
     from titan_dsv4.models.deepseek_v4.attention import topk_earliest_first
 

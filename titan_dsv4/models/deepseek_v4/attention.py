@@ -3,10 +3,13 @@
 One shared 512-d K=V head, per-head weightless RMS on queries, interleaved RoPE on the trailing dims,
 inverse RoPE on the output, and a grouped low-rank output projection (dsv4-spec.md §2.4-2.7).
 
-The score computation runs over query blocks: each block sees only the raw keys its window can reach and
-the compressed entries, so nothing of size ``[S, S]`` is materialised when the block is smaller than the
-sequence. ``query_block=None`` (one block) is the plain dense reference; ``auto`` picks blocks on GPUs and
-for sequences longer than two blocks (also the faster choice on CPU there). Both are the same math and are tested equal.
+Scores are computed for query blocks, all blocks in one batched matmul: a block of ``b`` queries sees the
+``b + window`` raw keys ending at its last query, so a sliding-window layer never forms ``[S, S]``. The
+compressed entries are either scored densely under the visibility mask (HCA; CSA while few entries exist)
+or, for CSA once entries outnumber the indexer's top-k 4:1, gathered per query so only the chosen ones
+are touched. ``query_block=None`` (one block: every raw key) is the dense reference; ``auto`` picks
+128-query blocks on GPUs and for sequences longer than 256 (faster on CPU too). The sink joins every
+softmax's denominator. All paths are the same math and are tested equal.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from .rope import apply_rope, rope_rotation
 from .running_stats import recomputing
 
 AUTO_BLOCK = 128  # query block used by ``auto`` on GPUs and for sequences longer than 2 blocks
+GATHER_RATIO = 4  # CSA gathers its chosen entries once there are this many entries per chosen one
+SCORE_BUDGET = 2**28  # fp32 score elements of one query chunk (1 GiB): bounds the transient memory
 
 
 @dataclass
@@ -169,10 +174,10 @@ class Indexer(nn.Module):
         # sum of the per-query indexer KL since the trainer last read it (for logging; not saved)
         self.register_buffer("kl_sum", torch.zeros((), dtype=torch.float64), persistent=False)
 
-    def select(self, x: torch.Tensor, qr: torch.Tensor, rotation: torch.Tensor,
-               keys: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, Q, P]`` bool mask of the chosen visible entries for the queries ``x``/``qr``, and the fp32
-        index scores (``-inf`` where not visible)."""
+    def select(self, x: torch.Tensor, qr: torch.Tensor, rotation: torch.Tensor, keys: torch.Tensor,
+               visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the queries ``x``/``qr``: the chosen entries ``[B, Q, k]``, whether each is visible
+        ``[B, Q, k]`` (fewer than k may be), and the fp32 index scores ``[B, Q, P]`` (-inf if not visible)."""
         batch, q_len, _ = x.shape
         q = self.wq_b(qr).view(batch, q_len, self.n_heads, self.head_dim)
         q = apply_rope(q, rotation)
@@ -180,10 +185,37 @@ class Indexer(nn.Module):
         weights = fp32(self.weights_proj(x)) * self.n_heads**-0.5
         scores = torch.einsum("bqhp,bqh->bqp", scores, weights)
         scores = scores.masked_fill(~visible, float("-inf"))
-        k = min(self.topk, scores.shape[-1])
-        top = topk_earliest_first(scores, k)
-        chosen = torch.zeros_like(visible).scatter_(-1, top, True)
-        return chosen & visible, scores
+        top = topk_earliest_first(scores, min(self.topk, scores.shape[-1]))
+        return top, visible.gather(-1, top), scores
+
+
+@dataclass
+class _QueryBlocks:
+    """Queries ``q0:q1`` padded to ``n`` blocks of ``size``; index and document ``[B, n, size]`` (-1 doc: pad)."""
+
+    q0: int
+    q1: int
+    size: int
+    n: int
+    index: torch.Tensor  # [n, size]
+    doc: torch.Tensor  # [B, n, size]
+
+    @classmethod
+    def make(cls, doc_ids: torch.Tensor, q0: int, q1: int, size: int) -> "_QueryBlocks":
+        n = -(-(q1 - q0) // size)
+        index = torch.arange(q0, q0 + n * size, device=doc_ids.device).view(n, size)
+        doc = F.pad(doc_ids[:, q0:q1], (0, n * size - (q1 - q0)), value=-1).view(-1, n, size)
+        return cls(q0, q1, size, n, index, doc)
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """``t[:, q0:q1]`` padded along dim 1 and split into ``[B, n, size, ...]``."""
+        part = t[:, self.q0:self.q1]
+        pad = [0, 0] * (part.dim() - 2) + [0, self.n * self.size - part.shape[1]]
+        return F.pad(part, pad).view(part.shape[0], self.n, self.size, *part.shape[2:])
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, n, size, ...]`` -> ``[B, q1 - q0, ...]``."""
+        return t.flatten(1, 2)[:, : self.q1 - self.q0]
 
 
 class Attention(nn.Module):
@@ -194,6 +226,8 @@ class Attention(nn.Module):
         self.kind = args.layer_kind(layer_id)
         self.rope_kind = "main" if self.kind == "sliding" else "compress"
         self.query_block: int | str | None = "auto"
+        # CSA: attend only to the gathered chosen entries (True), to all under a mask (False), None: by count
+        self.gather_entries: bool | None = None
         h, d = args.hidden_size, args.head_dim
         self.wq_a = nn.Linear(h, args.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
@@ -224,13 +258,15 @@ class Attention(nn.Module):
         index_keys = self.indexer.compressor(x.detach(), ctx).kv if self.indexer is not None else None
         train_indexer = self.indexer is not None and self.training and self.indexer_loss_scale > 0
         block = self._block_size(x)
+        chunk = self._chunk_size(x, block, entries)
         outs, kl = [], []
-        for q0 in range(0, seq, block):
-            q1 = min(seq, q0 + block)
-            out, block_kl = self._attend(x, qr, q, kv, entries, index_keys, ctx, q0, q1, train_indexer)
+        for q0 in range(0, seq, chunk):
+            q1 = min(seq, q0 + chunk)
+            out, chunk_kl = self._attend(x, qr, q, kv, entries, index_keys, ctx, _QueryBlocks.make(
+                ctx.doc_ids, q0, q1, block), train_indexer)
             outs.append(out)
-            if block_kl is not None:
-                kl.append(block_kl.sum())
+            if chunk_kl is not None:
+                kl.append(chunk_kl.sum())
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
         out = apply_rope(out, rotation, inverse=True)
@@ -253,32 +289,76 @@ class Attention(nn.Module):
             return AUTO_BLOCK if (x.is_cuda or seq > 2 * AUTO_BLOCK) else max(seq, 1)
         return int(self.query_block)
 
-    def _attend(self, x, qr, q, kv, entries, index_keys, ctx, q0: int, q1: int,
+    def _gathers(self, entries: CompressedEntries | None) -> bool:
+        if self.indexer is None or entries is None:
+            return False
+        if self.gather_entries is not None:
+            return self.gather_entries
+        return entries.kv.shape[1] >= GATHER_RATIO * self.indexer.topk
+
+    def _chunk_size(self, x: torch.Tensor, block: int, entries: CompressedEntries | None) -> int:
+        """Queries per chunk (a multiple of ``block``) whose fp32 scores stay within ``SCORE_BUDGET``."""
+        num = 0 if entries is None else entries.kv.shape[1]
+        if self._gathers(entries):
+            num = self.indexer.topk
+        per_query = x.shape[0] * self.n_heads * (block + self.window + num)
+        if self.indexer is not None:
+            per_query = max(per_query, x.shape[0] * self.indexer.n_heads * entries.kv.shape[1])
+        return block * max(1, SCORE_BUDGET // (per_query * block))
+
+    def _attend(self, x, qr, q, kv, entries, index_keys, ctx, blocks: _QueryBlocks,
                 train_indexer: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention output ``[B, q1-q0, h, d]`` for queries ``q0:q1`` (keys limited to what they can see),
-        and the per-query indexer KL ``[B, q1-q0]`` when the indexer trains."""
-        device = x.device
-        k0 = max(0, q0 - self.window + 1)
-        q_idx = torch.arange(q0, q1, device=device)
-        k_idx = torch.arange(k0, q1, device=device)
-        q_doc = ctx.doc_ids[:, q0:q1]
-        window_ok = (k_idx[None, :] <= q_idx[:, None]) & (k_idx[None, :] > q_idx[:, None] - self.window)
-        window_ok = window_ok[None] & (ctx.doc_ids[:, None, k0:q1] == q_doc[:, :, None])  # [B, Q, K]
-        keys, allowed, index_scores = kv[:, k0:q1], window_ok, None
+        """Attention output ``[B, q1-q0, h, d]`` for the queries of ``blocks`` and, when the indexer trains,
+        its per-query KL ``[B, q1-q0]``."""
+        size, window = blocks.size, self.window
+        # raw keys of block i: positions start_i - window ... start_i + size - 1 (a strided view of kv)
+        first = blocks.q0 - window
+        span = F.pad(kv[:, max(first, 0): blocks.q1], (0, 0, max(-first, 0), blocks.n * size + window
+                                                       - (blocks.q1 - first)))
+        keys = span.unfold(1, size + window, size)  # [B, n, d, size + window]
+        key_index = blocks.index[:, :1] - window + torch.arange(size + window, device=x.device)  # [n, K]
+        key_doc = F.pad(ctx.doc_ids, (window, blocks.n * size + window), value=-2)
+        key_doc = key_doc[:, first + window: first + window + blocks.n * size + window]
+        key_doc = key_doc.unfold(1, size + window, size)  # [B, n, K]
+        q_index = blocks.index[..., None]
+        allowed = (key_index[:, None, :] <= q_index) & (key_index[:, None, :] > q_index - window)
+        allowed = allowed & (key_doc[:, :, None, :] == blocks.doc[..., None])  # [B, n, size, K]
+        queries = blocks.pad(q)  # [B, n, size, h, d]
+        scores = [torch.einsum("bnqhd,bndk->bnhqk", queries, keys)]
+
+        chosen, index_scores = None, None
         if entries is not None:
-            visible = entries.visible(q_idx, q_doc)
+            visible = entries.visible(blocks.index.flatten(), blocks.doc.flatten(1))  # [B, Q', P]
+            entry_keys = entries.kv
             if self.indexer is not None and visible.shape[-1] > 0:
-                rotation = ctx.rotation["compress"][:, q0:q1]
-                visible, index_scores = self.indexer.select(x[:, q0:q1].detach(), qr[:, q0:q1].detach(),
-                                                            rotation, index_keys, visible)
-            keys = torch.cat([keys, entries.kv], dim=1)
-            allowed = torch.cat([allowed, visible], dim=-1)
-        scores = fp32(torch.einsum("bqhd,bkd->bhqk", q[:, q0:q1], keys)) * self.head_dim**-0.5
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        sink = fp32(self.attn_sink).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]  # sink: denominator only
-        out = torch.einsum("bhqk,bkd->bqhd", probs.to(keys.dtype), keys)
+                rotation = blocks.pad(ctx.rotation["compress"]).flatten(1, 2)
+                top, top_ok, index_scores = self.indexer.select(
+                    blocks.pad(x.detach()).flatten(1, 2), blocks.pad(qr.detach()).flatten(1, 2), rotation,
+                    index_keys, visible)
+                if self._gathers(entries):
+                    chosen, index_scores = top_ok, index_scores.gather(-1, top)
+                    entry_keys = entries.kv[torch.arange(x.shape[0], device=x.device)[:, None, None], top]
+                    entry_keys = entry_keys.view(*queries.shape[:3], *entry_keys.shape[2:])  # [B,n,size,k,d]
+                else:
+                    chosen = torch.zeros_like(visible).scatter_(-1, top, top_ok)
+            else:
+                chosen = visible
+            allowed = torch.cat([allowed, chosen.view(*allowed.shape[:3], -1)], dim=-1)
+            scores.append(torch.einsum("bnqhd,bnqkd->bnhqk" if entry_keys.dim() == 5 else "bnqhd,bkd->bnhqk",
+                                       queries, entry_keys))
+        scores = fp32(torch.cat(scores, dim=-1)) * self.head_dim**-0.5
+        scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
+        sink = fp32(self.attn_sink).view(1, 1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs_fp32 = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]  # sink: denominator only
+        probs = probs_fp32.to(kv.dtype)
+        out = torch.einsum("bnhqk,bndk->bnqhd", probs[..., : size + window], keys)
+        if entries is not None:
+            out = out + torch.einsum("bnhqk,bnqkd->bnqhd" if entry_keys.dim() == 5 else "bnhqk,bkd->bnqhd",
+                                     probs[..., size + window:], entry_keys)
+        out = blocks.unpad(out)
         if not (train_indexer and index_scores is not None):
             return out, None
-        n_window = window_ok.shape[-1]
-        return out, indexer_kl(probs[..., n_window:], index_scores, visible)
+        # [B, n, h, size, P] -> [B, h, Q, P] for the KL, padding queries dropped
+        entry_probs = blocks.unpad(probs_fp32[..., size + window:].transpose(2, 3)).transpose(1, 2)
+        q_len = blocks.q1 - blocks.q0
+        return out, indexer_kl(entry_probs, index_scores[:, :q_len], chosen[:, :q_len])

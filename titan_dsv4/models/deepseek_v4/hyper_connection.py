@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fused import compiled_on_cuda
 from .norm import fp32
 
 
@@ -64,6 +65,29 @@ def sinkhorn(comb_logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return _Sinkhorn.apply(comb_logits, iters, eps)
 
 
+@compiled_on_cuda
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int, iters: int,
+           hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mixing coefficients of one mHC site and the collapsed sub-layer input (all fp32 math)."""
+    mixes = _flat_mix(x, fn, norm_eps)
+    base, scale = fp32(base), fp32(scale)
+    pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
+    pre_b, post_b, comb_b = base.split([n, n, n * n])
+    pre = torch.sigmoid(pre_w * scale[0] + pre_b) + hc_eps
+    post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
+    comb = sinkhorn((comb_w * scale[2] + comb_b).unflatten(-1, (n, n)), iters, hc_eps)
+    collapsed = (pre.unsqueeze(-1) * fp32(x)).sum(dim=2).to(x.dtype)
+    return collapsed, post, comb
+
+
+@compiled_on_cuda
+def hc_post(out: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """``X'_k = post_k * out + sum_j comb[j,k] * X_j`` computed in fp32, cast to the stream dtype."""
+    # sum_j comb[j, k] * X_j as broadcast multiply-adds: n is tiny, a batched 4x4 matmul per token is slow
+    mixed = post.unsqueeze(-1) * fp32(out).unsqueeze(-2) + (comb.unsqueeze(-1) * fp32(residual).unsqueeze(-2)).sum(-3)
+    return mixed.to(residual.dtype)
+
+
 class HyperConnection(nn.Module):
     """One mHC site (before attention or before the MoE) of a block."""
 
@@ -77,23 +101,10 @@ class HyperConnection(nn.Module):
 
     def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(collapsed [B,S,H] in x.dtype, post [B,S,n] fp32, comb [B,S,n,n] fp32)``."""
-        n = self.hc_mult
-        mixes = _flat_mix(x, self.fn, self.norm_eps)
-        base, scale = fp32(self.base), fp32(self.scale)
-        pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
-        pre_b, post_b, comb_b = base.split([n, n, n * n])
-        pre = torch.sigmoid(pre_w * scale[0] + pre_b) + self.hc_eps
-        post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
-        comb = sinkhorn((comb_w * scale[2] + comb_b).unflatten(-1, (n, n)), self.sinkhorn_iters, self.hc_eps)
-        collapsed = (pre.unsqueeze(-1) * fp32(x)).sum(dim=2).to(x.dtype)
-        return collapsed, post, comb
+        return hc_pre(x, self.fn, self.base, self.scale, self.hc_mult, self.sinkhorn_iters, self.hc_eps,
+                      self.norm_eps)
 
-    @staticmethod
-    def post(out: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """``X'_k = post_k * out + sum_j comb[j,k] * X_j`` computed in fp32, cast to the stream dtype."""
-        # sum_j comb[j, k] * X_j as broadcast multiply-adds: n is tiny, a batched 4x4 matmul per token is slow
-        mixed = post.unsqueeze(-1) * fp32(out).unsqueeze(-2) + (comb.unsqueeze(-1) * fp32(residual).unsqueeze(-2)).sum(-3)
-        return mixed.to(residual.dtype)
+    post = staticmethod(hc_post)
 
 
 class HyperHead(nn.Module):

@@ -1,0 +1,113 @@
+"""The fast paths (chosen automatically by device or size) against the exact reference path: block-batched
+sliding-window attention, CSA attending only to its gathered chosen entries, and the compiled (fused) mHC."""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_reference import random_model
+from titan_dsv4.models.deepseek_v4 import FLAVORS
+from titan_dsv4.models.deepseek_v4.attention import AUTO_BLOCK, Attention
+from titan_dsv4.models.deepseek_v4.hyper_connection import hc_post, hc_pre
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _set(model, **attrs):
+    for module in model.modules():
+        if isinstance(module, Attention):
+            for key, value in attrs.items():
+                setattr(module, key, value)
+
+
+def test_gathered_csa_entries_equal_masked_dense_with_trained_indexer():
+    """Gathering each query's top-k entries is the masked dense computation: outputs, every gradient
+    (indexer included, trained by its KL) and the logged KL."""
+    model = random_model(FLAVORS["debugmodel"]).train()
+    model.set_indexer_loss_scale(0.5)
+    ids = torch.randint(0, 2048, (2, 200))
+    positions = torch.cat([torch.arange(90), torch.arange(110)]).expand(2, 200)
+    results = []
+    for gather, block in ((False, None), (True, 48)):
+        _set(model, gather_entries=gather, query_block=block)
+        model.zero_grad()
+        for m in model.modules():
+            if hasattr(m, "kl_sum"):
+                m.kl_sum.zero_()
+        out = model(ids, positions)
+        sum(o.pow(2).mean() for o in out).backward()
+        kl = sum(m.kl_sum.item() for m in model.modules() if hasattr(m, "kl_sum"))
+        results.append((out, _grads(model), kl))
+    (dense, dense_grads, dense_kl), (gathered, gathered_grads, gathered_kl) = results
+    assert dense_kl > 0 and abs(dense_kl - gathered_kl) < 1e-6 * dense_kl
+    for a, b in zip(dense, gathered):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert dense_grads.keys() == gathered_grads.keys()
+    assert any(".indexer." in name for name in dense_grads)
+    for name in dense_grads:
+        torch.testing.assert_close(dense_grads[name], gathered_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the shape of every tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_long_sequences_never_materialise_seq_by_seq_scores():
+    """At seq 1024 the automatic path (forward and backward) makes no tensor with two sequence-long axes,
+    and no CSA tensor scores every compressed entry for every query (it gathers the chosen ones)."""
+    seq = 1024
+    model = random_model(FLAVORS["debugmodel"]).train()
+    ids = torch.randint(0, 2048, (1, seq))
+    with _LargestTensor() as spy:
+        out = model(ids)
+        out[0].mean().backward()
+    assert not [s for s in spy.shapes if sum(n == seq for n in s) >= 2]
+    # scores are [B, blocks, heads, block, keys]; CSA scores over every entry would have window keys + all
+    # seq/4 entries (>= 384) on the key axis; gathered, it is window keys + top-k
+    entries, heads = seq // 4, model.args.num_attention_heads
+    key_axes = {s[-1] for s in spy.shapes if len(s) == 5 and s[2:4] == (heads, AUTO_BLOCK)}
+    assert max(key_axes) < entries + AUTO_BLOCK
+    assert AUTO_BLOCK + model.args.sliding_window + model.args.index_topk + 1 in key_axes  # + the sink
+
+
+def test_compiled_mhc_equals_eager():
+    """The fused (compiled) mHC site used on GPUs is the eager fp32 math, outputs and gradients; no graph
+    break. (Inductor on CPU compiles the same graph inductor compiles for CUDA.)"""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    n, hidden = 4, 32
+    x = torch.randn(2, 16, n, hidden, generator=gen, requires_grad=True)
+    fn = (0.1 * torch.randn((2 + n) * n, n * hidden, generator=gen)).requires_grad_()
+    base = torch.randn((2 + n) * n, generator=gen, requires_grad=True)
+    scale = torch.rand(3, generator=gen).add(0.5).requires_grad_()
+    sub_out = torch.randn(2, 16, hidden, generator=gen, requires_grad=True)
+    inputs = (x, fn, base, scale, sub_out)
+
+    def run(pre, post):
+        collapsed, post_w, comb = pre(x, fn, base, scale, n, 20, 1e-6, 1e-6)
+        stream = post(sub_out, x, post_w, comb)
+        (stream.square().sum() + collapsed.sin().sum()).backward()
+        grads = [t.grad.clone() for t in inputs]
+        for t in inputs:
+            t.grad = None
+        return [stream, collapsed, post_w, comb, *grads]
+
+    torch._dynamo.utils.counters.clear()
+    eager = run(hc_pre.__wrapped__, hc_post.__wrapped__)
+    fused = run(torch.compile(hc_pre.__wrapped__, fullgraph=True),
+                torch.compile(hc_post.__wrapped__, fullgraph=True))
+    assert not torch._dynamo.utils.counters["graph_break"]
+    for a, b in zip(eager, fused):  # fp32 sums in another order: 1e-5 of each tensor's scale
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * a.abs().max().item())
