@@ -1,0 +1,320 @@
+"""One-GPU speed of a DeepSeek-V4-shaped model: tokens/s, MFU, peak memory, MTP overhead, time by component.
+
+The model keeps V4's shapes where they set the cost (512-d single-KV-head attention with sinks, q/o low
+rank, 4 mHC streams with 20 Sinkhorn iterations, the real 129k vocabulary, 64 routed experts top-6 + a
+shared one) and every layer type (hash-routed, sliding, CSA with indexer, HCA, an MTP block), sized to fit
+one GPU in bf16. A step is forward + main/MTP loss + backward (no optimizer: FSDP divides its cost).
+
+Baselines measured in the same run: a large bf16 matmul (the attainable matmul peak) and the same model with
+the fast paths switched back to the exact ones (eager mHC, per-expert loop). Component times are CUDA-event
+timings of each component's forward + backward on the real shapes; their FLOP shares come from
+``DeepseekV4ModelArgs`` counts. Writes a JSON summary and the profiler's top kernels to ``--out``.
+
+    python scripts/bench_gpu.py [--seq 4096] [--batch 2] [--steps 6] [--out DIR] [--compile-blocks]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+import traceback
+
+import torch
+
+from titan_dsv4.components.loss import MTPLoss, build_targets
+from titan_dsv4.components.metrics import device_peak_tflops
+from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
+from titan_dsv4.models.deepseek_v4 import hyper_connection
+from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
+
+BENCH_ARGS = dict(
+    hidden_size=2048, num_hidden_layers=6, num_attention_heads=32, head_dim=512, q_lora_rank=1024,
+    o_lora_rank=512, o_groups=4, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=1024,
+    num_hash_layers=1, compress_ratios=[0, 0, 4, 128, 4, 128, 0], index_n_heads=64, index_head_dim=128,
+    index_topk=512, num_nextn_predict_layers=1,
+)
+
+
+def bench_args(mtp: int):
+    return dataclasses.replace(FLAVORS["flash"], **BENCH_ARGS).with_mtp_layers(mtp)
+
+
+@torch.no_grad()
+def fast_init(model: DeepseekV4Model) -> None:
+    """Random init on the GPU (the per-FQN CPU init of ``init.py`` is exact but slow for billions)."""
+    h = model.args.hidden_size
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("tid2eid"):
+            k, e = model.args.num_experts_per_tok, model.args.n_routed_experts
+            t.copy_(torch.rand(t.shape[0], e, device=t.device).argsort(dim=-1)[:, :k])
+        elif leaf in ("base", "attn_sink", "ape", "bias", "expert_load", "kl_sum"):
+            t.zero_()
+        elif leaf == "scale" or name.endswith("norm.weight"):
+            t.fill_(1.0)
+        elif name == "embed.weight":
+            t.normal_(0.0, 1.0)
+        elif name == "head.weight":
+            t.normal_(0.0, h**-0.5)
+        else:
+            t.normal_(0.0, 0.02)
+
+
+def build(mtp: int, device: torch.device) -> DeepseekV4Model:
+    with torch.device(device):
+        model = DeepseekV4Model(bench_args(mtp))
+    model.to(torch.bfloat16)
+    fast_init(model)
+    return model.train()
+
+
+def batch(args, batch_size: int, seq: int, device: torch.device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(2, args.vocab_size, (batch_size, seq + 1), device=device, generator=gen)
+    positions = torch.arange(seq, device=device).expand(batch_size, seq)
+    return ids[:, :-1], build_targets(ids[:, 1:], positions, args.num_mtp_layers)
+
+
+def cuda_time(fn, warmup: int, iters: int) -> float:
+    """Mean seconds of ``fn`` over ``iters`` calls after ``warmup`` (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def matmul_tflops(device: torch.device) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    seconds = cuda_time(lambda: a @ b, 3, 10)
+    return 2 * 8192**3 / seconds / 1e12
+
+
+def exact_paths(on: bool) -> None:
+    """Switch the GPU fast paths back to the exact ones (eager mHC, per-expert loop) or restore them."""
+    hc = hyper_connection
+    if on:
+        hc.hc_pre_fast, hc.HyperConnection.post_fast = hc.hc_pre, hc.HyperConnection.post
+        hc.hc_pre = hc.hc_pre.__wrapped__
+        hc.HyperConnection.post = staticmethod(hc.hc_post.__wrapped__)
+        RoutedExperts.use_grouped_mm = False
+    else:
+        hc.hc_pre = hc.hc_pre_fast
+        hc.HyperConnection.post = hc.HyperConnection.post_fast
+        RoutedExperts.use_grouped_mm = None
+
+
+def step_fn(model, loss_fn, ids, targets):
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(ids), targets)
+        loss.backward()
+        loss_fn.parts.clear()
+    return step
+
+
+def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = False) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    model = build(mtp, device)
+    args = model.args
+    ids, targets = batch(args, opts.batch, opts.seq, device)
+    loss_fn = MTPLoss(mtp, 0.3)
+    if compile_blocks:
+        from titan_dsv4.models.deepseek_v4.parallelize import apply_compile
+        torch._dynamo.utils.counters.clear()
+        apply_compile(model)
+    step = step_fn(model, loss_fn, ids, targets)
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    seconds = cuda_time(step, 1, opts.steps)
+    tokens = opts.batch * opts.seq
+    flops = args.training_flops_per_token(opts.seq) * tokens
+    result = dict(mtp=mtp, step_s=seconds, first_step_s=first, tokens_per_s=tokens / seconds,
+                  tflops=flops / seconds / 1e12, mfu=flops / seconds / 1e12 / peak,
+                  peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+                  params_b=args.num_params() / 1e9, flops_per_token=args.training_flops_per_token(opts.seq))
+    if compile_blocks:
+        result["graph_breaks"] = {str(k): v for k, v in torch._dynamo.utils.counters["graph_break"].items()}
+    del model, step
+    return result
+
+
+def component_flops(args, seq: int) -> dict[str, float]:
+    """Training FLOPs per token by component (6 x matmul params + attention scores/values)."""
+    out = {"attention": 0.0, "moe": 0.0, "mhc": 0.0, "head_loss": 0.0}
+    layers = args.num_hidden_layers + args.num_mtp_layers
+    h, n = args.hidden_size, args.hc_mult
+    for i in range(layers):
+        parts = args._block_params(i)
+        out["moe"] += 6.0 * (parts["gate"] + parts["shared"]
+                             + parts["routed"] * args.num_experts_per_tok / args.n_routed_experts)
+        out["mhc"] += 6.0 * 2 * (2 + n) * n * n * h
+    attention_core = args.training_flops_per_token(seq) - 6.0 * args.num_active_params()
+    out["attention"] = attention_core + 6.0 * sum(args._block_params(i)["attn"] for i in range(layers))
+    out["head_loss"] = 6.0 * (1 + args.num_mtp_layers) * args.vocab_size * h
+    out["total"] = args.training_flops_per_token(seq)
+    return out
+
+
+def component_times(opts, device) -> dict[str, float]:
+    """Seconds per step spent in each component, forward + backward, from timings on the real shapes."""
+    model = build(1, device)
+    args = model.args
+    b, s, h, n = opts.batch, opts.seq, args.hidden_size, args.hc_mult
+    ids, targets = batch(args, b, s, device)
+    ctx = model.attention_context(torch.arange(s, device=device).expand(b, s))
+    x = torch.randn(b, s, h, device=device, dtype=torch.bfloat16, requires_grad=True)
+    stream = torch.randn(b, s, n, h, device=device, dtype=torch.bfloat16, requires_grad=True)
+    times = {"attention": 0.0, "moe": 0.0, "mhc": 0.0, "head_loss": 0.0}
+
+    def fwd_bwd(fn):
+        def run():
+            out = fn()
+            out = out if isinstance(out, torch.Tensor) else out[0]
+            out.float().sum().backward()
+        return cuda_time(run, 2, 5)
+
+    blocks = [*model.layers.values(), *model.mtp.values()]
+    for block in blocks:
+        times["attention"] += fwd_bwd(lambda: block.attn(x, ctx))
+        times["moe"] += fwd_bwd(lambda: block.ffn(x, ids))
+        for site in (block.hc_attn, block.hc_ffn):
+            def mhc(site=site):
+                collapsed, post, comb = site.pre(stream)
+                return hyper_connection.HyperConnection.post(collapsed, stream, post, comb)
+            times["mhc"] += fwd_bwd(mhc)
+    loss_fn = MTPLoss(1, 0.3)
+    hidden = torch.randn(b, s, h, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def head_loss():
+        logits = model._logits(torch.stack([model.norm(model.hc_head(stream)), hidden]))
+        out = loss_fn(tuple(logits.unbind(0)), targets)
+        loss_fn.parts.clear()
+        return out
+    times["head_loss"] = fwd_bwd(head_loss)
+    return times
+
+
+def profile_top_kernels(opts, device, path: str) -> None:
+    model = build(1, device)
+    ids, targets = batch(model.args, opts.batch, opts.seq, device)
+    step = step_fn(model, MTPLoss(1, 0.3), ids, targets)
+    step()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    del model
+
+
+def check_fast_paths_on_gpu(device) -> dict:
+    """The fast paths equal the exact ones on this GPU (tiny model, fp32 for attention/mHC, bf16 experts)."""
+    from titan_dsv4.models.deepseek_v4.attention import Attention
+
+    args = FLAVORS["debugmodel"]
+    with torch.device(device):
+        model = DeepseekV4Model(args)
+    fast_init(model)
+    model.train()
+    ids = torch.randint(2, args.vocab_size, (2, 300), device=device)
+    results = []
+    for exact in (True, False):
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.query_block, m.gather_entries = (None, False) if exact else ("auto", True)
+        exact_paths(exact)
+        model.zero_grad()
+        out = model(ids)
+        sum(o.square().mean() for o in out).backward()
+        results.append(([o.detach() for o in out], {k: p.grad.clone() for k, p in model.named_parameters()
+                                                     if p.grad is not None}))
+        if exact:
+            exact_paths(False)
+    (a_out, a_grad), (b_out, b_grad) = results
+    out_err = max(((x - y).norm() / x.norm()).item() for x, y in zip(a_out, b_out))
+    grad_err = max((((a_grad[k] - b_grad[k]).norm() / a_grad[k].norm().clamp(min=1e-30)).item(), k)
+                   for k in a_grad)
+    experts = RoutedExperts(8, 256, 128, 10.0).to(device=device, dtype=torch.bfloat16)
+    for w in experts.parameters():
+        torch.nn.init.normal_(w, 0, 0.05)
+    xs = torch.randn(1000, 256, device=device, dtype=torch.bfloat16)
+    ws = torch.rand(1000, 1, device=device)
+    counts = torch.tensor([0, 300, 100, 0, 250, 150, 200, 0], device=device)
+    RoutedExperts.use_grouped_mm = False
+    loop = experts(xs, ws, counts)
+    RoutedExperts.use_grouped_mm = True
+    grouped = experts(xs, ws, counts)
+    RoutedExperts.use_grouped_mm = None
+    gmm_err = ((loop - grouped).norm() / loop.norm()).item()
+    return dict(model_out_rel_err=out_err, model_grad_rel_err=grad_err, grouped_mm_rel_err=gmm_err)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", default="bench_gpu_out")
+    parser.add_argument("--compile-blocks", action="store_true", help="also time [compile] per block")
+    parser.add_argument("--budget-s", type=float, default=420, help="skip optional parts past this time")
+    opts = parser.parse_args()
+    os.makedirs(opts.out, exist_ok=True)
+    device = torch.device("cuda")
+    began = time.perf_counter()
+    summary: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                     "seq": opts.seq, "batch": opts.batch, "model": BENCH_ARGS}
+    peak = device_peak_tflops(device) or 989.0
+
+    def part(name, fn):
+        t0 = time.perf_counter()
+        try:
+            summary[name] = fn()
+        except Exception as exc:  # report and go on: one failing part must not cost the others
+            summary[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+        summary.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        print(name, json.dumps(summary[name], default=str)[:2000], flush=True)
+        with open(os.path.join(opts.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+        torch.cuda.empty_cache()
+
+    part("gpu_equality", lambda: check_fast_paths_on_gpu(device))
+    torch._dynamo.reset()  # the benchmark's shapes compile afresh (static), not as dynamic-shape kernels
+    part("matmul_peak_tflops", lambda: matmul_tflops(device))
+    summary["datasheet_peak_tflops"] = peak
+    part("fast_mtp0", lambda: measure_step(0, opts, device, peak))
+    part("fast_mtp1", lambda: measure_step(1, opts, device, peak))
+
+    def exact(mtp):
+        exact_paths(True)
+        try:
+            return measure_step(mtp, opts, device, peak)
+        finally:
+            exact_paths(False)
+    part("exact_mtp1", lambda: exact(1))
+    part("component_s", lambda: component_times(opts, device))
+    part("component_flops_per_token", lambda: component_flops(bench_args(1), opts.seq))
+    part("profile", lambda: profile_top_kernels(opts, device, os.path.join(opts.out, "top_kernels.txt")))
+    if opts.compile_blocks and time.perf_counter() - began < opts.budget_s:
+        part("compiled_mtp1", lambda: measure_step(1, opts, device, peak, compile_blocks=True))
+    summary["total_s"] = round(time.perf_counter() - began, 1)
+    with open(os.path.join(opts.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    print("done", summary["total_s"], flush=True)
+
+
+if __name__ == "__main__":
+    main()
