@@ -27,7 +27,7 @@ import torch
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.components.metrics import device_peak_tflops
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
-from titan_dsv4.models.deepseek_v4 import hyper_connection
+from titan_dsv4.models.deepseek_v4 import fp32_linear, hyper_connection
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 
 BENCH_ARGS = dict(
@@ -100,8 +100,10 @@ def matmul_tflops(device: torch.device) -> float:
 
 
 def exact_paths(on: bool) -> None:
-    """Switch the GPU fast paths back to the exact ones (eager mHC, per-expert loop) or restore them."""
+    """Switch the GPU fast paths back to the plain ones (eager mHC, per-expert loop, fp32 GEMMs) or restore
+    them."""
     hc = hyper_connection
+    fp32_linear.use_bf16_parts = not on
     if on:
         hc.hc_pre_fast, hc.HyperConnection.post_fast = hc.hc_pre, hc.HyperConnection.post
         hc.hc_pre = hc.hc_pre.__wrapped__
@@ -260,7 +262,16 @@ def check_fast_paths_on_gpu(device) -> dict:
     grouped = experts(xs, ws, counts)
     RoutedExperts.use_grouped_mm = None
     gmm_err = ((loop - grouped).norm() / loop.norm()).item()
-    return dict(model_out_rel_err=out_err, model_grad_rel_err=grad_err, grouped_mm_rel_err=gmm_err)
+    a = torch.randn(4096, 2048, device=device, dtype=torch.bfloat16)
+    w = torch.randn(8192, 2048, device=device)
+    ref = a.double() @ w.double().t()
+    split = fp32_linear.fp32_linear(a, w)
+    fp32_linear.use_bf16_parts = False
+    plain = fp32_linear.fp32_linear(a, w)
+    fp32_linear.use_bf16_parts = True
+    return dict(model_out_rel_err=out_err, model_grad_rel_err=grad_err, grouped_mm_rel_err=gmm_err,
+                fp32_linear_max_err=(split - ref).abs().max().item(),
+                fp32_gemm_max_err=(plain - ref).abs().max().item())
 
 
 def main() -> None:

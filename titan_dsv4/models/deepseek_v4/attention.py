@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import CSA_RATIO, DeepseekV4ModelArgs
+from .fp32_linear import fp32_linear
 from .norm import RMSNorm, fp32, rms_normalise
 from .rope import apply_rope, rope_rotation
 from .running_stats import recomputing
@@ -86,8 +87,8 @@ class Compressor(nn.Module):
         valid = torch.arange(num, device=x.device)[None, :] < counts[:, None]
         end = torch.where(valid, order, torch.full_like(order, m - 1))
 
-        kv = F.linear(fp32(x), fp32(self.wkv.weight))
-        gate = F.linear(fp32(x), fp32(self.wgate.weight))
+        kv = fp32_linear(x, self.wkv.weight)
+        gate = fp32_linear(x, self.wgate.weight)
         slots = end[:, :, None] - (m - 1) + torch.arange(m, device=x.device)  # [B, P, m]
         kv_w = _gather_tokens(kv, slots)
         gate_w = _gather_tokens(gate, slots) + fp32(self.ape)
@@ -181,7 +182,8 @@ class Indexer(nn.Module):
         batch, q_len, _ = x.shape
         q = self.wq_b(qr).view(batch, q_len, self.n_heads, self.head_dim)
         q = apply_rope(q, rotation)
-        scores = torch.einsum("bqhd,bpd->bqhp", fp32(q), fp32(keys)).relu() * self.head_dim**-0.5
+        scores = torch.stack([fp32_linear(q_row, keys_row) for q_row, keys_row in zip(q, keys)])  # [B,Q,h,P]
+        scores = scores.relu() * self.head_dim**-0.5
         weights = fp32(self.weights_proj(x)) * self.n_heads**-0.5
         scores = torch.einsum("bqhp,bqh->bqp", scores, weights)
         scores = scores.masked_fill(~visible, float("-inf"))

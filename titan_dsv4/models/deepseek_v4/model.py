@@ -4,17 +4,17 @@ hold are ``None`` (or missing from ``layers``/``mtp``) and their step is skipped
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .args import DeepseekV4ModelArgs
 from .attention import AttentionContext
 from .block import Block
 from .document import default_positions, document_ids
+from .fp32_linear import fp32_linear
 from .hyper_connection import HyperHead
 from .init import init_weights
 from .mtp import MTPBlock, mtp_input_ids
-from .norm import RMSNorm, fp32
+from .norm import RMSNorm
 from .pipeline import PIPELINE_REPLICAS, pipeline_stage_metas, pipeline_stage_modules
 from .rope import rope_inv_freq, rope_rotation
 
@@ -78,7 +78,7 @@ class DeepseekV4Model(nn.Module):
         return tuple(self._logits(torch.stack(hiddens)).unbind(0))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(fp32(hidden), fp32(self.head.weight))  # fp32 LM head
+        return fp32_linear(hidden, self.head.weight)  # fp32 LM head
 
     def attention_context(self, positions: torch.Tensor) -> AttentionContext:
         a = self.args

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import DeepseekV4ModelArgs
+from .fp32_linear import fp32_linear
 from .norm import fp32
 from .running_stats import recomputing
 
@@ -38,7 +39,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[T, H]`` -> (weights ``[T, k]`` fp32, expert ids ``[T, k]``)."""
-        logits = F.linear(fp32(x), fp32(self.weight))
+        logits = fp32_linear(x, self.weight)
         if self.scoring_func == "softmax":
             scores = logits.softmax(dim=-1)
         elif self.scoring_func == "sigmoid":
