@@ -125,9 +125,12 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx = self.gate(flat, input_ids)
-        order = idx.flatten().argsort(stable=True)
+        flat_idx = idx.flatten()
+        order = flat_idx.argsort(stable=True)
         token = order // idx.shape[1]
-        counts = torch.bincount(idx.flatten(), minlength=self.gate.n_experts)
+        # counts with a static shape (bincount's depends on the data: a graph break under compile)
+        counts = torch.zeros(self.gate.n_experts, dtype=torch.long, device=x.device).index_add_(
+            0, flat_idx, torch.ones_like(flat_idx))
         if self.training and not recomputing():
             self.gate.expert_load += counts
         rows = self.experts(flat[token], weights.flatten()[order].unsqueeze(-1), counts)
