@@ -182,8 +182,8 @@ class Trainer:
             if self.pipeline is not None:
                 self.pipeline.step(ids, pos, target, global_valid)
             else:
-                outputs = self.model_parts[0](ids, pos)
-                self.loss_fn(outputs, target, global_valid).backward()
+                # no name for the logits: they would stay alive (fp32 [B, S, V] per depth) through backward
+                self.loss_fn(self.model_parts[0](ids, pos), target, global_valid).backward()
         if self.pipeline is not None:
             self.pipeline.ties.reduce_grads()
         grad_norm = clip_grad_norm_(self.norm_params, self.config.training.max_norm, self.pp_group)

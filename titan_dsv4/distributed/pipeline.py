@@ -238,7 +238,8 @@ class PipelineParts:
         if self.has_last_stage:
             kwargs.update(target=targets, losses=[])
         args = (input_ids,) if self.has_first_stage else ()
-        self.schedule.step(*args, **kwargs)
+        # the loss is taken inside the schedule; returning outputs would keep every microbatch's logits
+        self.schedule.step(*args, return_outputs=False, **kwargs)
 
 
 class TiedParameters:
