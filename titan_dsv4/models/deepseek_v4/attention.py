@@ -193,7 +193,8 @@ class Indexer(nn.Module):
 
 @dataclass
 class _QueryBlocks:
-    """Queries ``q0:q1`` padded to ``n`` blocks of ``size``; index and document ``[B, n, size]`` (-1 doc: pad)."""
+    """Queries ``q0:q1`` padded to ``n`` blocks of ``size``: their index ``[n, size]`` and document
+    ``[B, n, size]`` (-1: padding)."""
 
     q0: int
     q1: int
@@ -299,11 +300,14 @@ class Attention(nn.Module):
         return entries.kv.shape[1] >= GATHER_RATIO * self.indexer.topk
 
     def _chunk_size(self, x: torch.Tensor, block: int, entries: CompressedEntries | None) -> int:
-        """Queries per chunk (a multiple of ``block``) whose fp32 scores stay within ``SCORE_BUDGET``."""
+        """Queries per chunk (a multiple of ``block``) whose fp32 scores (and gathered keys) stay within
+        ``SCORE_BUDGET``."""
         num = 0 if entries is None else entries.kv.shape[1]
+        per_query = 0
         if self._gathers(entries):
             num = self.indexer.topk
-        per_query = x.shape[0] * self.n_heads * (block + self.window + num)
+            per_query = x.shape[0] * num * self.head_dim // 2  # the gathered bf16 keys, in fp32 units
+        per_query += x.shape[0] * self.n_heads * (block + self.window + num)
         if self.indexer is not None:
             per_query = max(per_query, x.shape[0] * self.indexer.n_heads * entries.kv.shape[1])
         return block * max(1, SCORE_BUDGET // (per_query * block))

@@ -1,0 +1,51 @@
+"""The real Trainer's measured peak of live tensor bytes over its first two steps, per rank, from the
+profiler's allocation events (the CPU counterpart of ``torch.cuda.max_memory_allocated``).
+
+    [torchrun --nproc_per_node N] tests/memory_worker.py OUT.json --section.key value ...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+from titan_dsv4.config import load_config
+from titan_dsv4.config.validate import validate
+from titan_dsv4.distributed.utils import launched_world_size
+from titan_dsv4.train import Trainer
+
+
+def main() -> None:
+    out, argv = sys.argv[1], sys.argv[2:]
+    config = load_config(argv)
+    setup = validate(config, launched_world_size())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer = Trainer(config, setup)
+        for _ in range(2):
+            trainer.train_step()
+    live = peak = 0
+    events = prof.profiler.kineto_results.events()  # one "[memory]" event per allocation (+) and free (-)
+    for _, delta in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        live += delta
+        peak = max(peak, live)
+    dims = trainer.parallel_dims
+    pp_rank = dims.mesh["pp"].get_local_rank() if trainer.distributed and dims.pp_enabled else 0
+    results = [None] * (dist.get_world_size() if trainer.distributed else 1)
+    if trainer.distributed:
+        dist.all_gather_object(results, {"pp_rank": pp_rank, "peak": peak})
+    else:
+        results = [{"pp_rank": pp_rank, "peak": peak}]
+    trainer.metrics.close()
+    if trainer.rank == 0:
+        Path(out).write_text(json.dumps(results))
+    if trainer.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

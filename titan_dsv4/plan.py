@@ -1,0 +1,366 @@
+"""Per-rank memory plan of a train config, before renting the cluster:
+
+    python -m titan_dsv4.plan --job.config_file X.toml [--section.key value ...] [--ngpu N] \\
+        [--gpu-memory-gib 80] [--device cuda|cpu]
+
+For every pipeline rank: model state (parameters, gradients and AdamW moments, counted from the shard each
+rank keeps: FSDP's padded dim-0 shards, EP's expert rows), FSDP's unsharded compute copies (the whole stage
+under PP, where parameters stay gathered between forward and backward; two units otherwise), activations
+and the backward's transient peak per microbatch, times the microbatches in flight at the worst moment of
+the configured torch schedule (simulated from its own action list), and expert-parallel all-to-all buffers.
+
+Activations are not a formula: each stage runs one microbatch forward and backward on the ``meta`` device
+(shapes only, no memory, seconds even for Pro) with activation checkpointing applied as configured, while a
+dispatch mode tracks the live bytes of every tensor the ops create. So the mHC streams, MTP depths, the fp32
+logits and everything else this code keeps are counted as this code keeps them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .config import ConfigError, load_config
+from .config.job_config import JobConfig
+from .config.validate import RunSetup, validate
+from .distributed.pipeline import prune_to_stage
+from .models.deepseek_v4.init import EXPERT_WEIGHTS
+
+GIB = 2**30
+CUDA_RESERVE_GIB = 3.0  # CUDA context, NCCL buffers and cuBLAS workspaces per GPU (not tensors we allocate)
+FRAGMENTATION = 0.92  # the share of GPU memory the caching allocator can be expected to fill
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of the tensors ops create (views share their storage), and their peak."""
+
+    def __init__(self, existing: list[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.storages: dict[int, list[int]] = {}  # storage id -> [tensors alive, bytes]
+        self.existing = {t.untyped_storage()._cdata for t in existing}  # views of these are not new bytes
+        self.live = self.peak = 0
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.existing:
+            return
+        if key in self.storages:
+            self.storages[key][0] += 1
+        else:
+            self.storages[key] = [1, storage.nbytes()]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.storages.get(key)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.live -= entry[1]
+                del self.storages[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+@dataclass
+class StageActivations:
+    held: int  # bytes one microbatch keeps from its forward until its backward
+    backward_extra: int  # further bytes while that microbatch's backward runs (gradients, recompute)
+
+
+@dataclass
+class RankPlan:
+    pp_rank: int
+    stages: list[int]
+    params: int
+    grads: int
+    optimizer: int
+    unsharded: int  # FSDP's gathered compute copies (and one unit's unsharded gradients)
+    activations: int  # at the schedule's worst moment
+    in_flight: dict[int, int]  # stage -> microbatches held at that moment
+    all_to_all: int
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.unsharded + self.activations + self.all_to_all
+
+
+def _local_numel(shape: torch.Size, shards: int) -> int:
+    """Elements of the largest dim-0 shard (FSDP pads dim 0 to a multiple of the shard count)."""
+    if not shape:
+        return 1
+    return math.ceil(shape[0] / shards) * math.prod(shape[1:])
+
+
+def _compute_dtype(config: JobConfig, setup: RunSetup, device: str) -> torch.dtype:
+    """What the trainer computes in: FSDP's param dtype on GPUs with data parallelism, else fp32."""
+    if device == "cuda" and setup.parallel_dims.dp_enabled:
+        return getattr(torch, config.training.mixed_precision_param)
+    return torch.float32
+
+
+def _stage_inputs(model: nn.Module, setup: RunSetup, config: JobConfig, first: bool, dtype: torch.dtype):
+    args, mb, seq = setup.model_args, _microbatch(config, setup), config.training.seq_len
+    ids = torch.zeros(mb, seq, dtype=torch.long, device="meta")
+    positions = torch.arange(seq, device="meta").expand(mb, seq)
+    if first:
+        return (ids,), dict(positions=positions)
+    stream = torch.zeros(mb, seq, args.hc_mult, args.hidden_size, dtype=dtype, device="meta",
+                         requires_grad=True)
+    return (stream,), dict(positions=positions, input_ids=ids)
+
+
+def _microbatch(config: JobConfig, setup: RunSetup) -> int:
+    if setup.pipeline_plan is None:
+        return config.training.local_batch_size
+    return setup.pipeline_plan.microbatch_size
+
+
+def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, first: bool, last: bool,
+                  dtype: torch.dtype) -> StageActivations:
+    """One microbatch forward + backward of a (meta) stage under the configured activation checkpointing."""
+    from .models.deepseek_v4.moe import RoutedExperts
+    from .models.deepseek_v4.parallelize import apply_activation_checkpointing
+
+    model = stage_model.to(dtype)
+    model.train()
+    apply_activation_checkpointing(model, config.activation_checkpoint.mode)
+    if config.training.indexer_loss_coeff > 0:
+        model.set_indexer_loss_scale(1.0)
+    for p in model.parameters():  # FSDP frees each unit's unsharded gradient after reduce-scatter: free now
+        p.register_post_accumulate_grad_hook(lambda param: setattr(param, "grad", None))
+    args, kwargs = _stage_inputs(model, setup, config, first, dtype)
+    loss_fn = setup.spec.build_loss_fn(config, setup.model_args)
+    original = RoutedExperts.forward
+    RoutedExperts.forward = _shape_only_experts  # the exact loop needs expert counts, which meta lacks
+    try:
+        with LiveBytes([*model.parameters(), *model.buffers()]) as tracker:
+            out = model(*args, **kwargs)
+            if last:
+                targets = torch.zeros(*args[0].shape[:2], 1 + setup.model_args.num_nextn_predict_layers,
+                                      dtype=torch.long, device=args[0].device)
+                out = loss_fn(out, targets, 1.0)
+            held = tracker.live
+            (out if last else out.float().sum()).backward()
+            peak = tracker.peak
+    finally:
+        RoutedExperts.forward = original
+    return StageActivations(held=held, backward_extra=max(peak - held, 0))
+
+
+def _shape_only_experts(self, xs: torch.Tensor, ws: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The routed experts' activations with the shapes of the grouped computation (one expert's weights,
+    detached: expert weight gradients are FSDP's per-unit term)."""
+    from .models.deepseek_v4.moe import clamped_swiglu, local_tensor
+    from .models.deepseek_v4.norm import fp32
+
+    w1, w2, w3 = (local_tensor(w)[0].detach() for w in (self.w1, self.w2, self.w3))
+    act = clamped_swiglu(xs @ w1.t(), xs @ w3.t(), self.limit) * ws
+    return fp32(act.to(xs.dtype) @ w2.t())
+
+
+def schedule_actions(setup: RunSetup, pp_rank: int) -> list[tuple[str, int]]:
+    """``(kind, stage)`` compute actions of one pipeline rank, in order, from torch's own schedule
+    (kind: F forward, B full backward, I input-gradient backward, W weight-gradient backward)."""
+    from torch.distributed.pipelining import schedules
+
+    plan = setup.pipeline_plan
+    if plan.schedule == "CSV":
+        with open(plan.csv_path) as f:
+            rows = [line.strip().split(",") for line in f if line.strip()]
+        actions = [schedules._Action.from_str(cell) for cell in rows[pp_rank] if cell.strip()]
+    else:
+        cls = schedules.get_schedule_class(plan.schedule)
+        stages = [_ScheduleStage(s, plan.num_stages, plan.pp, pp_rank) for s in plan.stage_ids(pp_rank)]
+        if plan.stages_per_rank == 1:
+            schedule = cls(stages[0], plan.n_microbatches)
+        else:
+            schedule = cls(stages, plan.n_microbatches)
+        actions = [a for a in schedule.pipeline_order[pp_rank] if a is not None]
+    out = []
+    for action in actions:
+        for a in getattr(action, "sub_actions", None) or [action]:
+            kind = str(a.computation_type)
+            kind = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}.get(
+                kind.split(".")[-1], kind)
+            if kind in ("F", "B", "I", "W"):
+                out.append((kind, a.stage_index))
+    return out
+
+
+class _ScheduleStage:
+    """What a torch schedule reads from its stages to lay out its actions."""
+
+    def __init__(self, index: int, num_stages: int, pp: int, rank: int):
+        self.stage_index, self.num_stages, self.group_size, self.group_rank = index, num_stages, pp, rank
+        self.is_first, self.is_last = index == 0, index == num_stages - 1
+        self.stage_index_to_group_rank: dict[int, int] = {}
+        self.submod = nn.Identity()
+
+
+def worst_moment(actions: list[tuple[str, int]], acts: dict[int, StageActivations]) -> tuple[int, dict[int, int]]:
+    """Peak activation bytes over a rank's actions: a microbatch's activations live from its F to its B
+    (or W, zero-bubble), and a backward adds its stage's transient bytes while it runs."""
+    live: dict[int, int] = {s: 0 for s in acts}
+    worst, at = 0, dict(live)
+    for kind, stage in actions:
+        if kind == "F":
+            live[stage] += 1
+        held = sum(acts[s].held * n for s, n in live.items())
+        now = held + (acts[stage].backward_extra if kind in ("B", "I", "W") else 0)
+        if now > worst:
+            worst, at = now, dict(live)
+        if kind in ("B", "W"):
+            live[stage] -= 1
+    return worst, at
+
+
+def without_cluster_files(config: JobConfig) -> JobConfig:
+    """A copy that needs none of the files that only exist on the cluster (corpus, tokenizer, initial
+    weights) and no CUDA: the plan depends on shapes and layout only (``model.flavor`` gives the shape)."""
+    config = copy.deepcopy(config)
+    config.training.dataset, config.training.dataset_path = "pydocs", None
+    config.model.tokenizer_path = config.model.hf_assets_path = None
+    config.checkpoint.initial_load_path, config.checkpoint.load_step = None, -1
+    config.optimizer.implementation = "foreach"
+    return config
+
+
+def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> list[RankPlan]:
+    setup = validate(without_cluster_files(config), world_size)
+    dims, args = setup.parallel_dims, setup.model_args
+    dtype = _compute_dtype(config, setup, device)
+    compute_bytes = torch.finfo(dtype).bits // 8
+    model = setup.meta_model
+    if model is None:
+        with torch.device("meta"):
+            model = setup.spec.model_cls(args)
+    plan = setup.pipeline_plan
+    fsdp = dims.dp_enabled
+    shard = dims.dp_shard if fsdp else 1
+    ep = dims.ep if dims.ep_enabled else 1
+    frozen_indexer = config.training.indexer_loss_coeff == 0
+    stage_fqns = plan.fqns_per_stage if plan else [None]
+    replicas = tuple(getattr(model, "pipeline_replicas", {}))
+
+    acts, state = {}, {}
+    for stage, fqns in enumerate(stage_fqns):
+        part = prune_to_stage(model, fqns) if fqns is not None else copy.deepcopy(model)
+        params = trainable = gathered = 0
+        units: dict[str, int] = {}
+        for name, p in part.named_parameters():
+            experts = name.endswith(EXPERT_WEIGHTS)
+            numel = p.numel() // (ep if experts else 1)  # an expert-parallel rank holds E / ep experts
+            local = _local_numel(torch.Size([p.shape[0] // ep, *p.shape[1:]]) if experts else p.shape,
+                                 shard // ep if experts else shard)
+            params += local
+            frozen = frozen_indexer and ".attn.indexer." in f".{name}"
+            same_rank_replica = plan is not None and plan.style == "v" and name.startswith(replicas)
+            if not (frozen or same_rank_replica):
+                trainable += local
+            gathered += numel
+            unit = ".".join(name.split(".")[:2]) if name.startswith(("layers.", "mtp.")) else name.split(".")[0]
+            units[unit] = units.get(unit, 0) + numel
+        state[stage] = (params, trainable, gathered, max(units.values(), default=0))
+        acts[stage] = measure_stage(part, setup, config, stage == 0, stage == len(stage_fqns) - 1, dtype)
+
+    ranks = []
+    for pp_rank in range(plan.pp if plan else 1):
+        stages = plan.stage_ids(pp_rank) if plan else [0]
+        params = sum(state[s][0] for s in stages)
+        trainable = sum(state[s][1] for s in stages)
+        gathered = sum(state[s][2] for s in stages)
+        unit = max(state[s][3] for s in stages)
+        if not fsdp:
+            unsharded = 0
+        elif plan is not None and config.parallelism.fsdp_reshard_after_forward != "always":
+            unsharded = (gathered + unit) * compute_bytes  # gathered from the first forward to the end
+        else:
+            unsharded = 3 * unit * compute_bytes  # current + prefetched unit, one unit's gradients
+        if plan is None:
+            activations, in_flight = acts[0].held + acts[0].backward_extra, {0: 1}
+        else:
+            activations, in_flight = worst_moment(schedule_actions(setup, pp_rank), {s: acts[s] for s in stages})
+        all_to_all = 0
+        if ep > 1:  # dispatch send/receive in the compute dtype, the combine's in fp32, one MoE at a time
+            tokens = _microbatch(config, setup) * config.training.seq_len * args.num_experts_per_tok
+            all_to_all = tokens * args.hidden_size * (2 * compute_bytes + 2 * 4)
+        ranks.append(RankPlan(pp_rank=pp_rank, stages=stages, params=4 * params, grads=4 * trainable,
+                              optimizer=8 * trainable, unsharded=unsharded, activations=activations,
+                              in_flight=in_flight, all_to_all=all_to_all,
+                              extra={"held_per_microbatch": sum(acts[s].held for s in stages),
+                                     "backward_extra": max(acts[s].backward_extra for s in stages)}))
+    return ranks
+
+
+def verdict(total_bytes: int, gpu_gib: float) -> str:
+    need = total_bytes / GIB + CUDA_RESERVE_GIB
+    if need <= gpu_gib * FRAGMENTATION:
+        return f"fits ({need:.1f} of {gpu_gib:.0f} GiB with the {CUDA_RESERVE_GIB:.0f} GiB CUDA reserve)"
+    if need <= gpu_gib:
+        return f"tight ({need:.1f} of {gpu_gib:.0f} GiB: allocator fragmentation may not leave room)"
+    return f"does not fit ({need:.1f} GiB needed, {gpu_gib:.0f} GiB available)"
+
+
+def report(config: JobConfig, ranks: list[RankPlan], world_size: int, device: str, gpu_gib: float) -> str:
+    p = config.parallelism
+    worst = max(ranks, key=lambda r: r.total)
+    unit, scale = ("GiB", GIB) if worst.total >= GIB else ("MiB", 2**20)
+    lines = [f"{config.model.flavor}: {world_size} ranks, PP={p.pipeline_parallel_degree} "
+             f"({p.pipeline_parallel_schedule}), EP={p.expert_parallel_degree}, AC={config.activation_checkpoint.mode}, "
+             f"local batch {config.training.local_batch_size} x seq {config.training.seq_len}, "
+             f"microbatch {p.pipeline_parallel_microbatch_size}, on {device}; {unit} per rank",
+             f"{'pp rank':>7} {'stages':>7} {'params':>8} {'grads':>8} {'adam':>8} {'fsdp':>8} {'activ.':>8} "
+             f"{'a2a':>7} {'total':>8}  microbatches in flight at the peak (stage: n)"]
+    for r in ranks:
+        parts = (r.params, r.grads, r.optimizer, r.unsharded, r.activations, r.all_to_all, r.total)
+        lines.append(f"{r.pp_rank:>7} {','.join(map(str, r.stages)):>7} "
+                     + " ".join(f"{x / scale:8.2f}" if i != 5 else f"{x / scale:7.2f}" for i, x in enumerate(parts))
+                     + f"  {r.in_flight}")
+    if device == "cuda":
+        lines.append(f"worst rank (pp {worst.pp_rank}): {verdict(worst.total, gpu_gib)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--ngpu", type=int, default=None, help="world size (default: the config's degrees)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    opts, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(rest)
+        world = opts.ngpu or _world_from_degrees(config)
+        ranks = plan_memory(config, world, opts.device)
+    except ConfigError as e:
+        print(f"titan_dsv4.plan: {e}", file=sys.stderr)
+        return 2
+    print(report(config, ranks, world, opts.device, opts.gpu_memory_gib))
+    return 0
+
+
+def _world_from_degrees(config: JobConfig) -> int:
+    p = config.parallelism
+    if p.data_parallel_shard_degree < 1:
+        raise ConfigError("`parallelism.data_parallel_shard_degree` = -1 needs the world size: pass --ngpu N")
+    return p.pipeline_parallel_degree * p.data_parallel_replicate_degree * p.data_parallel_shard_degree
+
+
+if __name__ == "__main__":
+    sys.exit(main())
