@@ -1,5 +1,6 @@
-"""The real Trainer's measured peak of live tensor bytes over its first two steps, per rank, from the
-profiler's allocation events (the CPU counterpart of ``torch.cuda.max_memory_allocated``).
+"""The real Trainer's measured peak of live tensor bytes over its first two steps, per rank: from the
+profiler's allocation events on CPU (the counterpart of ``torch.cuda.max_memory_allocated``, which is what
+a GPU run reports).
 
     [torchrun --nproc_per_node N] tests/memory_worker.py OUT.json --section.key value ...
 """
@@ -10,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
@@ -27,11 +29,14 @@ def main() -> None:
         trainer = Trainer(config, setup)
         for _ in range(2):
             trainer.train_step()
-    live = peak = 0
-    events = prof.profiler.kineto_results.events()  # one "[memory]" event per allocation (+) and free (-)
-    for _, delta in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
-        live += delta
-        peak = max(peak, live)
+    if trainer.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(trainer.device)
+    else:
+        peak = live = 0
+        events = prof.profiler.kineto_results.events()  # one "[memory]" event per allocation (+) and free (-)
+        for _, delta in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+            live += delta
+            peak = max(peak, live)
     dims = trainer.parallel_dims
     pp_rank = dims.mesh["pp"].get_local_rank() if trainer.distributed and dims.pp_enabled else 0
     results = [None] * (dist.get_world_size() if trainer.distributed else 1)

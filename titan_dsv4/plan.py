@@ -115,7 +115,8 @@ def _compute_dtype(config: JobConfig, setup: RunSetup, device: str) -> torch.dty
     return torch.float32
 
 
-def _stage_inputs(model: nn.Module, setup: RunSetup, config: JobConfig, first: bool, dtype: torch.dtype):
+def _stage_inputs(setup: RunSetup, config: JobConfig, first: bool, dtype: torch.dtype):
+    """What a stage receives for one microbatch: token ids (first stage) or the mHC stream."""
     args, mb, seq = setup.model_args, _microbatch(config, setup), config.training.seq_len
     ids = torch.zeros(mb, seq, dtype=torch.long, device="meta")
     positions = torch.arange(seq, device="meta").expand(mb, seq)
@@ -145,20 +146,24 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
         model.set_indexer_loss_scale(1.0)
     for p in model.parameters():  # FSDP frees each unit's unsharded gradient after reduce-scatter: free now
         p.register_post_accumulate_grad_hook(lambda param: setattr(param, "grad", None))
-    args, kwargs = _stage_inputs(model, setup, config, first, dtype)
     loss_fn = setup.spec.build_loss_fn(config, setup.model_args)
     original = RoutedExperts.forward
     RoutedExperts.forward = _shape_only_experts  # the exact loop needs expert counts, which meta lacks
     try:
         with LiveBytes([*model.parameters(), *model.buffers()]) as tracker:
+            args, kwargs = _stage_inputs(setup, config, first, dtype)  # a stage keeps what it received
             out = model(*args, **kwargs)
+            logits = None
             if last:
                 targets = torch.zeros(*args[0].shape[:2], 1 + setup.model_args.num_nextn_predict_layers,
                                       dtype=torch.long, device=args[0].device)
+                # a pipeline stage caches its outputs (the logits) until the microbatch's backward
+                logits = out if setup.pipeline_plan is not None else None
                 out = loss_fn(out, targets, 1.0)
             held = tracker.live
             (out if last else out.float().sum()).backward()
             peak = tracker.peak
+            del logits  # held until here
     finally:
         RoutedExperts.forward = original
     return StageActivations(held=held, backward_extra=max(peak - held, 0))
@@ -215,18 +220,25 @@ class _ScheduleStage:
 
 
 def worst_moment(actions: list[tuple[str, int]], acts: dict[int, StageActivations]) -> tuple[int, dict[int, int]]:
-    """Peak activation bytes over a rank's actions: a microbatch's activations live from its F to its B
-    (or W, zero-bubble), and a backward adds its stage's transient bytes while it runs."""
+    """Peak activation bytes over a rank's actions: a microbatch's activations live from its F to its B,
+    a backward adds its stage's transient bytes while it runs, and in zero-bubble schedules the gradients an
+    I (input-gradient backward) computes for the weights stay until that microbatch's W."""
     live: dict[int, int] = {s: 0 for s in acts}
+    waiting_w: dict[int, int] = {s: 0 for s in acts}
     worst, at = 0, dict(live)
     for kind, stage in actions:
         if kind == "F":
             live[stage] += 1
-        held = sum(acts[s].held * n for s, n in live.items())
+        held = sum(acts[s].held * live[s] + acts[s].backward_extra * waiting_w[s] for s in acts)
         now = held + (acts[stage].backward_extra if kind in ("B", "I", "W") else 0)
         if now > worst:
             worst, at = now, dict(live)
-        if kind in ("B", "W"):
+        if kind == "I":
+            waiting_w[stage] += 1
+        elif kind == "W":
+            waiting_w[stage] -= 1
+            live[stage] -= 1
+        elif kind == "B":
             live[stage] -= 1
     return worst, at
 

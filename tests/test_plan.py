@@ -1,0 +1,84 @@
+"""``python -m titan_dsv4.plan`` against the measured peak memory of real CPU training runs (the live tensor
+bytes of every rank, from the profiler's allocation events: ``tests/memory_worker.py``), the microbatches
+torch's schedules keep in flight, and the shipped cluster configs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import DEBUG_TOML, REPO, free_port
+from titan_dsv4.config import load_config
+from titan_dsv4.plan import StageActivations, main, plan_memory, worst_moment
+
+LAYOUTS = {  # name: (processes, overrides)
+    "single": (1, ["--training.local_batch_size", "4"]),
+    "single_full_ac": (1, ["--training.local_batch_size", "4", "--activation_checkpoint.mode", "full"]),
+    "pp2_1f1b": (2, ["--parallelism.pipeline_parallel_degree", "2"]),
+    "pp2_gpipe": (2, ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule",
+                      "GPipe"]),
+    "pp2_zbv": (2, ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule",
+                    "ZBVZeroBubble"]),
+    "fsdp2": (2, ["--training.local_batch_size", "4", "--parallelism.data_parallel_shard_degree", "2"]),
+    "ep2_fsdp2": (2, ["--training.local_batch_size", "4", "--parallelism.data_parallel_shard_degree", "2",
+                      "--parallelism.expert_parallel_degree", "2"]),
+}
+
+
+def measured_peaks(tmp_path: Path, nproc: int, overrides: list[str]) -> list[dict]:
+    out = tmp_path / "peaks.json"
+    worker = [str(REPO / "tests" / "memory_worker.py"), str(out), "--job.config_file", DEBUG_TOML,
+              "--job.dump_folder", str(tmp_path / "run"), "--parallelism.pipeline_parallel_degree", "1", *overrides]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--rdzv_backend",
+               "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", *worker]
+    else:
+        cmd = [sys.executable, *worker]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(cmd, cwd=REPO / "tests", capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, **env})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_plan_within_15_percent_of_measured_peak(tmp_path, layout):
+    nproc, overrides = LAYOUTS[layout]
+    peaks = measured_peaks(tmp_path, nproc, overrides)
+    config = load_config(["--job.config_file", DEBUG_TOML, "--parallelism.pipeline_parallel_degree", "1",
+                          *overrides])
+    plan = plan_memory(config, nproc, device="cpu")
+    for rank in peaks:
+        predicted = plan[rank["pp_rank"]].total
+        assert abs(predicted / rank["peak"] - 1) <= 0.15, (layout, rank, predicted)
+
+
+def test_in_flight_microbatches_follow_the_schedule():
+    """Hand-known: 1F1B keeps ``pp - rank`` microbatches on rank ``rank``; GPipe keeps all of them."""
+    from titan_dsv4.config.validate import validate
+    from titan_dsv4.plan import schedule_actions
+
+    one = {s: StageActivations(held=1, backward_extra=0) for s in range(4)}
+    for schedule, expected in (("1F1B", [4, 3, 2, 1]), ("GPipe", [8, 8, 8, 8])):
+        config = load_config(["--job.config_file", DEBUG_TOML, "--model.flavor", "debugmodel",
+                              "--parallelism.pipeline_parallel_degree", "4", "--training.local_batch_size", "8",
+                              "--parallelism.pipeline_parallel_microbatch_size", "1",
+                              "--parallelism.pipeline_parallel_first_stage_less_layers", "0",
+                              "--parallelism.pipeline_parallel_last_stage_less_layers", "0",
+                              "--parallelism.pipeline_parallel_schedule", schedule])
+        setup = validate(config, 4)
+        for rank in range(4):
+            worst, _ = worst_moment(schedule_actions(setup, rank), {rank: one[rank]})
+            assert worst == expected[rank], (schedule, rank)
+
+
+@pytest.mark.parametrize("name, ngpu", [("flash_pretrain_16x8_h100", 128), ("flash_finetune_16x8_h100", 128),
+                                        ("pro_pretrain_128x8_h100", 1024), ("pro_finetune_128x8_h100", 1024)])
+def test_shipped_cluster_configs_fit_80gb(capsys, name, ngpu):
+    path = REPO / "train_configs" / f"{name}.toml"
+    assert main(["--job.config_file", str(path), "--ngpu", str(ngpu), "--gpu-memory-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "worst rank" in out and ": fits (" in out, out
+    assert f"--ngpu {ngpu}" in path.read_text() and "--nodes" in path.read_text()
