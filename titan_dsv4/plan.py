@@ -18,6 +18,7 @@ logits and everything else this code keeps are counted as this code keeps them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import sys
@@ -134,8 +135,10 @@ def _microbatch(config: JobConfig, setup: RunSetup) -> int:
 
 
 def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, first: bool, last: bool,
-                  dtype: torch.dtype) -> StageActivations:
-    """One microbatch forward + backward of a (meta) stage under the configured activation checkpointing."""
+                  dtype: torch.dtype, gpu: bool) -> StageActivations:
+    """One microbatch forward + backward of a (meta) stage under the configured activation checkpointing,
+    through the code paths the planned device takes."""
+    from .models.deepseek_v4.gpu_paths import meta_as_gpu
     from .models.deepseek_v4.moe import RoutedExperts
     from .models.deepseek_v4.parallelize import apply_activation_checkpointing
 
@@ -150,7 +153,8 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
     original = RoutedExperts.forward
     RoutedExperts.forward = _shape_only_experts  # the exact loop needs expert counts, which meta lacks
     try:
-        with LiveBytes([*model.parameters(), *model.buffers()]) as tracker:
+        with meta_as_gpu() if gpu else contextlib.nullcontext(), \
+                LiveBytes([*model.parameters(), *model.buffers()]) as tracker:
             args, kwargs = _stage_inputs(setup, config, first, dtype)  # a stage keeps what it received
             out = model(*args, **kwargs)
             logits = None
@@ -290,7 +294,8 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
             unit = ".".join(name.split(".")[:2]) if name.startswith(("layers.", "mtp.")) else name.split(".")[0]
             units[unit] = units.get(unit, 0) + numel
         state[stage] = (params, trainable, gathered, max(units.values(), default=0))
-        acts[stage] = measure_stage(part, setup, config, stage == 0, stage == len(stage_fqns) - 1, dtype)
+        acts[stage] = measure_stage(part, setup, config, stage == 0, stage == len(stage_fqns) - 1, dtype,
+                                    gpu=device == "cuda")
 
     ranks = []
     for pp_rank in range(plan.pp if plan else 1):

@@ -22,6 +22,7 @@ from torch import nn
 
 from .args import CSA_RATIO, DeepseekV4ModelArgs
 from .fp32_linear import fp32_linear
+from .gpu_paths import takes_gpu_path
 from .norm import RMSNorm, fp32, rms_normalise
 from .rope import apply_rope, rope_rotation
 from .running_stats import recomputing
@@ -289,7 +290,7 @@ class Attention(nn.Module):
         if self.query_block is None:
             return max(seq, 1)
         if self.query_block == "auto":
-            return AUTO_BLOCK if (x.is_cuda or seq > 2 * AUTO_BLOCK) else max(seq, 1)
+            return AUTO_BLOCK if (takes_gpu_path(x) or seq > 2 * AUTO_BLOCK) else max(seq, 1)
         return int(self.query_block)
 
     def _gathers(self, entries: CompressedEntries | None) -> bool:

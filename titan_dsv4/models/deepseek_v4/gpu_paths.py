@@ -1,0 +1,27 @@
+"""Which path a tensor takes: the GPU fast paths (bf16-part fp32 GEMMs, query-blocked attention) run for
+CUDA tensors, and for ``meta`` tensors while the memory planner plans a GPU run, so that it counts the
+tensors those paths keep."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+_meta_plans_gpu = False
+
+
+def takes_gpu_path(x: torch.Tensor) -> bool:
+    return x.is_cuda or (x.is_meta and _meta_plans_gpu)
+
+
+@contextmanager
+def meta_as_gpu() -> Iterator[None]:
+    """Within: meta tensors take the GPU paths (the planner's shape-only run of a GPU configuration)."""
+    global _meta_plans_gpu
+    previous, _meta_plans_gpu = _meta_plans_gpu, True
+    try:
+        yield
+    finally:
+        _meta_plans_gpu = previous
