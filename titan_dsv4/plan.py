@@ -23,7 +23,7 @@ import copy
 import math
 import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -95,7 +95,6 @@ class RankPlan:
     activations: int  # at the schedule's worst moment
     in_flight: dict[int, int]  # stage -> microbatches held at that moment
     all_to_all: int
-    extra: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -258,6 +257,27 @@ def without_cluster_files(config: JobConfig) -> JobConfig:
     return config
 
 
+def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool,
+                 stateless: tuple[str, ...]) -> tuple[int, int, int, int]:
+    """Elements of a stage's parameters: this rank's shards, the trainable part of them (gradients and AdamW
+    moments), gathered (FSDP's unsharded copies), and the largest FSDP unit gathered."""
+    params = trainable = gathered = 0
+    units: dict[str, int] = {}
+    for name, p in part.named_parameters():
+        experts = name.endswith(EXPERT_WEIGHTS)
+        numel = p.numel() // (ep if experts else 1)  # an expert-parallel rank holds E / ep experts
+        local = _local_numel(torch.Size([p.shape[0] // ep, *p.shape[1:]]) if experts else p.shape,
+                             shard // ep if experts else shard)
+        params += local
+        frozen = frozen_indexer and ".attn.indexer." in f".{name}"
+        if not (frozen or name.startswith(stateless)):
+            trainable += local
+        gathered += numel
+        unit = ".".join(name.split(".")[:2]) if name.startswith(("layers.", "mtp.")) else name.split(".")[0]
+        units[unit] = units.get(unit, 0) + numel
+    return params, trainable, gathered, max(units.values(), default=0)
+
+
 def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> list[RankPlan]:
     setup = validate(without_cluster_files(config), world_size)
     dims, args = setup.parallel_dims, setup.model_args
@@ -273,27 +293,12 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
     ep = dims.ep if dims.ep_enabled else 1
     frozen_indexer = config.training.indexer_loss_coeff == 0
     stage_fqns = plan.fqns_per_stage if plan else [None]
-    replicas = tuple(getattr(model, "pipeline_replicas", {}))
+    replicas = tuple(getattr(model, "pipeline_replicas", {}))  # on the source's rank (V): no own state
 
     acts, state = {}, {}
     for stage, fqns in enumerate(stage_fqns):
         part = prune_to_stage(model, fqns) if fqns is not None else copy.deepcopy(model)
-        params = trainable = gathered = 0
-        units: dict[str, int] = {}
-        for name, p in part.named_parameters():
-            experts = name.endswith(EXPERT_WEIGHTS)
-            numel = p.numel() // (ep if experts else 1)  # an expert-parallel rank holds E / ep experts
-            local = _local_numel(torch.Size([p.shape[0] // ep, *p.shape[1:]]) if experts else p.shape,
-                                 shard // ep if experts else shard)
-            params += local
-            frozen = frozen_indexer and ".attn.indexer." in f".{name}"
-            same_rank_replica = plan is not None and plan.style == "v" and name.startswith(replicas)
-            if not (frozen or same_rank_replica):
-                trainable += local
-            gathered += numel
-            unit = ".".join(name.split(".")[:2]) if name.startswith(("layers.", "mtp.")) else name.split(".")[0]
-            units[unit] = units.get(unit, 0) + numel
-        state[stage] = (params, trainable, gathered, max(units.values(), default=0))
+        state[stage] = _stage_state(part, shard, ep, frozen_indexer, replicas if plan and plan.style == "v" else ())
         acts[stage] = measure_stage(part, setup, config, stage == 0, stage == len(stage_fqns) - 1, dtype,
                                     gpu=device == "cuda")
 
@@ -320,9 +325,7 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
             all_to_all = tokens * args.hidden_size * (2 * compute_bytes + 2 * 4)
         ranks.append(RankPlan(pp_rank=pp_rank, stages=stages, params=4 * params, grads=4 * trainable,
                               optimizer=8 * trainable, unsharded=unsharded, activations=activations,
-                              in_flight=in_flight, all_to_all=all_to_all,
-                              extra={"held_per_microbatch": sum(acts[s].held for s in stages),
-                                     "backward_extra": max(acts[s].backward_extra for s in stages)}))
+                              in_flight=in_flight, all_to_all=all_to_all))
     return ranks
 
 
