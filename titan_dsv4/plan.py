@@ -173,14 +173,11 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
 
 
 def _shape_only_experts(self, xs: torch.Tensor, ws: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The routed experts' activations with the shapes of the grouped computation (one expert's weights,
-    detached: expert weight gradients are FSDP's per-unit term)."""
-    from .models.deepseek_v4.moe import clamped_swiglu, local_tensor
-    from .models.deepseek_v4.norm import fp32
+    """The routed experts' activations with the shapes of the grouped computation: every row through one
+    expert (weights detached: expert weight gradients are FSDP's per-unit term)."""
+    from .models.deepseek_v4.moe import local_tensor
 
-    w1, w2, w3 = (local_tensor(w)[0].detach() for w in (self.w1, self.w2, self.w3))
-    act = clamped_swiglu(xs @ w1.t(), xs @ w3.t(), self.limit) * ws
-    return fp32(act.to(xs.dtype) @ w2.t())
+    return self.expert_ffn(xs, ws, *(local_tensor(w)[0].detach() for w in (self.w1, self.w2, self.w3)))
 
 
 def schedule_actions(setup: RunSetup, pp_rank: int) -> list[tuple[str, int]]:

@@ -91,9 +91,14 @@ class RoutedExperts(nn.Module):
         for e, (xe, we) in enumerate(zip(xs.split(sizes), ws.split(sizes))):
             if xe.shape[0] == 0:
                 continue
-            act = clamped_swiglu(xe @ w1[e].t(), xe @ w3[e].t(), self.limit) * we
-            outs.append(fp32(act.to(xs.dtype) @ w2[e].t()))
+            outs.append(self.expert_ffn(xe, we, w1[e], w2[e], w3[e]))
         return torch.cat(outs) if outs else fp32(xs.new_zeros(0, xs.shape[-1]))
+
+    def expert_ffn(self, x: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                   w3: torch.Tensor) -> torch.Tensor:
+        """One expert on its rows ``x`` (routing weights ``w``, applied before ``w2``) -> fp32."""
+        act = clamped_swiglu(x @ w1.t(), x @ w3.t(), self.limit) * w
+        return fp32(act.to(x.dtype) @ w2.t())
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
