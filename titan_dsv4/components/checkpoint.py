@@ -28,6 +28,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..models.deepseek_v4.init import canonical_fqn
+from ..models.deepseek_v4.pipeline import replica_source
 from .hf_checkpoint import checkpoint_tensors
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -95,17 +96,19 @@ def load_model_only(model_parts: list[nn.Module], path: str | Path) -> None:
     """Fill the model from a DCP checkpoint (a training checkpoint or the converter's model-only one)."""
     path = Path(path)
     state = model_state(model_parts)
-    metadata = _read_metadata(path)
-    check_compatible(path, metadata, state)
-    verify_files(path, metadata)
+    _checked_metadata(path, state)
     _load(state, path)
 
 
-def _read_metadata(path: Path):
+def _checked_metadata(path: Path, model: dict[str, torch.Tensor]):
+    """The checkpoint's DCP metadata, once it is known to hold ``model``'s tensors with all their bytes."""
     try:
-        return FileSystemReader(str(path)).read_metadata()
+        metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same user-facing problem
         raise CheckpointError(f"{path / '.metadata'}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+    check_compatible(path, metadata, model)
+    verify_files(path, metadata)
+    return metadata
 
 
 def _load(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -136,21 +139,21 @@ class CheckpointManager:
         _barrier()
 
     # ------------------------------------------------------------------ state
-    def _optimizer_entries(self, available: set[str] | None = None) -> dict[str, torch.Tensor]:
-        """``optimizer.{fqn}.{key}`` -> tensors; with ``available`` (loading), freshly allocated state for
-        every parameter the checkpoint has state for, replicas reading their source's."""
+    def _saved_optimizer_entries(self) -> dict[str, torch.Tensor]:
+        """``optimizer.{fqn}.{key}`` -> the live AdamW state (replicas' stored once, under the source)."""
+        return {f"{OPTIMIZER_PREFIX}{self.names[id(p)]}.{key}": value
+                for group in self.optimizer.param_groups for p in group["params"] if id(p) not in self.followers
+                for key, value in self.optimizer.state.get(p, {}).items()}
+
+    def _optimizer_entries_to_load(self, available: set[str]) -> dict[str, torch.Tensor]:
+        """Freshly allocated AdamW state for every parameter the checkpoint has state for (a replica reads
+        its source's), keyed as saved."""
         entries = {}
         for group in self.optimizer.param_groups:
             on_device = group.get("fused") or group.get("capturable")
             for p in group["params"]:
                 name = self.names[id(p)]
-                if available is None:
-                    if id(p) in self.followers:
-                        continue  # stored once, under the source
-                    for key, value in self.optimizer.state.get(p, {}).items():
-                        entries[f"{OPTIMIZER_PREFIX}{name}.{key}"] = value
-                    continue
-                source = self._source_name(name) if id(p) in self.followers else name
+                source = replica_source(name, self.replicas) if id(p) in self.followers else name
                 if f"{OPTIMIZER_PREFIX}{source}.step" not in available:
                     continue
                 state = self.optimizer.state[p] = {
@@ -160,13 +163,6 @@ class CheckpointManager:
                     entries[f"{OPTIMIZER_PREFIX}{source}.{key}"] = value
         return entries
 
-    def _source_name(self, name: str) -> str:
-        """``mtp_embed.weight`` -> ``embed.weight``: the model's ``pipeline_replicas`` name the source."""
-        for replica, source in self.replicas.items():
-            if name.startswith(replica + "."):
-                return source + name[len(replica):]
-        return name
-
     # ------------------------------------------------------------------ save
     def save(self, step: int, trainer_state: dict, model_only: bool = False) -> None:
         """Start writing ``step-{step}`` (``model_only``: without optimizer moments, e.g. the final save)."""
@@ -174,7 +170,7 @@ class CheckpointManager:
         partial = self.folder / f"step-{step}.partial"
         state = model_state(self.model_parts)
         if not model_only:
-            state.update(self._optimizer_entries())
+            state.update(self._saved_optimizer_entries())
         writer = FileSystemWriter(str(partial), single_file_per_rank=True, sync_files=True)
         if self.async_mode:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.async_group,
@@ -237,11 +233,9 @@ class CheckpointManager:
 
     def load_from(self, path: Path) -> dict:
         """Restore everything from the checkpoint folder ``path``; returns its trainer state."""
-        metadata = _read_metadata(path)
         model = model_state(self.model_parts)
-        check_compatible(path, metadata, model)
-        verify_files(path, metadata)
-        optimizer = self._optimizer_entries(available=set(metadata.state_dict_metadata))
+        metadata = _checked_metadata(path, model)
+        optimizer = self._optimizer_entries_to_load(set(metadata.state_dict_metadata))
         check_compatible(path, metadata, {k: v for k, v in optimizer.items() if not k.endswith(".step")})
         fresh = sum(len(g["params"]) for g in self.optimizer.param_groups) - len(self.optimizer.state)
         if fresh and self.rank == 0:  # e.g. the indexer was frozen when it was written, or a final weights-only save

@@ -23,6 +23,8 @@ import zlib
 import torch
 from torch import nn
 
+from .pipeline import replica_source
+
 EXPERT_WEIGHTS = ("experts.w1", "experts.w2", "experts.w3")
 
 
@@ -44,7 +46,7 @@ def canonical_fqn(name: str) -> str:
 def full_init_value(name: str, shape: torch.Size, dtype: torch.dtype, seed: int, std: float,
                     hidden_size: int) -> torch.Tensor:
     """The full (unsharded) initial value of parameter or buffer ``name``."""
-    name = canonical_fqn(name).replace("mtp_embed.", "embed.")
+    name = replica_source(canonical_fqn(name))
     out = torch.empty(shape, dtype=torch.float32)
     leaf = name.rsplit(".", 1)[-1]
     if name.endswith(EXPERT_WEIGHTS):

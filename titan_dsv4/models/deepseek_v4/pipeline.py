@@ -19,6 +19,14 @@ LAST_STAGE_UNITS = ("hc_head", "norm", "head")
 PIPELINE_REPLICAS = {"mtp_embed": "embed"}
 
 
+def replica_source(fqn: str, replicas: dict[str, str] = PIPELINE_REPLICAS) -> str:
+    """The FQN a replica's tensor copies (``mtp_embed.weight`` -> ``embed.weight``); others unchanged."""
+    for replica, source in replicas.items():
+        if fqn.startswith(replica + "."):
+            return source + fqn[len(replica):]
+    return fqn
+
+
 def pipeline_stage_modules(self, fqns_per_stage: list[list[str]]) -> list[list[str]]:
     stages = [list(s) for s in fqns_per_stage]
     last = len(stages) - 1
