@@ -27,7 +27,7 @@ import torch
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.components.metrics import device_peak_tflops
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
-from titan_dsv4.models.deepseek_v4 import fp32_linear, hyper_connection
+from titan_dsv4.models.deepseek_v4 import fp32_linear, gpu_paths, hyper_connection
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 
 BENCH_ARGS = dict(
@@ -100,19 +100,9 @@ def matmul_tflops(device: torch.device) -> float:
 
 
 def exact_paths(on: bool) -> None:
-    """Switch the GPU fast paths back to the plain ones (eager mHC, per-expert loop, fp32 GEMMs) or restore
+    """Switch the GPU fast kernels back to the plain code (eager mHC, per-expert loop, fp32 GEMMs) or restore
     them."""
-    hc = hyper_connection
-    fp32_linear.use_bf16_parts = not on
-    if on:
-        hc.hc_pre_fast, hc.HyperConnection.post_fast = hc.hc_pre, hc.HyperConnection.post
-        hc.hc_pre = hc.hc_pre.__wrapped__
-        hc.HyperConnection.post = staticmethod(hc.hc_post.__wrapped__)
-        RoutedExperts.use_grouped_mm = False
-    else:
-        hc.hc_pre = hc.hc_pre_fast
-        hc.HyperConnection.post = hc.HyperConnection.post_fast
-        RoutedExperts.use_grouped_mm = None
+    gpu_paths.fast_kernels = not on
 
 
 def step_fn(model, loss_fn, ids, targets):
@@ -266,9 +256,9 @@ def check_fast_paths_on_gpu(device) -> dict:
     w = torch.randn(8192, 2048, device=device)
     ref = a.double() @ w.double().t()
     split = fp32_linear.fp32_linear(a, w)
-    fp32_linear.use_bf16_parts = False
+    exact_paths(True)
     plain = fp32_linear.fp32_linear(a, w)
-    fp32_linear.use_bf16_parts = True
+    exact_paths(False)
     return dict(model_out_rel_err=out_err, model_grad_rel_err=grad_err, grouped_mm_rel_err=gmm_err,
                 fp32_linear_max_err=(split - ref).abs().max().item(),
                 fp32_gemm_max_err=(plain - ref).abs().max().item())

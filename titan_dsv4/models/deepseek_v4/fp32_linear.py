@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import gpu_paths
 from .gpu_paths import takes_gpu_path
 from .norm import fp32
 
 PARTS = 3  # bf16 parts of an fp32 tensor: 3 x 8 mantissa bits = fp32's 24
-use_bf16_parts = True  # on CUDA; False runs the plain fp32 GEMM there too (benchmark baseline)
 
 
 def bf16_parts(t: torch.Tensor) -> list[torch.Tensor]:
@@ -68,7 +68,7 @@ class _SplitLinear(torch.autograd.Function):
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` in fp32 (fp32 output); bf16 tensor-core GEMMs on CUDA."""
-    if use_bf16_parts and takes_gpu_path(x) and x.dtype in (torch.bfloat16, torch.float32) and weight.dtype in (torch.bfloat16,
+    if gpu_paths.fast_kernels and takes_gpu_path(x) and x.dtype in (torch.bfloat16, torch.float32) and weight.dtype in (torch.bfloat16,
                                                                                       torch.float32):
         return _SplitLinear.apply(x, weight)
     return F.linear(fp32(x), fp32(weight))

@@ -12,6 +12,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from . import gpu_paths
+
 F = TypeVar("F", bound=Callable)
 
 
@@ -21,7 +23,7 @@ def compiled_on_cuda(fn: F) -> F:
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if not args[0].is_cuda or torch.compiler.is_compiling():
+        if not (gpu_paths.fast_kernels and args[0].is_cuda) or torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if not compiled:
             compiled.append(torch.compile(fn))

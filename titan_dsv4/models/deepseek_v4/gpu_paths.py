@@ -1,6 +1,6 @@
-"""Which path a tensor takes: the GPU fast paths (bf16-part fp32 GEMMs, query-blocked attention) run for
-CUDA tensors, and for ``meta`` tensors while the memory planner plans a GPU run, so that it counts the
-tensors those paths keep."""
+"""Which path a tensor takes: the GPU fast paths (bf16-part fp32 GEMMs, grouped expert GEMMs, compiled
+mHC, query-blocked attention) run for CUDA tensors, and for ``meta`` tensors while the memory planner plans
+a GPU run, so that it counts the tensors those paths keep."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Iterator
 import torch
 
 _meta_plans_gpu = False
+# False: CUDA runs the plain code (eager mHC, per-expert loop, fp32 GEMMs), the benchmark's baseline
+fast_kernels = True
 
 
 def takes_gpu_path(x: torch.Tensor) -> bool:

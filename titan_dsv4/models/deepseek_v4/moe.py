@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gpu_paths
 from .args import DeepseekV4ModelArgs
 from .fp32_linear import fp32_linear
 from .norm import fp32
@@ -65,7 +66,7 @@ class RoutedExperts(nn.Module):
     (``distributed/expert_parallel.py``); ``E`` is then the number of experts this rank holds.
     """
 
-    use_grouped_mm: bool | None = None  # None: torch._grouped_mm for bf16 on CUDA, the exact loop otherwise
+    use_grouped_mm: bool | None = None  # None: torch._grouped_mm for bf16 on CUDA (fast kernels), else the loop
 
     def __init__(self, n_experts: int, hidden: int, inter: int, limit: float):
         super().__init__()
@@ -80,7 +81,7 @@ class RoutedExperts(nn.Module):
         w1, w2, w3 = (local_tensor(w) for w in (self.w1, self.w2, self.w3))
         grouped = self.use_grouped_mm
         if grouped is None:
-            grouped = xs.is_cuda and xs.dtype == torch.bfloat16
+            grouped = gpu_paths.fast_kernels and xs.is_cuda and xs.dtype == torch.bfloat16
         if grouped and xs.shape[0] > 0:
             offsets = counts.cumsum(0).to(torch.int32)
             gate = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offsets)
