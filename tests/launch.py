@@ -45,11 +45,14 @@ def run_training(dump: Path, *overrides: str, nproc: int = 1, timeout: int = 600
     return read_metrics(dump)
 
 
-def finish_worker(out: str, results: dict) -> None:
-    """A torchrun worker's end: rank 0 writes the results as JSON, then every rank leaves the group."""
+def finish_worker(out: str, results: dict | list) -> None:
+    """A worker's end: rank 0 (or the only process) writes the results as JSON, then every rank leaves the
+    group."""
     import torch.distributed as dist
 
-    if dist.get_rank() == 0:
+    distributed = dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()

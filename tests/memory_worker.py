@@ -7,14 +7,13 @@ a GPU run reports).
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
+from launch import finish_worker
 from titan_dsv4.config import load_config
 from titan_dsv4.config.validate import validate
 from titan_dsv4.distributed.utils import launched_world_size
@@ -39,17 +38,12 @@ def main() -> None:
             peak = max(peak, live)
     dims = trainer.parallel_dims
     pp_rank = dims.mesh["pp"].get_local_rank() if trainer.distributed and dims.pp_enabled else 0
-    results = [None] * (dist.get_world_size() if trainer.distributed else 1)
+    results = [{"pp_rank": pp_rank, "peak": peak}]
     if trainer.distributed:
+        results = [None] * dist.get_world_size()
         dist.all_gather_object(results, {"pp_rank": pp_rank, "peak": peak})
-    else:
-        results = [{"pp_rank": pp_rank, "peak": peak}]
     trainer.metrics.close()
-    if trainer.rank == 0:
-        Path(out).write_text(json.dumps(results))
-    if trainer.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_worker(out, results)
 
 
 if __name__ == "__main__":
