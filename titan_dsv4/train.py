@@ -52,6 +52,7 @@ class NonFiniteError(RuntimeError):
 class Trainer:
     def __init__(self, config: JobConfig, setup: RunSetup):
         self.config, self.setup = config, setup
+        self.tokens_per_step = setup.global_batch_size * config.training.seq_len  # the whole global batch
         self.device = pick_device()
         init_distributed(self.device)
         dims = self.parallel_dims = setup.parallel_dims
@@ -165,7 +166,7 @@ class Trainer:
         part.init_weights(self.config.training.seed)
         coeff = self.config.training.indexer_loss_coeff
         if coeff > 0:  # the KL is summed per token: normalise by the global batch's token count
-            part.set_indexer_loss_scale(coeff / (self.setup.global_batch_size * self.config.training.seq_len))
+            part.set_indexer_loss_scale(coeff / self.tokens_per_step)
         else:  # top-k selection gives them no gradient from the LM loss: frozen, and not in the optimizer
             for p in part.indexer_parameters():
                 p.requires_grad_(False)
@@ -225,7 +226,7 @@ class Trainer:
         if self.distributed:
             total = total.to(self._comm_device())
             dist.all_reduce(total)
-        return float(total) / (self.setup.global_batch_size * self.config.training.seq_len)
+        return float(total) / self.tokens_per_step
 
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -234,7 +235,6 @@ class Trainer:
     def train(self) -> bool:
         """Run to ``training.steps``; False if a preemption signal stopped it early (after a save)."""
         cfg = self.config
-        tokens_per_step = self.setup.global_batch_size * cfg.training.seq_len
         peak = device_peak_tflops(self.device, cfg.metrics.peak_tflops)
         world = dist.get_world_size() if self.distributed else 1
         flops_per_token = self.model_args.training_flops_per_token(cfg.training.seq_len)  # MTP included
@@ -247,7 +247,7 @@ class Trainer:
                 self.step += 1
                 elapsed = time.perf_counter() - start
                 if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
-                    tokens_per_sec = tokens_per_step / elapsed
+                    tokens_per_sec = self.tokens_per_step / elapsed
                     mfu = flops_per_token * tokens_per_sec / (world * peak * 1e12) if peak else None
                     record = {"step": self.step, **summary, "tokens_per_sec": tokens_per_sec,
                               "step_time_s": elapsed, "max_memory_mb": max_memory_mb(self.device), "mfu": mfu}
