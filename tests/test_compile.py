@@ -33,3 +33,55 @@ def test_compiled_blocks_and_loss_equal_eager():
     assert compiled.keys() == eager.keys()
     for name, grad in eager.items():
         torch.testing.assert_close(compiled[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(monkeypatch):
+    """What an H100 run compiles (bf16, grouped expert GEMMs, bf16-part fp32 GEMMs, query-blocked attention,
+    a training indexer, full activation checkpointing) traces each block whole, still recomputes under
+    compile, and counts the expert loads and the indexer KL once, as the eager model without recompute does."""
+    from torch._dynamo.utils import counters
+
+    from titan_dsv4.models.deepseek_v4 import attention, fp32_linear
+    from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
+    from titan_dsv4.models.deepseek_v4.parallelize import apply_activation_checkpointing
+
+    for module in (attention, fp32_linear):
+        monkeypatch.setattr(module, "takes_gpu_path", lambda x: True)
+    monkeypatch.setattr(fp32_linear, "bf16_mm", lambda a, b: a.float() @ b.float())  # cuBLAS's bf16 -> fp32
+    monkeypatch.setattr(RoutedExperts, "use_grouped_mm", True)
+    args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=2, compress_ratios=[4, 0, 4])
+    ids = torch.randint(0, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    targets = build_targets(ids.roll(-1, 1), torch.arange(64).expand(2, 64), args.num_nextn_predict_layers)
+    runs = {}
+    for compiled in (False, True):
+        model = DeepseekV4Model(args)
+        model.init_weights(0)
+        model.train().to(torch.bfloat16)
+        for layer in model.modules():
+            if hasattr(layer, "indexer_loss_scale") and layer.indexer is not None:
+                layer.indexer_loss_scale = 0.5
+        if compiled:
+            apply_activation_checkpointing(model, "full", compiled=True)
+            apply_compile(model, backend="aot_eager")
+            counters.clear()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            outputs = model(ids)
+        loss = MTPLoss(args.num_nextn_predict_layers, 0.3)(outputs, targets)
+        loss.backward()
+        buffers = {n: b.float().clone() for n, b in model.named_buffers() if n.endswith(("expert_load", "kl_sum"))}
+        grads = {n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): p.grad.float()
+                 for n, p in model.named_parameters() if p.grad is not None}
+        runs[compiled] = (loss.detach(), sum(saved), buffers, grads)
+    assert dict(counters["graph_break"]) == {}
+    (eager_loss, eager_saved, eager_stats, eager_grads), (loss, saved, stats, grads) = runs[False], runs[True]
+    assert saved < eager_saved / 4, (saved, eager_saved)  # the blocks' activations were not kept
+    torch.testing.assert_close(loss, eager_loss)
+    stats = {n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): b for n, b in stats.items()}
+    assert stats.keys() == eager_stats.keys() and any(n.endswith("kl_sum") for n in stats)
+    for name, value in eager_stats.items():
+        assert value.sum() > 0, name
+        torch.testing.assert_close(stats[name], value, msg=name)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0.02, atol=0.02 * grad.abs().max().item(), msg=name)

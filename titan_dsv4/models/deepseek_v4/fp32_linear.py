@@ -68,7 +68,7 @@ class _SplitLinear(torch.autograd.Function):
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` in fp32 (fp32 output); bf16 tensor-core GEMMs on CUDA."""
-    if gpu_paths.fast_kernels and takes_gpu_path(x) and x.dtype in (torch.bfloat16, torch.float32) and weight.dtype in (torch.bfloat16,
-                                                                                      torch.float32):
+    float_types = (torch.bfloat16, torch.float32)
+    if gpu_paths.fast_kernels and takes_gpu_path(x) and x.dtype in float_types and weight.dtype in float_types:
         return _SplitLinear.apply(x, weight)
     return F.linear(fp32(x), fp32(weight))

@@ -13,6 +13,7 @@ from ...config.job_config import JobConfig
 from ...distributed.expert_parallel import apply_expert_parallel
 from ...distributed.parallel_dims import ParallelDims
 from .moe import RoutedExperts
+from .running_stats import checkpoint_contexts
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,19 +26,23 @@ def routed_experts(module: nn.Module) -> list[RoutedExperts]:
     return [m for m in module.modules() if isinstance(m, RoutedExperts)]
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+def apply_activation_checkpointing(model: nn.Module, mode: str, compiled: bool = False) -> None:
     """``full``: recompute each block; ``selective``: recompute every other block (halves the saved
-    activations at half the recompute)."""
+    activations at half the recompute). ``compiled``: the blocks will be compiled afterwards."""
     if mode == "none":
         return
     for container in block_containers(model):
         for i, (name, block) in enumerate(list(container.items())):
             if mode == "full" or (mode == "selective" and i % 2 == 0):
-                container[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+                container[name] = checkpoint_wrapper(block, preserve_rng_state=False,
+                                                     context_fn=checkpoint_contexts(compiled))
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """``torch.compile`` each decoder and MTP block on its own (same code, so recompiles are rare)."""
+    # The statistics buffers' updates (running_stats.py) are the only side effects in a block; a checkpointed
+    # block must not replay them while recomputing, so compiled checkpointing may skip them there.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for container in block_containers(model):
         for name, block in list(container.items()):
             container[name] = torch.compile(block, backend=backend, fullgraph=False)
@@ -80,8 +85,9 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
     if parallel_dims.ep_enabled:
         for experts in routed_experts(model):
             apply_expert_parallel(experts, parallel_dims.ep_mesh())
-    apply_activation_checkpointing(model, job_config.activation_checkpoint.mode)
-    if job_config.compile.enable and "model" in job_config.compile.components:
+    compiled = job_config.compile.enable and "model" in job_config.compile.components
+    apply_activation_checkpointing(model, job_config.activation_checkpoint.mode, compiled)
+    if compiled:
         apply_compile(model, job_config.compile.backend)
     if parallel_dims.dp_enabled:
         apply_fsdp(model, parallel_dims, job_config, device)
