@@ -6,7 +6,8 @@ the sum of three bf16 tensors (each the bf16 rounding of what the previous left:
 bf16 product accumulated in fp32 is exact, so ``x @ W.T`` is the sum of the bf16 GEMMs of the parts'
 pairs (the pairs whose combined weight is below fp32 rounding are dropped). A bf16 operand (activations,
 weights under bf16 mixed precision) is a single part: bf16 x bf16 is then one GEMM with an fp32 output,
-exactly what fp32 math gives. The backward products are split the same way. CPUs run plain fp32.
+exactly what fp32 math gives. The backward products are split the same way, each to the precision of its
+result (a bf16 weight's gradient needs two parts, not three). CPUs run plain fp32.
 """
 
 from __future__ import annotations
@@ -19,18 +20,28 @@ from .gpu_paths import takes_gpu_path
 from .norm import fp32
 
 PARTS = 3  # bf16 parts of an fp32 tensor: 3 x 8 mantissa bits = fp32's 24
+BACKWARD_CHUNK_ELEMENTS = 2**28  # output-gradient elements split into bf16 parts at a time (1.5 GiB of parts)
 
 
-def bf16_parts(t: torch.Tensor) -> list[torch.Tensor]:
-    """``t`` as bf16 tensors whose fp32 sum is ``t`` (one part if ``t`` already is bf16)."""
+def result_parts(dtype: torch.dtype) -> int:
+    """bf16 parts a product needs to be accurate to a ``dtype`` result: fp32 needs all three; a bf16 result
+    (the weight gradient of bf16 mixed-precision weights) needs two, whose dropped terms (~2^-16) lie far
+    below its own rounding (2^-9)."""
+    return PARTS if dtype == torch.float32 else 2
+
+
+def bf16_parts(t: torch.Tensor, parts: int = PARTS) -> list[torch.Tensor]:
+    """``t`` as bf16 tensors whose fp32 sum is ``t`` to ``parts`` x 8 bits (one part if ``t`` already is
+    bf16)."""
     if t.dtype == torch.bfloat16:
         return [t]
-    parts, rest = [], fp32(t)
-    for _ in range(PARTS):
+    out, rest = [], fp32(t)
+    for i in range(parts):
         part = rest.to(torch.bfloat16)
-        parts.append(part)
-        rest = rest - part.float()
-    return parts
+        out.append(part)
+        if i + 1 < parts:
+            rest = rest - part.float()
+    return out
 
 
 def bf16_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -38,16 +49,20 @@ def bf16_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b, out_dtype=torch.float32)
 
 
-def split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fp32 ``a @ b`` (2-D) as a sum of ``bf16_mm`` products of the operands' bf16 parts."""
-    a_parts, b_parts = bf16_parts(a), bf16_parts(b)
+def parts_mm(a_parts: list[torch.Tensor], b_parts: list[torch.Tensor], parts: int = PARTS) -> torch.Tensor:
+    """``a @ b`` (2-D, fp32 result) to ``parts`` x 8 bits from the operands' bf16 parts: the sum of the
+    ``bf16_mm`` products of the pairs that weigh above the result's rounding."""
     out = None
     for i, a_part in enumerate(a_parts):
         for j, b_part in enumerate(b_parts):
-            if i + j < PARTS:  # part i is ~2^(-8 i) of its tensor: later pairs are below fp32 rounding
+            if i + j < parts:  # part i is ~2^(-8 i) of its tensor
                 term = bf16_mm(a_part, b_part)
                 out = term if out is None else out + term
     return out
+
+
+def split_mm(a: torch.Tensor, b: torch.Tensor, parts: int = PARTS) -> torch.Tensor:
+    return parts_mm(bf16_parts(a, parts), bf16_parts(b, parts), parts)
 
 
 class _SplitLinear(torch.autograd.Function):
@@ -58,12 +73,23 @@ class _SplitLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        """Over chunks of rows: the output gradient's bf16 parts (1.5x its fp32 size) exist for one chunk at
+        a time, and serve both products."""
         x, weight = ctx.saved_tensors
-        flat = grad.reshape(-1, grad.shape[-1])
-        grad_x = split_mm(flat, weight).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (split_mm(flat.t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
-                  if ctx.needs_input_grad[1] else None)
-        return grad_x, grad_w
+        flat, rows_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        weight_parts = bf16_parts(weight)
+        grad_x, grad_w = [], None
+        chunk = max(1, BACKWARD_CHUNK_ELEMENTS // flat.shape[1])
+        for r0 in range(0, flat.shape[0], chunk):
+            grad_parts = bf16_parts(flat[r0:r0 + chunk])
+            if ctx.needs_input_grad[0]:
+                grad_x.append(parts_mm(grad_parts, weight_parts, result_parts(x.dtype)).to(x.dtype))
+            if ctx.needs_input_grad[1]:
+                term = parts_mm([g.t() for g in grad_parts], bf16_parts(rows_x[r0:r0 + chunk]),
+                                result_parts(weight.dtype))
+                grad_w = term if grad_w is None else grad_w + term
+        return (torch.cat(grad_x).view(x.shape) if grad_x else None,
+                grad_w.to(weight.dtype) if grad_w is not None else None)
 
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
