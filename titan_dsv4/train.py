@@ -245,6 +245,8 @@ class Trainer:
                 start = time.perf_counter()
                 summary = self.train_step()
                 self.step += 1
+                if self.step == first_step + 1 and cfg.compile.enable:
+                    self._report_graph_breaks()
                 elapsed = time.perf_counter() - start
                 if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
                     tokens_per_sec = self.tokens_per_step / elapsed
@@ -270,6 +272,17 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _report_graph_breaks(self) -> None:
+        """After the first compiled step: each graph break splits a block into graphs run with Python in
+        between (slower, and no fusion across it). The GPU paths have none; CPU's per-expert loop has one."""
+        breaks = torch._dynamo.utils.counters["graph_break"]
+        if breaks:
+            reasons = "; ".join(sorted({reason.splitlines()[0] for reason in breaks}))
+            print(f"titan_dsv4: rank {self.rank}: compile: {sum(breaks.values())} graph breaks ({reasons})",
+                  flush=True)
+        elif self.rank == 0:
+            print("titan_dsv4: compile: no graph breaks", flush=True)
 
     def _on_signal(self, signum: int, frame) -> None:
         if self._signal is None:
