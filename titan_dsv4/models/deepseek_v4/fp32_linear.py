@@ -57,7 +57,7 @@ def parts_mm(a_parts: list[torch.Tensor], b_parts: list[torch.Tensor], parts: in
         for j, b_part in enumerate(b_parts):
             if i + j < parts:  # part i is ~2^(-8 i) of its tensor
                 term = bf16_mm(a_part, b_part)
-                out = term if out is None else out + term
+                out = term if out is None else out.add_(term)  # in place: one fp32 result live
     return out
 
 
@@ -87,7 +87,7 @@ class _SplitLinear(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 term = parts_mm([g.t() for g in grad_parts], bf16_parts(rows_x[r0:r0 + chunk]),
                                 result_parts(weight.dtype))
-                grad_w = term if grad_w is None else grad_w + term
+                grad_w = term if grad_w is None else grad_w.add_(term)
         return (torch.cat(grad_x).view(x.shape) if grad_x else None,
                 grad_w.to(weight.dtype) if grad_w is not None else None)
 
