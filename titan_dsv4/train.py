@@ -245,9 +245,9 @@ class Trainer:
                 start = time.perf_counter()
                 summary = self.train_step()
                 self.step += 1
+                elapsed = time.perf_counter() - start
                 if self.step == first_step + 1 and cfg.compile.enable:
                     self._report_graph_breaks()
-                elapsed = time.perf_counter() - start
                 if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
                     tokens_per_sec = self.tokens_per_step / elapsed
                     mfu = flops_per_token * tokens_per_sec / (world * peak * 1e12) if peak else None

@@ -77,7 +77,7 @@ class _SplitLinear(torch.autograd.Function):
         a time, and serve both products."""
         x, weight = ctx.saved_tensors
         flat, rows_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        weight_parts = bf16_parts(weight)
+        weight_parts = bf16_parts(weight) if ctx.needs_input_grad[0] else []
         grad_x, grad_w = [], None
         chunk = max(1, BACKWARD_CHUNK_ELEMENTS // flat.shape[1])
         for r0 in range(0, flat.shape[0], chunk):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, ContextManager
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
