@@ -149,12 +149,12 @@ def component_flops(args, seq: int) -> dict[str, float]:
     layers = args.num_hidden_layers + args.num_mtp_layers
     h, n = args.hidden_size, args.hc_mult
     for i in range(layers):
-        parts = args._block_params(i)
+        parts = args.block_params(i)
         out["moe"] += 6.0 * (parts["gate"] + parts["shared"]
                              + parts["routed"] * args.num_experts_per_tok / args.n_routed_experts)
         out["mhc"] += 6.0 * 2 * (2 + n) * n * n * h
     attention_core = args.training_flops_per_token(seq) - 6.0 * args.num_active_params()
-    out["attention"] = attention_core + 6.0 * sum(args._block_params(i)["attn"] for i in range(layers))
+    out["attention"] = attention_core + 6.0 * sum(args.block_params(i)["attn"] for i in range(layers))
     out["head_loss"] = 6.0 * (1 + args.num_mtp_layers) * args.vocab_size * h
     out["total"] = args.training_flops_per_token(seq)
     return out

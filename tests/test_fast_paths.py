@@ -1,6 +1,9 @@
 """The fast paths (chosen automatically by device or size) against the exact reference path: block-batched
 sliding-window attention, CSA attending only to its gathered chosen entries, and the compiled (fused) mHC."""
 
+import dataclasses
+import math
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -47,6 +50,21 @@ def test_gathered_csa_entries_equal_masked_dense_with_trained_indexer():
     assert any(".indexer." in name for name in dense_grads)
     for name in dense_grads:
         torch.testing.assert_close(dense_grads[name], gathered_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gathered_csa_entries_are_not_kept_for_backward():
+    """The gathered copies of the chosen entries (``[B, S, topk, d]``: 32 GiB per CSA layer at 64k tokens)
+    are gathered again in backward, not saved by the forward."""
+    args = dataclasses.replace(FLAVORS["debugmodel"], index_topk=12)  # no other saved tensor has 12 x d
+    model = random_model(args).train()
+    _set(model, gather_entries=True, query_block=48)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        out = model(torch.randint(0, 2048, (2, 200)))
+    sum(o.pow(2).mean() for o in out).backward()
+    assert any(len(s) == 3 and s[-1] == args.index_topk for s in shapes)  # the chosen indices are saved
+    k, d, copy = args.index_topk, args.head_dim, 2 * 200 * args.index_topk * args.head_dim
+    assert not [s for s in shapes if s[-2:] in ((k, d), (d, k)) and math.prod(s) >= copy]
 
 
 class _LargestTensor(TorchDispatchMode):

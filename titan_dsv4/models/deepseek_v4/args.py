@@ -221,7 +221,7 @@ class DeepseekV4ModelArgs:
         return out
 
     # ------------------------------------------------------------------ counting
-    def _block_params(self, layer_id: int) -> dict[str, int]:
+    def block_params(self, layer_id: int) -> dict[str, int]:
         """Parameter count of block ``layer_id`` by part, mirroring the module shapes."""
         h, d, nh = self.hidden_size, self.head_dim, self.num_attention_heads
         n, e, inter = self.hc_mult, self.n_routed_experts, self.moe_intermediate_size
@@ -255,7 +255,7 @@ class DeepseekV4ModelArgs:
             total -= self.vocab_size * h
         layers = range(self.num_hidden_layers + (self.num_nextn_predict_layers if include_mtp else 0))
         for i in layers:
-            total += sum(self._block_params(i).values())
+            total += sum(self.block_params(i).values())
         if include_mtp:
             total += self.num_nextn_predict_layers * self._mtp_extra_params()
         return total

@@ -58,6 +58,49 @@ class CompressedEntries:
         )
 
 
+def _gather_entries(kv: torch.Tensor, top: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Each query's chosen entries: ``kv`` ``[B, P, d]``, ``top`` ``[B, Q, k]`` -> ``shape`` (``[B, n, s, k,
+    d]``, the queries' blocks)."""
+    return kv[torch.arange(kv.shape[0], device=kv.device)[:, None, None], top].view(shape)
+
+
+def _scatter_entries(grad: torch.Tensor, kv: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``kv`` from that of its gathered copy (summed over the queries that chose an entry)."""
+    batch, entries, d = kv.shape
+    rows = (top + entries * torch.arange(batch, device=kv.device)[:, None, None]).flatten()
+    grad_kv = torch.zeros(batch * entries, d, dtype=grad.dtype, device=grad.device)
+    return grad_kv.index_add_(0, rows, grad.reshape(-1, d)).view(batch, entries, d).to(kv.dtype)
+
+
+class _GatheredEntryProduct(torch.autograd.Function):
+    """``queries x entries -> scores`` (``scores=True``) or ``probs x entries -> out`` with each query's chosen
+    entries gathered again in backward instead of kept: kept, they are ``[B, S, topk, 512]`` (32 GiB per CSA
+    layer at 64k tokens, at any activation-checkpointing setting)."""
+
+    @staticmethod
+    def forward(ctx, operand: torch.Tensor, kv: torch.Tensor, top: torch.Tensor, shape: torch.Size,
+                scores: bool) -> torch.Tensor:
+        ctx.save_for_backward(operand, kv, top)
+        ctx.shape, ctx.scores = shape, scores
+        keys = _gather_entries(kv, top, shape)  # [B, n, s, k, d]
+        if scores:  # operand: queries [B, n, s, h, d] -> [B, n, h, s, k]
+            return torch.einsum("bnqhd,bnqkd->bnhqk", operand, keys)
+        return torch.einsum("bnhqk,bnqkd->bnqhd", operand, keys)  # operand: probs -> [B, n, s, h, d]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        operand, kv, top = ctx.saved_tensors
+        keys = _gather_entries(kv, top, ctx.shape)
+        if ctx.scores:
+            grad_operand = torch.einsum("bnhqk,bnqkd->bnqhd", grad, keys).to(operand.dtype)
+            grad_keys = torch.einsum("bnhqk,bnqhd->bnqkd", grad, operand)
+        else:
+            grad_operand = torch.einsum("bnqhd,bnqkd->bnhqk", grad, keys).to(operand.dtype)
+            grad_keys = torch.einsum("bnhqk,bnqhd->bnqkd", operand, grad)
+        grad_kv = _scatter_entries(grad_keys, kv, top) if ctx.needs_input_grad[1] else None
+        return grad_operand, grad_kv, None, None, None
+
+
 class Compressor(nn.Module):
     """Pools every ``ratio`` tokens of a document into one RMS-normed, RoPE'd entry (fp32 math).
 
@@ -333,35 +376,37 @@ class Attention(nn.Module):
         queries = blocks.pad(q)  # [B, n, size, h, d]
         scores = [torch.einsum("bnqhd,bndk->bnhqk", queries, keys)]
 
-        chosen, index_scores = None, None
+        chosen, index_scores, gathered = None, None, None  # gathered: each query's chosen entries [B, Q', k]
         if entries is not None:
             visible = entries.visible(blocks.index.flatten(), blocks.doc.flatten(1))  # [B, Q', P]
-            entry_keys = entries.kv
             if self.indexer is not None and visible.shape[-1] > 0:
                 rotation = blocks.pad(ctx.rotation["compress"]).flatten(1, 2)
                 top, top_ok, index_scores = self.indexer.select(
                     blocks.pad(x.detach()).flatten(1, 2), blocks.pad(qr.detach()).flatten(1, 2), rotation,
                     index_keys, visible)
                 if self._gathers(entries):
-                    chosen, index_scores = top_ok, index_scores.gather(-1, top)
-                    entry_keys = entries.kv[torch.arange(x.shape[0], device=x.device)[:, None, None], top]
-                    entry_keys = entry_keys.view(*queries.shape[:3], *entry_keys.shape[2:])  # [B,n,size,k,d]
+                    chosen, index_scores, gathered = top_ok, index_scores.gather(-1, top), top
                 else:
                     chosen = torch.zeros_like(visible).scatter_(-1, top, top_ok)
             else:
                 chosen = visible
             allowed = torch.cat([allowed, chosen.view(*allowed.shape[:3], -1)], dim=-1)
-            scores.append(torch.einsum("bnqhd,bnqkd->bnhqk" if entry_keys.dim() == 5 else "bnqhd,bkd->bnhqk",
-                                       queries, entry_keys))
+            if gathered is not None:
+                gathered_shape = torch.Size([*queries.shape[:3], gathered.shape[-1], entries.kv.shape[-1]])
+                scores.append(_GatheredEntryProduct.apply(queries, entries.kv, gathered, gathered_shape, True))
+            else:
+                scores.append(torch.einsum("bnqhd,bkd->bnhqk", queries, entries.kv))
         scores = fp32(torch.cat(scores, dim=-1)) * self.head_dim**-0.5
         scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
         sink = fp32(self.attn_sink).view(1, 1, -1, 1, 1).expand(*scores.shape[:-1], 1)
         probs_fp32 = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]  # sink: denominator only
         probs = probs_fp32.to(kv.dtype)
         out = torch.einsum("bnhqk,bndk->bnqhd", probs[..., : size + window], keys)
-        if entries is not None:
-            out = out + torch.einsum("bnhqk,bnqkd->bnqhd" if entry_keys.dim() == 5 else "bnhqk,bkd->bnqhd",
-                                     probs[..., size + window:], entry_keys)
+        if gathered is not None:
+            out = out + _GatheredEntryProduct.apply(probs[..., size + window:], entries.kv, gathered,
+                                                    gathered_shape, False)
+        elif entries is not None:
+            out = out + torch.einsum("bnhqk,bkd->bnqhd", probs[..., size + window:], entries.kv)
         out = blocks.unpad(out)
         if not (train_indexer and index_scores is not None):
             return out, None
