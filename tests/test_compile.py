@@ -48,6 +48,7 @@ def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(monke
     for module in (attention, fp32_linear):
         monkeypatch.setattr(module, "takes_gpu_path", lambda x: True)
     monkeypatch.setattr(fp32_linear, "bf16_mm", lambda a, b: a.float() @ b.float())  # cuBLAS's bf16 -> fp32
+    monkeypatch.setattr(fp32_linear, "bf16_bmm", lambda a, b: a.float() @ b.float())
     monkeypatch.setattr(RoutedExperts, "use_grouped_mm", True)
     args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=2, compress_ratios=[4, 0, 4])
     ids = torch.randint(0, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))

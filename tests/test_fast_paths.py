@@ -165,3 +165,29 @@ def test_fp32_linear_from_bf16_parts_is_fp32_accurate(monkeypatch):
         # one bf16 part of a bf16 operand: the single GEMM bf16 x bf16 -> fp32 is the fp32 product
         if x_dtype == torch.bfloat16:
             assert len(module.bf16_parts(x)) == 1 and len(module.bf16_parts(weight)) == 3
+
+
+def test_fp32_matmul_scores_from_bf16_are_not_rounded_to_bf16(monkeypatch):
+    """Attention scores from bf16 queries and keys on GPUs: the fp32 product of the bf16 values (one
+    fp32-output GEMM), where a bf16 matmul would round each score to bf16 first; gradients are bf16 GEMMs of
+    the bf16-rounded score gradient. The GEMM is stood in for by the fp32 product of the bf16 values."""
+    from titan_dsv4.models.deepseek_v4 import fp32_linear as module
+
+    monkeypatch.setattr(module, "takes_gpu_path", lambda x: True)
+    monkeypatch.setattr(module, "bf16_bmm", lambda a, b: a.float() @ b.float())
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 40, 64, generator=gen).to(torch.bfloat16).requires_grad_()
+    k = torch.randn(2, 3, 64, 50, generator=gen).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(2, 3, 40, 50, generator=gen)
+    scores = module.fp32_matmul(q, k)
+    scores.backward(grad)
+    exact = q.detach().double() @ k.detach().double()
+    assert scores.dtype == torch.float32
+    scale = exact.abs().max()
+    assert (scores.double() - exact).abs().max() < 2**-20 * scale
+    assert ((q.detach() @ k.detach()).double() - exact).abs().max() > 2**-12 * scale  # bf16 output rounds
+    bf16_grad = grad.to(torch.bfloat16).double()
+    torch.testing.assert_close(q.grad.double(), bf16_grad @ k.detach().double().transpose(-1, -2),
+                               rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(k.grad.double(), q.detach().double().transpose(-1, -2) @ bf16_grad,
+                               rtol=2**-7, atol=2**-7)

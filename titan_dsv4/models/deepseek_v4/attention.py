@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import CSA_RATIO, DeepseekV4ModelArgs
-from .fp32_linear import fp32_linear
+from .fp32_linear import fp32_linear, fp32_matmul, matmul_fp32_result
 from .gpu_paths import takes_gpu_path
 from .norm import RMSNorm, fp32, rms_normalise
 from .rope import apply_rope, rope_rotation
@@ -83,14 +83,15 @@ class _GatheredEntryProduct(torch.autograd.Function):
         ctx.save_for_backward(operand, kv, top)
         ctx.shape, ctx.scores = shape, scores
         keys = _gather_entries(kv, top, shape)  # [B, n, s, k, d]
-        if scores:  # operand: queries [B, n, s, h, d] -> [B, n, h, s, k]
-            return torch.einsum("bnqhd,bnqkd->bnhqk", operand, keys)
+        if scores:  # operand: queries [B, n, s, h, d] -> fp32 [B, n, h, s, k]
+            return matmul_fp32_result(operand, keys.transpose(-1, -2)).transpose(2, 3)
         return torch.einsum("bnhqk,bnqkd->bnqhd", operand, keys)  # operand: probs -> [B, n, s, h, d]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         operand, kv, top = ctx.saved_tensors
         keys = _gather_entries(kv, top, ctx.shape)
+        grad = grad.to(kv.dtype)  # the fp32 scores' gradient enters bf16 GEMMs (as with fp32_matmul)
         if ctx.scores:
             grad_operand = torch.einsum("bnhqk,bnqkd->bnqhd", grad, keys).to(operand.dtype)
             grad_keys = torch.einsum("bnhqk,bnqhd->bnqkd", grad, operand)
@@ -374,7 +375,8 @@ class Attention(nn.Module):
         allowed = (key_index[:, None, :] <= q_index) & (key_index[:, None, :] > q_index - window)
         allowed = allowed & (key_doc[:, :, None, :] == blocks.doc[..., None])  # [B, n, size, K]
         queries = blocks.pad(q)  # [B, n, size, h, d]
-        scores = [torch.einsum("bnqhd,bndk->bnhqk", queries, keys)]
+        # fp32 scores [B, n, h, size, K]: never rounded to bf16 (fp32_matmul)
+        scores = [fp32_matmul(queries.flatten(2, 3), keys).unflatten(2, (size, -1)).transpose(2, 3)]
 
         chosen, index_scores, gathered = None, None, None  # gathered: each query's chosen entries [B, Q', k]
         if entries is not None:
@@ -395,7 +397,8 @@ class Attention(nn.Module):
                 gathered_shape = torch.Size([*queries.shape[:3], gathered.shape[-1], entries.kv.shape[-1]])
                 scores.append(_GatheredEntryProduct.apply(queries, entries.kv, gathered, gathered_shape, True))
             else:
-                scores.append(torch.einsum("bnqhd,bkd->bnhqk", queries, entries.kv))
+                entry_scores = fp32_matmul(queries.flatten(1, 3), entries.kv.transpose(1, 2))  # [B, n*s*h, P]
+                scores.append(entry_scores.view(*queries.shape[:4], -1).transpose(2, 3))
         scores = fp32(torch.cat(scores, dim=-1)) * self.head_dim**-0.5
         scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
         sink = fp32(self.attn_sink).view(1, 1, -1, 1, 1).expand(*scores.shape[:-1], 1)

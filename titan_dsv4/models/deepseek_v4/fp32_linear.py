@@ -92,6 +92,47 @@ class _SplitLinear(torch.autograd.Function):
                 grad_w.to(weight.dtype) if grad_w is not None else None)
 
 
+def bf16_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched bf16 x bf16 GEMM with fp32 accumulation and output (cuBLAS; CUDA only)."""
+    return torch.bmm(a, b, out_dtype=torch.float32)
+
+
+def _bf16_operands(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (gpu_paths.fast_kernels and takes_gpu_path(a) and a.dtype == torch.bfloat16
+            and b.dtype == torch.bfloat16)
+
+
+def matmul_fp32_result(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (batched, no autograd) as fp32: bf16 operands on GPUs through one fp32-output GEMM, never
+    rounded to bf16; fp32 math elsewhere."""
+    if not _bf16_operands(a, b):
+        return torch.matmul(fp32(a), fp32(b))
+    out = bf16_bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))  # same batch dims, no broadcast
+    return out.view(*a.shape[:-1], b.shape[-1])
+
+
+class _Fp32Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return matmul_fp32_result(a, b)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # bf16 GEMMs of the gradient rounded to bf16, as a fused attention kernel's backward does
+        a, b = ctx.saved_tensors
+        grad = grad.to(a.dtype)
+        grad_a = grad @ b.transpose(-1, -2) if ctx.needs_input_grad[0] else None
+        grad_b = a.transpose(-1, -2) @ grad if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+def fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result (attention scores): on GPUs from bf16 operands without rounding the
+    result to bf16 first (a bf16 matmul's output would be: ~2^-9 of each score, before the softmax)."""
+    return _Fp32Matmul.apply(a, b) if _bf16_operands(a, b) else torch.matmul(fp32(a), fp32(b))
+
+
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` in fp32 (fp32 output); bf16 tensor-core GEMMs on CUDA."""
     float_types = (torch.bfloat16, torch.float32)
