@@ -89,8 +89,12 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
 @compiled_on_cuda
 def hc_post(out: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """``X'_k = post_k * out + sum_j comb[j,k] * X_j`` computed in fp32, cast to the stream dtype."""
-    # sum_j comb[j, k] * X_j as broadcast multiply-adds: n is tiny, a batched 4x4 matmul per token is slow
-    mixed = post.unsqueeze(-1) * fp32(out).unsqueeze(-2) + (comb.unsqueeze(-1) * fp32(residual).unsqueeze(-2)).sum(-3)
+    # sum_j comb[j, k] * X_j as n broadcast multiply-adds: n is tiny (a batched 4x4 matmul per token is slow),
+    # and no [.., n, n, H] product is formed
+    residual32 = fp32(residual)
+    mixed = post.unsqueeze(-1) * fp32(out).unsqueeze(-2)
+    for j in range(residual.shape[-2]):
+        mixed = mixed + comb[..., j, :, None] * residual32[..., j, None, :]
     return mixed.to(residual.dtype)
 
 
