@@ -41,13 +41,16 @@ FRAGMENTATION = 0.92  # the share of GPU memory the caching allocator can be exp
 
 
 class LiveBytes(TorchDispatchMode):
-    """Live bytes of the tensors ops create (views share their storage), and their peak."""
+    """Live bytes of the tensors ops create (views share their storage), and their peak; while
+    ``forward`` is set, also the bytes of what ops on a parameter output (``param_outputs``)."""
 
-    def __init__(self, existing: list[torch.Tensor] = ()) -> None:
+    def __init__(self, existing: list[torch.Tensor] = (), params: list[torch.Tensor] = ()) -> None:
         super().__init__()
         self.storages: dict[int, list[int]] = {}  # storage id -> [tensors alive, bytes]
         self.existing = {t.untyped_storage()._cdata for t in existing}  # views of these are not new bytes
-        self.live = self.peak = 0
+        self.params = {t.untyped_storage()._cdata for t in params}
+        self.live = self.peak = self.param_outputs = 0
+        self.forward = True
 
     def _track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -72,9 +75,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self._track(t)
+        outputs = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
+        for t in outputs:
+            self._track(t)
+        if self.forward and any(isinstance(a, torch.Tensor) and a.untyped_storage()._cdata in self.params
+                                for a in args):
+            self.param_outputs += sum(t.untyped_storage().nbytes() for t in outputs if t.is_floating_point())
         return out
 
 
@@ -82,6 +88,8 @@ class LiveBytes(TorchDispatchMode):
 class StageActivations:
     held: int  # bytes one microbatch keeps from its forward until its backward
     backward_extra: int  # further bytes while that microbatch's backward runs (gradients, recompute)
+    # zero-bubble schedules: the gradients of what ops on parameters output, kept from I to W
+    weight_grad_inputs: int = 0
 
 
 @dataclass
@@ -153,7 +161,7 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
     RoutedExperts.forward = _shape_only_experts  # the exact loop needs expert counts, which meta lacks
     try:
         with meta_as_gpu() if gpu else contextlib.nullcontext(), \
-                LiveBytes([*model.parameters(), *model.buffers()]) as tracker:
+                LiveBytes([*model.parameters(), *model.buffers()], list(model.parameters())) as tracker:
             args, kwargs = _stage_inputs(setup, config, first, dtype)  # a stage keeps what it received
             out = model(*args, **kwargs)
             logits = None
@@ -164,12 +172,14 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
                 logits = out if setup.pipeline_plan is not None else None
                 out = loss_fn(out, targets, 1.0)
             held = tracker.live
+            tracker.forward = False
             (out if last else out.float().sum()).backward()
             peak = tracker.peak
             del logits  # held until here
     finally:
         RoutedExperts.forward = original
-    return StageActivations(held=held, backward_extra=max(peak - held, 0))
+    return StageActivations(held=held, backward_extra=max(peak - held, 0),
+                            weight_grad_inputs=tracker.param_outputs)
 
 
 def _shape_only_experts(self, xs: torch.Tensor, ws: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -222,14 +232,15 @@ class _ScheduleStage:
 def worst_moment(actions: list[tuple[str, int]], acts: dict[int, StageActivations]) -> tuple[int, dict[int, int]]:
     """Peak activation bytes over a rank's actions: a microbatch's activations live from its F to its B,
     a backward adds its stage's transient bytes while it runs, and in zero-bubble schedules the gradients an
-    I (input-gradient backward) computes for the weights stay until that microbatch's W."""
+    I (input-gradient backward) computes for the weights (those of what ops on parameters output) stay
+    until that microbatch's W."""
     live: dict[int, int] = {s: 0 for s in acts}
     waiting_w: dict[int, int] = {s: 0 for s in acts}
     worst, at = 0, dict(live)
     for kind, stage in actions:
         if kind == "F":
             live[stage] += 1
-        held = sum(acts[s].held * live[s] + acts[s].backward_extra * waiting_w[s] for s in acts)
+        held = sum(acts[s].held * live[s] + acts[s].weight_grad_inputs * waiting_w[s] for s in acts)
         now = held + (acts[stage].backward_extra if kind in ("B", "I", "W") else 0)
         if now > worst:
             worst, at = now, dict(live)
