@@ -3,6 +3,7 @@ bytes of every rank, from the profiler's allocation events: ``tests/memory_worke
 torch's schedules keep in flight, and the shipped cluster configs."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def measured_peaks(tmp_path: Path, nproc: int, overrides: list[str]) -> list[dic
         cmd = [sys.executable, *worker]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(cmd, cwd=REPO / "tests", capture_output=True, text=True, timeout=600,
-                            env={**__import__("os").environ, **env})
+                            env={**os.environ, **env})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return json.loads(out.read_text())
 
