@@ -23,12 +23,14 @@ import time
 import traceback
 
 import torch
+import torch.nn.functional as F
 
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.components.metrics import device_peak_tflops
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
-from titan_dsv4.models.deepseek_v4 import fp32_linear, gpu_paths, hyper_connection
+from titan_dsv4.models.deepseek_v4 import fp32_linear, gpu_paths, head_loss, hyper_connection
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
+from titan_dsv4.models.deepseek_v4.parallelize import fp32_replicated_parameters
 
 BENCH_ARGS = dict(
     hidden_size=2048, num_hidden_layers=6, num_attention_heads=32, head_dim=512, q_lora_rank=1024,
@@ -67,7 +69,10 @@ def build(mtp: int, device: torch.device) -> DeepseekV4Model:
     with torch.device(device):
         model = DeepseekV4Model(bench_args(mtp))
     model.to(torch.bfloat16)
+    for p in fp32_replicated_parameters(model):  # the dtypes FSDP's bf16 mixed precision computes with
+        p.data = p.data.float()
     fast_init(model)
+    model.set_mtp_loss_scale(0.3)
     return model.train()
 
 
@@ -108,7 +113,7 @@ def exact_paths(on: bool) -> None:
 def step_fn(model, loss_fn, ids, targets):
     def step():
         model.zero_grad(set_to_none=True)
-        loss = loss_fn(model(ids), targets)
+        loss = loss_fn(model(ids, targets=targets), targets)
         loss.backward()
         loss_fn.parts.clear()
     return step
@@ -120,7 +125,7 @@ def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = Fal
     model = build(mtp, device)
     args = model.args
     ids, targets = batch(args, opts.batch, opts.seq, device)
-    loss_fn = MTPLoss(mtp, 0.3)
+    loss_fn = MTPLoss()
     if compile_blocks:
         from titan_dsv4.models.deepseek_v4.parallelize import apply_compile
         torch._dynamo.utils.counters.clear()
@@ -184,25 +189,29 @@ def component_times(opts, device) -> dict[str, float]:
         times["moe"] += fwd_bwd(lambda: block.ffn(x, ids))
         for site in (block.hc_attn, block.hc_ffn):
             def mhc(site=site):
-                collapsed, post, comb = site.pre(stream)
+                collapsed, post, comb = site(stream)
                 return hyper_connection.HyperConnection.post(collapsed, stream, post, comb)
             times["mhc"] += fwd_bwd(mhc)
-    loss_fn = MTPLoss(1, 0.3)
     hidden = torch.randn(b, s, h, device=device, dtype=torch.bfloat16, requires_grad=True)
 
-    def head_loss():
-        logits = model._logits(torch.stack([model.norm(model.hc_head(stream)), hidden]))
-        out = loss_fn(tuple(logits.unbind(0)), targets)
-        loss_fn.parts.clear()
-        return out
-    times["head_loss"] = fwd_bwd(head_loss)
+    def fused_head_loss():
+        hiddens = [model.norm(model.hc_head(stream)), hidden]
+        return head_loss.head_loss(hiddens, model.head.weight, targets, [1.0, 0.3])[0]
+
+    def unfused_head_loss():  # the baseline: fp32 logits of both depths, then torch's cross-entropy
+        logits = fp32_linear.fp32_linear(torch.stack([model.norm(model.hc_head(stream)), hidden]),
+                                          model.head.weight)
+        return sum(w * F.cross_entropy(logits[d].flatten(0, 1), targets[..., d].flatten(), reduction="sum")
+                   for d, w in enumerate([1.0, 0.3]))
+    times["head_loss"] = fwd_bwd(fused_head_loss)
+    times["head_loss_unfused_baseline"] = fwd_bwd(unfused_head_loss)  # not part of the step
     return times
 
 
 def profile_top_kernels(opts, device, path: str) -> None:
     model = build(1, device)
     ids, targets = batch(model.args, opts.batch, opts.seq, device)
-    step = step_fn(model, MTPLoss(1, 0.3), ids, targets)
+    step = step_fn(model, MTPLoss(), ids, targets)
     step()
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -223,6 +232,8 @@ def check_fast_paths_on_gpu(device) -> dict:
     fast_init(model)
     model.train()
     ids = torch.randint(2, args.vocab_size, (2, 300), device=device)
+    targets = build_targets(ids.roll(-1, 1), torch.arange(300, device=device).expand(2, 300), 1)
+    model.set_mtp_loss_scale(0.3)
     results = []
     for exact in (True, False):
         for m in model.modules():
@@ -230,10 +241,10 @@ def check_fast_paths_on_gpu(device) -> dict:
                 m.query_block, m.gather_entries = (None, False) if exact else ("auto", True)
         exact_paths(exact)
         model.zero_grad()
-        out = model(ids)
-        sum(o.square().mean() for o in out).backward()
-        results.append(([o.detach() for o in out], {k: p.grad.clone() for k, p in model.named_parameters()
-                                                     if p.grad is not None}))
+        objective, stats = model(ids, targets=targets)  # the training step's fused head + cross-entropy
+        objective.backward()
+        results.append(([objective.detach(), stats], {k: p.grad.clone() for k, p in model.named_parameters()
+                                                      if p.grad is not None}))
         if exact:
             exact_paths(False)
     (a_out, a_grad), (b_out, b_grad) = results

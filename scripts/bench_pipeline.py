@@ -71,11 +71,12 @@ def worker() -> None:
         model = DeepseekV4Model(args)
         model.init_weights(0)
         model.train()
-        loss_fn = MTPLoss(args.num_nextn_predict_layers, 0.3)
+        model.set_mtp_loss_scale(0.3)
+        loss_fn = MTPLoss()
         times = []
         for _ in range(STEPS + 1):
             start = time.perf_counter()
-            loss_fn(model(ids, positions), targets, n_valid).backward()
+            loss_fn(model(ids, positions, targets=targets), targets, n_valid).backward()
             times.append(time.perf_counter() - start)
         baseline = statistics.median(times[1:])
         torch.set_num_threads(1)
@@ -90,11 +91,12 @@ def worker() -> None:
         with torch.device("meta"):
             meta = DeepseekV4Model(args)
         plan = plan_pipeline(meta, config, world, BATCH)
-        loss_fn = MTPLoss(args.num_nextn_predict_layers, 0.3)
+        loss_fn = MTPLoss()
 
         def materialize(part):
             part.to_empty(device="cpu")
             part.init_weights(0)
+            part.set_mtp_loss_scale(0.3)
             return part.train()
 
         pp_mesh = dims.mesh["pp"]

@@ -60,6 +60,7 @@ def reference_step(trainer: Trainer, global_batch: int) -> dict:
     model = trainer.setup.spec.model_cls(args)
     model.init_weights(config.training.seed)
     model.train()
+    model.set_mtp_loss_scale(config.mtp.loss_scaling_factor)
     coeff = config.training.indexer_loss_coeff
     if coeff > 0:
         model.set_indexer_loss_scale(coeff / (global_batch * SEQ))
@@ -71,7 +72,7 @@ def reference_step(trainer: Trainer, global_batch: int) -> dict:
     targets = build_targets(batch.labels, batch.positions, args.num_nextn_predict_layers)
     valid = (targets[..., 0] != -100).sum().float()
     loss_fn = trainer.setup.spec.build_loss_fn(config, args)
-    loss_fn(model(batch.input_ids, batch.positions), targets, valid).backward()
+    loss_fn(model(batch.input_ids, batch.positions, targets=targets), targets, valid).backward()
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], MAX_NORM)
     update_expert_bias([model], BIAS_SPEED, None)
     summary = summarise_parts(loss_fn.take_parts(), args.num_nextn_predict_layers, config.mtp.loss_scaling_factor)

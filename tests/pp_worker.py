@@ -53,8 +53,9 @@ def run_case(schedule: str, depth: int, csv: str | None, dims: ParallelDims) -> 
     reference = DeepseekV4Model(args).double()  # fp64: only summation order differs, so compare tightly
     reference.init_weights(SEED)
     reference.train()
-    ref_loss = MTPLoss(depth, 0.3)
-    ref_loss(reference(ids, positions), targets, n_valid).backward()
+    reference.set_mtp_loss_scale(0.3)
+    ref_loss = MTPLoss()
+    ref_loss(reference(ids, positions, targets=targets), targets, n_valid).backward()
     ref_parts = ref_loss.take_parts()
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
 
@@ -66,12 +67,13 @@ def run_case(schedule: str, depth: int, csv: str | None, dims: ParallelDims) -> 
     with torch.device("meta"):
         meta = DeepseekV4Model(args)
     plan = plan_pipeline(meta, config, dims.pp, BATCH)
-    loss_fn = MTPLoss(depth, 0.3)
+    loss_fn = MTPLoss()
 
     def materialize(part):
         part.to_empty(device="cpu").double()
         part.init_weights(SEED)
         part.train()
+        part.set_mtp_loss_scale(0.3)
         return part
 
     pp_mesh = dims.mesh["pp"]

@@ -6,11 +6,11 @@ import dataclasses
 import torch
 
 from titan_dsv4.components.loss import MTPLoss, build_targets
-from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
+from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model, head_loss
 from titan_dsv4.models.deepseek_v4.parallelize import apply_compile
 
 
-def test_compiled_blocks_and_loss_equal_eager():
+def test_compiled_blocks_and_loss_equal_eager(monkeypatch):
     args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=2, compress_ratios=[4, 16, 0])
     ids = torch.randint(0, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     targets = build_targets(ids.roll(-1, 1), torch.arange(64).expand(2, 64), args.num_nextn_predict_layers)
@@ -19,11 +19,13 @@ def test_compiled_blocks_and_loss_equal_eager():
         model = DeepseekV4Model(args)
         model.init_weights(0)
         model.train()
-        loss_fn = MTPLoss(args.num_nextn_predict_layers, 0.3)
+        model.set_mtp_loss_scale(0.3)
         if compiled:
             apply_compile(model, backend="aot_eager")
-            loss_fn.compile("aot_eager")
-        loss = loss_fn(model(ids), targets)
+            for name in ("_token_losses", "_logits_grad"):  # restored after the test
+                monkeypatch.setattr(head_loss, name, getattr(head_loss, name))
+            head_loss.compile_cross_entropy("aot_eager")
+        loss = MTPLoss()(model(ids, targets=targets), targets)
         loss.backward()
         grads = {n.replace("_orig_mod.", ""): p.grad for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads))
@@ -45,9 +47,10 @@ def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(monke
     from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
     from titan_dsv4.models.deepseek_v4.parallelize import apply_activation_checkpointing
 
-    for module in (attention, fp32_linear):
+    for module in (attention, fp32_linear, head_loss):
         monkeypatch.setattr(module, "takes_gpu_path", lambda x: True)
-    monkeypatch.setattr(fp32_linear, "bf16_mm", lambda a, b: a.float() @ b.float())  # cuBLAS's bf16 -> fp32
+    for module in (fp32_linear, head_loss):
+        monkeypatch.setattr(module, "bf16_mm", lambda a, b: a.float() @ b.float())  # cuBLAS's bf16 -> fp32
     monkeypatch.setattr(fp32_linear, "bf16_bmm", lambda a, b: a.float() @ b.float())
     monkeypatch.setattr(RoutedExperts, "use_grouped_mm", True)
     args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=2, compress_ratios=[4, 0, 4])
@@ -58,6 +61,7 @@ def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(monke
         model = DeepseekV4Model(args)
         model.init_weights(0)
         model.train().to(torch.bfloat16)
+        model.set_mtp_loss_scale(0.3)
         for layer in model.modules():
             if hasattr(layer, "indexer_loss_scale") and layer.indexer is not None:
                 layer.indexer_loss_scale = 0.5
@@ -67,8 +71,8 @@ def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(monke
             counters.clear()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
-            outputs = model(ids)
-        loss = MTPLoss(args.num_nextn_predict_layers, 0.3)(outputs, targets)
+            outputs = model(ids, targets=targets)
+        loss = MTPLoss()(outputs, targets)
         loss.backward()
         buffers = {n: b.float().clone() for n, b in model.named_buffers() if n.endswith(("expert_load", "kl_sum"))}
         grads = {n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): p.grad.float()

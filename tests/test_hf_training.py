@@ -31,11 +31,12 @@ def test_pipeline_and_fsdp_runs_start_from_hf_weights_and_export(tmp_path):
 
     # step 1's loss is the loaded model's loss on the first batch, computed here independently
     model = titan_dsv4.from_pretrained(source, dtype=torch.float32).train()
+    model.set_mtp_loss_scale(0.3)
     batch = next(build_dataloader("pydocs", None, Tokenizer(), 128, 4, 0, 1))
-    loss_fn = MTPLoss(1, 0.3)
+    loss_fn = MTPLoss()
     targets = build_targets(batch.labels, batch.positions, 1)
     with torch.no_grad():
-        loss_fn(model(batch.input_ids, batch.positions), targets)
+        loss_fn(model(batch.input_ids, batch.positions, targets=targets), targets)
     parts = loss_fn.take_parts()
     assert single[0]["loss"] == pytest.approx((parts[0] / parts[1]).item(), rel=1e-5)
     for a, *others in zip(single, piped, sharded, experts, strict=True):

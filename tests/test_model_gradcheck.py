@@ -61,7 +61,7 @@ def test_hyper_connection_pre_post():
         hc.fn.normal_(0, 0.3), hc.base.normal_(0, 0.5), hc.scale.uniform_(0.5, 1.5)
 
     def site(module, x, out):
-        collapsed, post, comb = module.pre(x)
+        collapsed, post, comb = module(x)
         return HyperConnection.post(out * collapsed, x, post, comb)
 
     x = torch.randn(2, 3, 3, 8, dtype=torch.float64, requires_grad=True)

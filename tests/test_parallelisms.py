@@ -75,3 +75,29 @@ def test_grouped_gemm_path_equals_the_per_expert_loop():
         results.append((out, *torch.autograd.grad(out, (xs, ws, *experts.parameters()), grad_out)))
     for loop, grouped in zip(*results):
         torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_keeps_the_released_fp32_tensors_in_fp32(tmp_path):
+    """FSDP2 gathers parameters in bf16 for compute, except the tensors the release keeps in fp32 (mHC mixes,
+    sinks, compressor position biases): every rank keeps those whole, in fp32, and their gradients are
+    summed over the data-parallel ranks. 2 gloo processes against one process holding the same dtype split
+    by hand, fed each rank's batch: objectives and the fp32 parameters' summed gradients agree."""
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(REPO / "tests" / "mixed_precision_worker.py"),
+           str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-6000:]
+    r = json.loads(out.read_text())
+    replicated = set(r["replicated_names"])
+    assert any(n.endswith("hc_attn.fn") for n in replicated) and any(n.endswith("attn_sink") for n in replicated)
+    assert any(n.endswith("compressor.ape") for n in replicated)
+    assert set(r["kept_whole"]) == replicated and r["kept_dtypes"] == ["torch.float32"]
+    assert r["seen"], "no forward observed"
+    for name, dtype in r["seen"].items():
+        assert dtype == ("torch.float32" if name in replicated else "torch.bfloat16"), (name, dtype)
+    assert replicated <= set(r["seen"])  # every fp32 tensor was used in forward, in fp32
+    assert r["objectives"] == r["ref_objectives"]  # the same bf16 / fp32 computation, bit for bit
+    assert r["replicated_grad_rel_err"] < 1e-2 and r["ranks_hold_equal_grads"]

@@ -124,15 +124,17 @@ def _compute_dtype(config: JobConfig, setup: RunSetup, device: str) -> torch.dty
 
 
 def _stage_inputs(setup: RunSetup, config: JobConfig, first: bool, dtype: torch.dtype):
-    """What a stage receives for one microbatch: token ids (first stage) or the mHC stream."""
+    """What a stage receives for one microbatch: token ids (first stage) or the mHC stream; positions and
+    the targets (which the last stage's fused head uses) as keywords."""
     args, mb, seq = setup.model_args, _microbatch(config, setup), config.training.seq_len
     ids = torch.zeros(mb, seq, dtype=torch.long, device="meta")
-    positions = torch.arange(seq, device="meta").expand(mb, seq)
+    kwargs = dict(positions=torch.arange(seq, device="meta").expand(mb, seq),
+                  targets=torch.zeros(mb, seq, 1 + args.num_nextn_predict_layers, dtype=torch.long, device="meta"))
     if first:
-        return (ids,), dict(positions=positions)
+        return (ids,), kwargs
     stream = torch.zeros(mb, seq, args.hc_mult, args.hidden_size, dtype=dtype, device="meta",
                          requires_grad=True)
-    return (stream,), dict(positions=positions, input_ids=ids)
+    return (stream,), dict(kwargs, input_ids=ids)
 
 
 def _microbatch(config: JobConfig, setup: RunSetup) -> int:
@@ -152,6 +154,7 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
     model = stage_model.to(dtype)
     model.train()
     apply_activation_checkpointing(model, config.activation_checkpoint.mode)
+    model.set_mtp_loss_scale(config.mtp.loss_scaling_factor)
     if config.training.indexer_loss_coeff > 0:
         model.set_indexer_loss_scale(1.0)
     for p in model.parameters():  # FSDP frees each unit's unsharded gradient after reduce-scatter: free now
@@ -164,18 +167,12 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
                 LiveBytes([*model.parameters(), *model.buffers()], list(model.parameters())) as tracker:
             args, kwargs = _stage_inputs(setup, config, first, dtype)  # a stage keeps what it received
             out = model(*args, **kwargs)
-            logits = None
             if last:
-                targets = torch.zeros(*args[0].shape[:2], 1 + setup.model_args.num_nextn_predict_layers,
-                                      dtype=torch.long, device=args[0].device)
-                # a pipeline stage caches its outputs (the logits) until the microbatch's backward
-                logits = out if setup.pipeline_plan is not None else None
-                out = loss_fn(out, targets, 1.0)
+                out = loss_fn(out, kwargs["targets"], 1.0)
             held = tracker.live
             tracker.forward = False
             (out if last else out.float().sum()).backward()
             peak = tracker.peak
-            del logits  # held until here
     finally:
         RoutedExperts.forward = original
     return StageActivations(held=held, backward_extra=max(peak - held, 0),
@@ -268,7 +265,11 @@ def without_cluster_files(config: JobConfig) -> JobConfig:
 def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool,
                  stateless: tuple[str, ...]) -> tuple[int, int, int, int]:
     """Elements of a stage's parameters: this rank's shards, the trainable part of them (gradients and AdamW
-    moments), gathered (FSDP's unsharded copies), and the largest FSDP unit gathered."""
+    moments), gathered (FSDP's unsharded copies), and the largest FSDP unit gathered. The fp32 tensors FSDP
+    leaves out are whole on every rank and used in place."""
+    from .models.deepseek_v4.parallelize import fp32_replicated_parameters
+
+    replicated = {id(p) for p in fp32_replicated_parameters(part)}
     params = trainable = gathered = 0
     units: dict[str, int] = {}
     for name, p in part.named_parameters():
@@ -276,6 +277,8 @@ def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool,
         numel = p.numel() // (ep if experts else 1)  # an expert-parallel rank holds E / ep experts
         local = _local_numel(torch.Size([p.shape[0] // ep, *p.shape[1:]]) if experts else p.shape,
                              shard // ep if experts else shard)
+        if id(p) in replicated:
+            local, numel = p.numel(), 0
         params += local
         frozen = frozen_indexer and ".attn.indexer." in f".{name}"
         if not (frozen or name.startswith(stateless)):

@@ -40,6 +40,7 @@ from .distributed.utils import (
     init_distributed,
     launched_world_size,
     pick_device,
+    reduce_replicated_grads,
     shutdown_distributed,
 )
 from .models.deepseek_v4.mtp import IGNORE_INDEX
@@ -164,6 +165,7 @@ class Trainer:
         part = self.setup.spec.parallelize_fn(part, self.parallel_dims, self.config, self.device)
         part.to_empty(device=self.device)
         part.init_weights(self.config.training.seed)
+        part.set_mtp_loss_scale(self.config.mtp.loss_scaling_factor)
         coeff = self.config.training.indexer_loss_coeff
         if coeff > 0:  # the KL is summed per token: normalise by the global batch's token count
             part.set_indexer_loss_scale(coeff / self.tokens_per_step)
@@ -183,10 +185,10 @@ class Trainer:
             if self.pipeline is not None:
                 self.pipeline.step(ids, pos, target, global_valid)
             else:
-                # no name for the logits: they would stay alive (fp32 [B, S, V] per depth) through backward
-                self.loss_fn(self.model_parts[0](ids, pos), target, global_valid).backward()
+                self.loss_fn(self.model_parts[0](ids, pos, targets=target), target, global_valid).backward()
         if self.pipeline is not None:
             self.pipeline.ties.reduce_grads()
+        reduce_replicated_grads(self.norm_params, self.dp_group)
         grad_norm = clip_grad_norm_(self.norm_params, self.config.training.max_norm, self.pp_group)
         n_calls = len(batches) * (self.pipeline.plan.n_microbatches if self.pipeline else 1)
         parts = self.loss_fn.take_parts(last=n_calls)

@@ -6,16 +6,16 @@ microbatches, all accumulation steps). Each rank or microbatch therefore contrib
 global mean, and summing gradients (never averaging) reproduces the single-process gradient exactly.
 
 The targets for all depths travel as one tensor ``[B, S, 1 + D]`` (column 0: next-token labels, column k+1:
-depth k), which is what a pipeline schedule can carry to the last stage.
+depth k), which a pipeline schedule carries to every stage as a keyword input: the last stage's LM head runs
+fused with the cross-entropy (``models/deepseek_v4/head_loss.py``) and returns the weighted sum; this module
+normalises it and keeps the logged parts.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..models.deepseek_v4.mtp import IGNORE_INDEX, mtp_targets
-from ..models.deepseek_v4.norm import fp32
+from ..models.deepseek_v4.mtp import mtp_targets
 
 
 def build_targets(labels: torch.Tensor, positions: torch.Tensor, num_mtp: int) -> torch.Tensor:
@@ -25,46 +25,24 @@ def build_targets(labels: torch.Tensor, positions: torch.Tensor, num_mtp: int) -
 
 
 class MTPLoss:
-    """Callable ``(outputs, targets, global_valid_tokens) -> objective``; keeps detached parts for logging.
-
-    ``parts`` holds, per call, ``[main_sum, main_count, sum_0, count_0, correct_0, ...]`` (float64) where
+    """Callable ``(outputs, targets, global_valid_tokens) -> objective`` on the model's training output
+    ``(objective_sum, stats)`` (the head runs fused with its cross-entropy, so the per-depth sums and their
+    weighting by lambda come from the model: ``DeepseekV4Model.forward`` with ``targets``). Keeps detached
+    parts for logging: per call ``[main_sum, main_count, sum_0, count_0, correct_0, ...]`` (float64) where
     ``correct_k`` counts positions whose argmax equals depth k's target (greedy MTP acceptance).
     """
 
-    def __init__(self, num_mtp: int, scaling_factor: float, ignore_index: int = IGNORE_INDEX):
-        self.num_mtp, self.scaling_factor, self.ignore_index = num_mtp, scaling_factor, ignore_index
+    def __init__(self) -> None:
         self.parts: list[torch.Tensor] = []
 
-    def __call__(self, outputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor,
+    def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor | None = None,
                  global_valid_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
-        logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
-        mtp_logits = [] if isinstance(outputs, torch.Tensor) else list(outputs[1:])
-        if targets.dim() == 2:
-            targets = targets.unsqueeze(-1)
-        main_sum, main_count, _ = self._ce(logits, targets[..., 0])
-        total = main_sum
-        parts = [main_sum.detach(), main_count]
-        for k, depth_logits in enumerate(mtp_logits):
-            depth_sum, depth_count, correct = self._ce(depth_logits, targets[..., k + 1])
-            total = total + self.scaling_factor / len(mtp_logits) * depth_sum
-            parts += [depth_sum.detach(), depth_count, correct]
-        self.parts.append(torch.stack([p.double() for p in parts]))
+        objective, stats = outputs
+        stats = stats.detach().double()
+        self.parts.append(torch.cat([stats[0, :2], stats[1:].reshape(-1)]))
         if global_valid_tokens is None:
-            global_valid_tokens = main_count
-        return total / global_valid_tokens
-
-    def _ce(self, logits: torch.Tensor, target: torch.Tensor):
-        flat_logits = fp32(logits.reshape(-1, logits.shape[-1]))
-        flat_target = target.reshape(-1)
-        loss_sum = F.cross_entropy(flat_logits, flat_target, ignore_index=self.ignore_index, reduction="sum")
-        valid = flat_target != self.ignore_index
-        with torch.no_grad():
-            correct = ((flat_logits.argmax(-1) == flat_target) & valid).sum()
-        return loss_sum, valid.sum(), correct
-
-    def compile(self, backend: str) -> None:
-        """Compile the per-depth cross-entropy (fp32 upcast + log-softmax + argmax fuse into one kernel)."""
-        self._ce = torch.compile(self._ce, backend=backend)
+            global_valid_tokens = stats[0, 1]
+        return objective / global_valid_tokens
 
     def take_parts(self, last: int | None = None) -> torch.Tensor | None:
         """Sum of the stashed parts of the last ``last`` calls (all if None), then forget them all."""

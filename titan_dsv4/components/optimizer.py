@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..config.job_config import LRScheduler as LRConfig
 from ..config.job_config import Optimizer as OptimizerConfig
@@ -26,7 +27,11 @@ def unique_trainable_parameters(model_parts: list[nn.Module]) -> list[nn.Paramet
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     impl = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+    # foreach/fused kernels cannot mix FSDP's DTensors with the plain tensors kept whole beside them; both
+    # groups always exist (one may be empty) so that a checkpoint resumes under any other layout
+    groups = [{"params": [p for p in params if isinstance(p, DTensor)]},
+              {"params": [p for p in params if not isinstance(p, DTensor)]}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, **impl[cfg.implementation])
 
 

@@ -233,12 +233,12 @@ class PipelineParts:
     ties: TiedParameters
 
     def step(self, input_ids, positions, targets, global_valid_tokens) -> None:
-        kwargs = dict(positions=positions, input_ids=input_ids,
+        # targets reach the last stage's forward (its head runs fused with the cross-entropy) and the loss
+        kwargs = dict(positions=positions, input_ids=input_ids, targets=targets,
                       loss_kwargs={"global_valid_tokens": global_valid_tokens})
         if self.has_last_stage:
             kwargs.update(target=targets, losses=[])
         args = (input_ids,) if self.has_first_stage else ()
-        # the loss is taken inside the schedule; returning outputs would keep every microbatch's logits
         self.schedule.step(*args, return_outputs=False, **kwargs)
 
 

@@ -79,6 +79,20 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
     return norm.float().cpu()
 
 
+@torch.no_grad()
+def reduce_replicated_grads(parameters: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None) -> None:
+    """Sum over ``group`` the gradients of the parameters every data-parallel rank keeps whole (plain
+    tensors beside FSDP's DTensors: the model's fp32-kept ones), in one flat all-reduce."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None and not isinstance(p.grad, DTensor)]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = all_reduce_sum(flat.to(_comm_device(group)), group)
+        for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat.to(grads[0].device), grads)):
+            g.copy_(reduced)
+
+
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor; a plain tensor as it is."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor

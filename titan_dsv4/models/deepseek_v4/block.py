@@ -26,7 +26,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, input_ids: torch.Tensor | None) -> torch.Tensor:
         """``x``: the mHC stream ``[B, S, hc_mult, H]``."""
-        collapsed, post, comb = self.hc_attn.pre(x)
+        collapsed, post, comb = self.hc_attn(x)
         x = HyperConnection.post(self.attn(self.attn_norm(collapsed), ctx), x, post, comb)
-        collapsed, post, comb = self.hc_ffn.pre(x)
+        collapsed, post, comb = self.hc_ffn(x)
         return HyperConnection.post(self.ffn(self.ffn_norm(collapsed), input_ids), x, post, comb)

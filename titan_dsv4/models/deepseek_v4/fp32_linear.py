@@ -49,14 +49,16 @@ def bf16_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b, out_dtype=torch.float32)
 
 
-def parts_mm(a_parts: list[torch.Tensor], b_parts: list[torch.Tensor], parts: int = PARTS) -> torch.Tensor:
+def parts_mm(a_parts: list[torch.Tensor], b_parts: list[torch.Tensor], parts: int = PARTS,
+             mm=None) -> torch.Tensor:
     """``a @ b`` (2-D, fp32 result) to ``parts`` x 8 bits from the operands' bf16 parts: the sum of the
-    ``bf16_mm`` products of the pairs that weigh above the result's rounding."""
+    ``bf16_mm`` (or ``mm``) products of the pairs that weigh above the result's rounding."""
+    mm = mm or bf16_mm
     out = None
     for i, a_part in enumerate(a_parts):
         for j, b_part in enumerate(b_parts):
             if i + j < parts:  # part i is ~2^(-8 i) of its tensor
-                term = bf16_mm(a_part, b_part)
+                term = mm(a_part, b_part)
                 out = term if out is None else out.add_(term)  # in place: one fp32 result live
     return out
 

@@ -109,8 +109,9 @@ class HyperConnection(nn.Module):
         self.base = nn.Parameter(torch.empty(mix, dtype=torch.float32))
         self.scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
 
-    def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns ``(collapsed [B,S,H] in x.dtype, post [B,S,n] fp32, comb [B,S,n,n] fp32)``."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The site's pre step (a module call, so FSDP gathers the weights); ``post`` is applied after the
+        sub-layer. Returns ``(collapsed [B,S,H] in x.dtype, post [B,S,n] fp32, comb [B,S,n,n] fp32)``."""
         return hc_pre(x, self.fn, self.base, self.scale, self.hc_mult, self.sinkhorn_iters, self.hc_eps,
                       self.norm_eps)
 

@@ -11,6 +11,7 @@ from .attention import AttentionContext
 from .block import Block
 from .document import default_positions, document_ids
 from .fp32_linear import fp32_linear
+from .head_loss import head_loss
 from .hyper_connection import HyperHead
 from .init import init_weights
 from .mtp import MTPBlock, mtp_input_ids
@@ -36,6 +37,7 @@ class DeepseekV4Model(nn.Module):
         self.mtp = nn.ModuleDict({str(k): MTPBlock(args, k) for k in range(args.num_nextn_predict_layers)})
         # Pipeline parallelism may give the last stage its own copy of the embedding for MTP.
         self.mtp_embed: nn.Embedding | None = None
+        self.mtp_loss_scale: float | None = None  # set_mtp_loss_scale
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -43,13 +45,16 @@ class DeepseekV4Model(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """``tokens``: ids ``[B, S]`` on the first stage, else the mHC stream ``[B, S, hc_mult, H]`` (then
         ``input_ids`` must be given for hash-routed layers and MTP).
 
         Returns the stream (stages without the head), the fp32 logits ``[B, S, V]``, or in training with MTP
         the tuple ``(logits, mtp_logits_0, ..., mtp_logits_{D-1})`` where depth k's logits at position t
-        predict token t+k+2.
+        predict token t+k+2. With ``targets`` ``[B, S, 1 + D]`` (``build_targets``) the head runs fused with
+        its cross-entropy (``head_loss.py``) and returns ``(objective, stats)``: ``CE_sum(main) + mtp_loss_scale
+        / D · Σ_k CE_sum(k)`` and, per depth, (CE sum, valid targets, argmax hits) ``[1 + D, 3]``.
         """
         if not tokens.is_floating_point():  # token ids: this is the first stage
             input_ids = tokens
@@ -63,22 +68,29 @@ class DeepseekV4Model(nn.Module):
             x = layer(x, ctx, input_ids)
         if self.head is None:
             return x
-        hidden = self.norm(self.hc_head(x))
-        if not (self.training and len(self.mtp)):
-            return self._logits(hidden)
-        if input_ids is None:
-            raise ValueError("MTP needs the token ids (pass input_ids)")
-        embed = self.mtp_embed if self.mtp_embed is not None else self.embed
-        # one embedding lookup and one LM-head matmul serve all depths
-        shifted = torch.stack([mtp_input_ids(input_ids, positions, d) for d in range(len(self.mtp))])
-        hiddens = [hidden]
-        for block, embedded in zip(self.mtp.values(), embed(shifted).unbind(0)):
-            x, depth_hidden = block(x, embedded, ctx, input_ids)
-            hiddens.append(depth_hidden)
-        return tuple(self._logits(torch.stack(hiddens)).unbind(0))
+        hiddens = [self.norm(self.hc_head(x))]
+        if self.training and len(self.mtp):
+            if input_ids is None:
+                raise ValueError("MTP needs the token ids (pass input_ids)")
+            embed = self.mtp_embed if self.mtp_embed is not None else self.embed
+            # one embedding lookup and one LM-head pass serve all depths
+            shifted = torch.stack([mtp_input_ids(input_ids, positions, d) for d in range(len(self.mtp))])
+            for block, embedded in zip(self.mtp.values(), embed(shifted).unbind(0)):
+                x, depth_hidden = block(x, embedded, ctx, input_ids)
+                hiddens.append(depth_hidden)
+        if targets is not None:
+            return head_loss(hiddens, self.head.weight, targets, self._depth_weights(len(hiddens) - 1))
+        if len(hiddens) == 1:
+            return fp32_linear(hiddens[0], self.head.weight)  # fp32 LM head
+        return tuple(fp32_linear(torch.stack(hiddens), self.head.weight).unbind(0))
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return fp32_linear(hidden, self.head.weight)  # fp32 LM head
+    def _depth_weights(self, num_mtp: int) -> list[float]:
+        if not num_mtp:
+            return [1.0]
+        if self.mtp_loss_scale is None:
+            raise ValueError("training MTP with targets needs set_mtp_loss_scale(lambda) first (the trainer "
+                             "passes [mtp] loss_scaling_factor)")
+        return [1.0] + [self.mtp_loss_scale / num_mtp] * num_mtp
 
     def attention_context(self, positions: torch.Tensor) -> AttentionContext:
         a = self.args
@@ -101,6 +113,10 @@ class DeepseekV4Model(nn.Module):
         for module in self.modules():
             if hasattr(module, "query_block"):
                 module.query_block = block
+
+    def set_mtp_loss_scale(self, scale: float) -> None:
+        """lambda in ``main + lambda / D · Σ_k mtp_k``: the fused head's objective needs it in its forward."""
+        self.mtp_loss_scale = scale
 
     def set_indexer_loss_scale(self, scale: float) -> None:
         """Weight of the summed per-token indexer KL in the objective; 0 leaves the indexer untrained."""

@@ -12,6 +12,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from ...config.job_config import JobConfig
 from ...distributed.expert_parallel import apply_expert_parallel
 from ...distributed.parallel_dims import ParallelDims
+from .attention import Attention, Compressor
+from .head_loss import compile_cross_entropy
+from .hyper_connection import HyperConnection, HyperHead
 from .moe import RoutedExperts
 from .running_stats import checkpoint_contexts
 
@@ -48,15 +51,32 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
             container[name] = torch.compile(block, backend=backend, fullgraph=False)
 
 
-def apply_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig, device: torch.device) -> None:
-    on_gpu = device.type == "cuda"
-    param_dtype = _DTYPES[job_config.training.mixed_precision_param] if on_gpu else None
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype,
-                              reduce_dtype=_DTYPES[job_config.training.mixed_precision_reduce])
+def fp32_replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the released model stores and computes in fp32 (dsv4-spec.md §4-5: the mHC mixes,
+    attention sinks, compressor position biases). FSDP leaves them out: its mixed precision would gather
+    them in bf16, and they are small (~1M per layer), so every data-parallel rank keeps them whole in fp32
+    and their gradients are summed over the data-parallel group (``reduce_replicated_grads``). As plain
+    tensors inside compiled blocks they cost no FSDP hook, hence no graph break."""
+    params = [p for m in model.modules() if isinstance(m, (HyperConnection, HyperHead))
+              for p in m.parameters(recurse=False)]
+    params += [m.attn_sink for m in model.modules() if isinstance(m, Attention)]
+    params += [m.ape for m in model.modules() if isinstance(m, Compressor)]
+    return params
+
+
+def apply_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig, device: torch.device,
+               param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 per block (experts their own unit under EP), embeddings, head, root. ``param_dtype``: the
+    dtype parameters are gathered in for compute (bf16 on GPUs; None keeps theirs)."""
+    # Inputs are not cast: the stream is already in the compute dtype, and casting would also turn the
+    # attention context's fp32 RoPE tables (FSDP recurses into dataclasses) into bf16.
+    reduce_dtype = _DTYPES[job_config.training.mixed_precision_reduce]
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     policy = job_config.parallelism.fsdp_reshard_after_forward
     # Under PP, resharding after forward silently corrupts zero-bubble schedules' gradients (prior-art.md).
     reshard = policy == "always" or (policy == "default" and not parallel_dims.pp_enabled)
-    kwargs = dict(mesh=parallel_dims.fsdp_mesh(), mp_policy=mp, reshard_after_forward=reshard)
+    kwargs = dict(mesh=parallel_dims.fsdp_mesh(), mp_policy=mp, reshard_after_forward=reshard,
+                  ignored_params=set(fp32_replicated_parameters(model)))
     for container in block_containers(model):
         for block in container.values():
             if parallel_dims.ep_enabled:  # expert weights: their own unit over the ranks EP left to FSDP
@@ -86,9 +106,12 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
         for experts in routed_experts(model):
             apply_expert_parallel(experts, parallel_dims.ep_mesh())
     compiled = job_config.compile.enable and "model" in job_config.compile.components
+    if job_config.compile.enable and "loss" in job_config.compile.components:
+        compile_cross_entropy(job_config.compile.backend)
     apply_activation_checkpointing(model, job_config.activation_checkpoint.mode, compiled)
     if compiled:
         apply_compile(model, job_config.compile.backend)
     if parallel_dims.dp_enabled:
-        apply_fsdp(model, parallel_dims, job_config, device)
+        param_dtype = _DTYPES[job_config.training.mixed_precision_param] if device.type == "cuda" else None
+        apply_fsdp(model, parallel_dims, job_config, device, param_dtype)
     return model

@@ -61,6 +61,8 @@ def pipeline_stage_metas(self, *, stage_index: int, num_stages: int, microbatch_
     inputs = (ids,) if stage_index == 0 else (stream,)
     if stage_index < num_stages - 1:
         return inputs, (stream,)
-    logits = torch.empty(microbatch_size, seq_len, a.vocab_size, device="meta", requires_grad=True,
-                         dtype=torch.promote_types(dtype, torch.float32))  # the LM head runs in fp32
-    return inputs, (logits,) * (1 + len(self.mtp))
+    # the head runs fused with its cross-entropy: (objective, per-depth stats), see ``forward``
+    loss_dtype = torch.promote_types(dtype, torch.float32)
+    objective = torch.empty((), dtype=loss_dtype, device="meta", requires_grad=True)
+    stats = torch.empty(1 + len(self.mtp), 3, dtype=loss_dtype, device="meta")
+    return inputs, (objective, stats)

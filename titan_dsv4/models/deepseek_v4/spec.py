@@ -14,10 +14,7 @@ from .state_dict_adapter import DeepseekV4StateDictAdapter
 
 
 def build_loss_fn(job_config: JobConfig, model_args: DeepseekV4ModelArgs) -> MTPLoss:
-    loss = MTPLoss(model_args.num_nextn_predict_layers, job_config.mtp.loss_scaling_factor)
-    if job_config.compile.enable and "loss" in job_config.compile.components:
-        loss.compile(job_config.compile.backend)
-    return loss
+    return MTPLoss()  # the cross-entropy itself runs fused with the LM head, in the model (head_loss.py)
 
 
 register_train_spec(TrainSpec(
