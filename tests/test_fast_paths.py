@@ -191,3 +191,36 @@ def test_fp32_matmul_scores_from_bf16_are_not_rounded_to_bf16(monkeypatch):
                                rtol=2**-7, atol=2**-7)
     torch.testing.assert_close(k.grad.double(), q.detach().double().transpose(-1, -2) @ bf16_grad,
                                rtol=2**-7, atol=2**-7)
+
+
+def test_bf16_part_products_are_fp32_accurate_in_every_grouping(monkeypatch):
+    """``parts_mm`` sums the bf16 part products one GEMM per pair, in one GEMM concatenated along K, or one
+    GEMM per part of either operand with the other's parts stacked: each equals the exact sum of the pairs
+    (fp64) to 2^-20 of its scale (a dropped part: 2^-9). The bf16 GEMM is stood in for by the fp32 product of bf16 values. At
+    mHC's shapes (8192 tokens, 4 x 4096 streams, 24 mixes) the chosen grouping reads the streams once and
+    writes the [tokens, 4 x 4096] gradient once."""
+    from titan_dsv4.models.deepseek_v4 import fp32_linear as module
+
+    calls = []
+    monkeypatch.setattr(module, "bf16_mm", lambda a, b: calls.append(1) or a.float() @ b.float())
+    gen = torch.Generator().manual_seed(0)
+    for (m, k, n), (a_parts, b_parts), parts in (((64, 96, 5), (1, 3), 3), ((64, 5, 96), (3, 3), 2),
+                                                 ((5, 64, 96), (3, 1), 3), ((40, 50, 60), (3, 3), 3)):
+        a = module.bf16_parts(torch.randn(m, k, generator=gen), a_parts)
+        b = module.bf16_parts(torch.randn(k, n, generator=gen), b_parts)
+        pairs = [(i, j) for i in range(a_parts) for j in range(b_parts) if i + j < parts]
+        exact = sum(a[i].double() @ b[j].double() for i, j in pairs)
+        for plan in ("pairs", "k", "a", "b"):
+            monkeypatch.setattr(module, "_product_plan", lambda *args, plan=plan: plan)
+            calls.clear()
+            got = module.parts_mm(a, b, parts)
+            assert got.dtype == torch.float32 and got.shape == (m, n)
+            assert (got.double() - exact).abs().max() <= 2**-20 * exact.abs().max(), (plan, m, k, n)
+            gemms = {"pairs": len(pairs), "k": 1, "a": len({i for i, _ in pairs}),
+                     "b": len({j for _, j in pairs})}
+            assert len(calls) == gemms[plan]
+    monkeypatch.undo()
+    mixes = [(0, 0), (0, 1), (0, 2)]  # bf16 streams x the fp32 weight's three parts
+    assert module._product_plan(8192, 16384, 24, mixes) == "a"  # streams read once
+    assert module._product_plan(8192, 24, 16384, [(0, 0), (0, 1), (1, 0)]) == "k"  # gradient written once
+    assert module._product_plan(24, 8192, 16384, [(0, 0), (1, 0), (2, 0)]) == "b"  # streams read once

@@ -52,15 +52,48 @@ def bf16_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def parts_mm(a_parts: list[torch.Tensor], b_parts: list[torch.Tensor], parts: int = PARTS,
              mm=None) -> torch.Tensor:
     """``a @ b`` (2-D, fp32 result) to ``parts`` x 8 bits from the operands' bf16 parts: the sum of the
-    ``bf16_mm`` (or ``mm``) products of the pairs that weigh above the result's rounding."""
+    ``bf16_mm`` (or ``mm``) products of the pairs that weigh above the result's rounding (part i is
+    ~2^(-8 i) of its tensor), grouped into as few GEMMs as moves the fewest bytes (``_product_plan``)."""
     mm = mm or bf16_mm
+    pairs = [(i, j) for i in range(len(a_parts)) for j in range(len(b_parts)) if i + j < parts]
+    m, n = a_parts[0].shape[0], b_parts[0].shape[1]
+    plan = _product_plan(m, a_parts[0].shape[1], n, pairs)
+    if plan == "k":
+        return mm(torch.cat([a_parts[i] for i, _ in pairs], 1), torch.cat([b_parts[j] for _, j in pairs], 0))
+    groups: dict[object, list[tuple[int, int]]] = {}
+    for i, j in pairs:
+        groups.setdefault(j if plan == "b" else i if plan == "a" else (i, j), []).append((i, j))
     out = None
-    for i, a_part in enumerate(a_parts):
-        for j, b_part in enumerate(b_parts):
-            if i + j < parts:  # part i is ~2^(-8 i) of its tensor
-                term = mm(a_part, b_part)
-                out = term if out is None else out.add_(term)  # in place: one fp32 result live
+    for group in groups.values():
+        (i, j), size = group[0], len(group)
+        if plan == "b":  # b's part read once, against a's parts stacked along M
+            term = mm(torch.cat([a_parts[i] for i, _ in group]), b_parts[j]).view(size, m, n).sum(0)
+        elif plan == "a":  # a's part read once, against b's parts side by side along N
+            term = mm(a_parts[i], torch.cat([b_parts[j] for _, j in group], 1)).view(m, size, n).sum(1)
+        else:
+            term = mm(a_parts[i], b_parts[j])
+        out = term if out is None else out.add_(term)  # in place: one fp32 result live
     return out
+
+
+def _product_plan(m: int, k: int, n: int, pairs: list[tuple[int, int]]) -> str:
+    """How to sum the pairs' ``[m, k] @ [k, n]`` products, by the bytes each way moves (bf16 2, fp32 4):
+    ``"pairs"``, a GEMM per pair, each result written and summed; ``"k"``, one GEMM over the pairs
+    concatenated along K, the result written once (copies of both operands: the choice when the result is
+    large, e.g. the gradient of the streams w.r.t. mHC's 24 mixes); ``"b"`` / ``"a"``, one GEMM per part
+    of b (a), the other's parts stacked, so a large single-part operand is read once (mHC's mixes of the
+    bf16 streams against the fp32 weight's three parts)."""
+    p = len(pairs)
+    if p == 1:
+        return "pairs"
+    na, nb = len({i for i, _ in pairs}), len({j for _, j in pairs})
+    cost = {
+        "pairs": 2 * (m * k + k * n) * p + 4 * m * n * (3 * p - 2),
+        "k": 4 * (m * k + k * n) * p + 4 * m * n,
+        "b": 4 * m * k * p + 2 * k * n * nb + 8 * m * n * p + 12 * m * n * (nb - 1),
+        "a": 4 * k * n * p + 2 * m * k * na + 8 * m * n * p + 12 * m * n * (na - 1),
+    }
+    return min(cost, key=cost.get)
 
 
 def split_mm(a: torch.Tensor, b: torch.Tensor, parts: int = PARTS) -> torch.Tensor:

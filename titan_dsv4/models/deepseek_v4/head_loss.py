@@ -93,10 +93,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             grad = _logits_grad(logits, lse, rows_target, rows_weight, grad_parts)  # [parts, rows, V]
             del logits
-            if want_hidden:
-                grad_rows.append(parts_mm(list(grad), weight_parts, hidden_result, mm=mm))
-            if want_weight:
-                term = _weight_product(grad, row_parts, weight_result, mm)
+            if want_hidden:  # [k R, V] @ [V, H], the k row blocks summed
+                grad_rows.append(_stacked_product(grad, weight_parts, hidden_result,
+                                                  lambda g, w, k: mm(g, w).view(k, -1, w.shape[1]).sum(0)))
+            if want_weight:  # [V, k R] @ the rows repeated k times [k R, H]
+                term = _stacked_product(grad, row_parts, weight_result, lambda g, rows, k: mm(g.t(), rows.repeat(k, 1)))
                 grad_weight = term if grad_weight is None else grad_weight.add_(term)
         ctx.save_for_backward(torch.cat(grad_rows) if want_hidden else None, grad_weight)
         ctx.dtypes = hidden.dtype, weight.dtype
@@ -111,16 +112,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None if grad_weight is None else (grad_weight * grad_objective).to(ctx.dtypes[1]), None, None)
 
 
-def _weight_product(grad: torch.Tensor, row_parts: list[torch.Tensor], parts: int, mm) -> torch.Tensor:
-    """``Σ_{i+j<parts} grad_i^T rows_j`` with one GEMM per part of the rows: the gradient's parts
-    ``[parts, R, V]`` are one ``[k R, V]`` operand against the rows' part repeated k times, so the
-    ``[V, H]`` fp32 result is written once per part of the rows, not once per pair."""
+def _stacked_product(grad: torch.Tensor, other_parts: list[torch.Tensor], parts: int, product) -> torch.Tensor:
+    """``Σ_{i+j<parts} grad_i · other_j`` with one GEMM per part j of the other operand: the gradient's first
+    ``k = parts - j`` parts, stacked ``[k, R, V]`` in memory, are one ``[k R, V]`` operand (no copy), so the
+    other operand is read, and a large result written, once per part j rather than once per pair."""
     out = None
-    for j, rows in enumerate(row_parts):
+    for j, other in enumerate(other_parts):
         k = min(parts - j, grad.shape[0])
         if k <= 0:
             break
-        term = mm(grad[:k].reshape(-1, grad.shape[-1]).t(), rows.repeat(k, 1))
+        term = product(grad[:k].reshape(-1, grad.shape[-1]), other, k)
         out = term if out is None else out.add_(term)
     return out
 
