@@ -31,16 +31,20 @@ def result_parts(dtype: torch.dtype) -> int:
 
 
 def bf16_parts(t: torch.Tensor, parts: int = PARTS) -> list[torch.Tensor]:
-    """``t`` as bf16 tensors whose fp32 sum is ``t`` to ``parts`` x 8 bits (one part if ``t`` already is
-    bf16)."""
+    """``t`` (fp32) as bf16 tensors whose fp32 sum is ``t`` to ``parts`` x 8 bits (one part if ``t``
+    already is bf16). Each part but the last is the rest with its low 16 bits cleared — exact in bf16, and
+    the rest minus it exact in fp32. Not ``rest - rest.to(bf16).float()``: compiled, inductor drops that
+    round trip (it does not emulate precision casts) and the later parts come out zero."""
     if t.dtype == torch.bfloat16:
         return [t]
     out, rest = [], fp32(t)
     for i in range(parts):
-        part = rest.to(torch.bfloat16)
-        out.append(part)
-        if i + 1 < parts:
-            rest = rest - part.float()
+        if i + 1 == parts:
+            out.append(rest.to(torch.bfloat16))
+            break
+        head = (rest.view(torch.int32) & -65536).view(torch.float32)
+        out.append(head.to(torch.bfloat16))
+        rest = rest - head
     return out
 
 

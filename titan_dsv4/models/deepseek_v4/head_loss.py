@@ -43,9 +43,11 @@ def _logits_grad(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, 
                  parts: int) -> torch.Tensor:
     """``d Σ_r row_weight_r CE_r / d logits = row_weight (softmax - onehot)`` (0 on ignored rows), stacked
     ``[parts, rows, vocab]``: its bf16 parts, or (``parts == 0``) itself in the logits' dtype."""
-    weight = torch.where(target != IGNORE_INDEX, row_weight, 0.0).unsqueeze(-1)
-    onehot = torch.arange(logits.shape[-1], device=logits.device) == target.unsqueeze(-1)
-    grad = ((logits - lse.unsqueeze(-1)).exp() - onehot.to(logits.dtype)) * weight
+    valid = target != IGNORE_INDEX
+    weight = torch.where(valid, row_weight, 0.0).to(logits.dtype).unsqueeze(-1)
+    # in place: eagerly (CPU) one [rows, vocab] tensor beside the logits; compiled, one fused kernel
+    grad = (logits - lse.unsqueeze(-1)).exp_().mul_(weight)
+    grad.scatter_add_(-1, torch.where(valid, target, 0).unsqueeze(-1), -weight)
     return grad.unsqueeze(0) if parts == 0 else torch.stack(bf16_parts(grad, parts))
 
 
