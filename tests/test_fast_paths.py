@@ -224,3 +224,19 @@ def test_bf16_part_products_are_fp32_accurate_in_every_grouping(monkeypatch):
     assert module._product_plan(8192, 16384, 24, mixes) == "a"  # streams read once
     assert module._product_plan(8192, 24, 16384, [(0, 0), (0, 1), (1, 0)]) == "k"  # gradient written once
     assert module._product_plan(24, 8192, 16384, [(0, 0), (1, 0), (2, 0)]) == "b"  # streams read once
+
+
+def test_compiled_bf16_parts_keep_every_part():
+    """Inductor compiles away a ``t.to(bf16).float()`` round trip (it does not emulate precision casts), so
+    parts taken as ``rest - rest.to(bf16).float()`` come out zero when compiled — the fp32 products of
+    compiled code (mHC's mixes, the fused head) were then bf16. The parts are taken by clearing low bits:
+    compiled and eager agree bit for bit, and three parts sum to the fp32 tensor exactly."""
+    from titan_dsv4.models.deepseek_v4.fp32_linear import bf16_parts
+
+    torch._dynamo.reset()
+    t = torch.randn(64, 33, generator=torch.Generator().manual_seed(0)) * 1e3
+    compiled = torch.compile(lambda x: torch.stack(bf16_parts(x, 3)), fullgraph=True)(t)
+    eager = torch.stack(bf16_parts(t, 3))
+    assert torch.equal(compiled, eager)
+    assert torch.equal(eager.double().sum(0), t.double())
+    assert (eager[1] != 0).any() and (eager[2] != 0).any()

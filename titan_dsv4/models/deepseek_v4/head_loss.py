@@ -45,7 +45,7 @@ def _logits_grad(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, 
     ``[parts, rows, vocab]``: its bf16 parts, or (``parts == 0``) itself in the logits' dtype."""
     valid = target != IGNORE_INDEX
     weight = torch.where(valid, row_weight, 0.0).to(logits.dtype).unsqueeze(-1)
-    # in place: eagerly (CPU) one [rows, vocab] tensor beside the logits; compiled, one fused kernel
+    # in place: eagerly (CPU) one [rows, vocab] tensor beside the logits; compiled, inductor fuses the chain
     grad = (logits - lse.unsqueeze(-1)).exp_().mul_(weight)
     grad.scatter_add_(-1, torch.where(valid, target, 0).unsqueeze(-1), -weight)
     return grad.unsqueeze(0) if parts == 0 else torch.stack(bf16_parts(grad, parts))
