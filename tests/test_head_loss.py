@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hf_reference import random_model
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.models.deepseek_v4 import FLAVORS
+from titan_dsv4.models.deepseek_v4 import fp32_linear
 from titan_dsv4.models.deepseek_v4 import head_loss as module
 
 
@@ -91,7 +92,7 @@ def test_gpu_path_from_bf16_parts_is_as_accurate_as_its_results(monkeypatch, dty
     with the parts stacked along K) on CPU with the bf16 GEMM stood in for by the exact product of bf16
     values: the objective to fp32 accuracy; each gradient the exact one up to its dtype's rounding
     (bf16: half a bf16 spacing + 2^-12 of its scale; fp32: 2^-18 of its scale)."""
-    monkeypatch.setattr(module, "takes_gpu_path", lambda x: True)
+    monkeypatch.setattr(fp32_linear, "takes_gpu_path", lambda x: True)
     monkeypatch.setattr(module, "bf16_mm", lambda a, b: a.float() @ b.float())
     monkeypatch.setattr(module, "CHUNK_ELEMENTS", 24 * 300)
     hidden_dtype, weight_dtype = dtypes

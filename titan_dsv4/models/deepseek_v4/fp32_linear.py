@@ -172,9 +172,15 @@ def fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _Fp32Matmul.apply(a, b) if _bf16_operands(a, b) else torch.matmul(fp32(a), fp32(b))
 
 
+def splits_into_bf16_parts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` runs as bf16 GEMMs of bf16 parts: bf16/fp32 operands on the GPU path."""
+    float_types = (torch.bfloat16, torch.float32)
+    return (gpu_paths.fast_kernels and takes_gpu_path(x) and x.dtype in float_types
+            and weight.dtype in float_types)
+
+
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` in fp32 (fp32 output); bf16 tensor-core GEMMs on CUDA."""
-    float_types = (torch.bfloat16, torch.float32)
-    if gpu_paths.fast_kernels and takes_gpu_path(x) and x.dtype in float_types and weight.dtype in float_types:
+    if splits_into_bf16_parts(x, weight):
         return _SplitLinear.apply(x, weight)
     return F.linear(fp32(x), fp32(weight))

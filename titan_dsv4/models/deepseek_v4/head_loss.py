@@ -19,10 +19,8 @@ from typing import Sequence
 
 import torch
 
-from . import gpu_paths
-from .fp32_linear import bf16_mm, bf16_parts, parts_mm, result_parts
+from .fp32_linear import bf16_mm, bf16_parts, parts_mm, result_parts, splits_into_bf16_parts
 from .fused import compiled_on_cuda
-from .gpu_paths import takes_gpu_path
 from .mtp import IGNORE_INDEX
 from .norm import fp32
 
@@ -58,12 +56,6 @@ def compile_cross_entropy(backend: str) -> None:
     _logits_grad = torch.compile(_logits_grad.__wrapped__, backend=backend)
 
 
-def _on_gpu_path(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    float_types = (torch.bfloat16, torch.float32)
-    return (gpu_paths.fast_kernels and takes_gpu_path(hidden) and hidden.dtype in float_types
-            and weight.dtype in float_types)
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -71,7 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         """``hidden [R, H]``, ``weight [V, H]``, ``target [R]``, ``row_weight [R]`` -> (``Σ row_weight·CE``,
         per-row CE ``[R]``, per-row argmax hit ``[R]``)."""
         want_hidden, want_weight = ctx.needs_input_grad[:2]
-        if _on_gpu_path(hidden, weight):
+        if splits_into_bf16_parts(hidden, weight):
             mm, split = bf16_mm, bf16_parts
             hidden_result, weight_result = result_parts(hidden.dtype), result_parts(weight.dtype)
             grad_parts = max(hidden_result if want_hidden else 0, weight_result if want_weight else 0)
