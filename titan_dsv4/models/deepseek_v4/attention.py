@@ -258,8 +258,10 @@ class _QueryBlocks:
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """``t[:, q0:q1]`` padded along dim 1 and split into ``[B, n, size, ...]``."""
         part = t[:, self.q0:self.q1]
-        pad = [0, 0] * (part.dim() - 2) + [0, self.n * self.size - part.shape[1]]
-        return F.pad(part, pad).view(part.shape[0], self.n, self.size, *part.shape[2:])
+        missing = self.n * self.size - part.shape[1]
+        if missing:  # F.pad copies even when nothing is missing (a copy of the queries per layer)
+            part = F.pad(part, [0, 0] * (part.dim() - 2) + [0, missing])
+        return part.unflatten(1, (self.n, self.size))
 
     def unpad(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, n, size, ...]`` -> ``[B, q1 - q0, ...]``."""
