@@ -137,11 +137,11 @@ def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = Fal
     first = time.perf_counter() - t0
     seconds = cuda_time(step, 1, opts.steps)
     tokens = opts.batch * opts.seq
-    flops = args.training_flops_per_token(opts.seq) * tokens
+    flops = args.training_flops_per_token(opts.seq, indexer_trained=False) * tokens  # the indexer is frozen
     result = dict(mtp=mtp, step_s=seconds, first_step_s=first, tokens_per_s=tokens / seconds,
                   tflops=flops / seconds / 1e12, mfu=flops / seconds / 1e12 / peak,
                   peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30,
-                  params_b=args.num_params() / 1e9, flops_per_token=args.training_flops_per_token(opts.seq))
+                  params_b=args.num_params() / 1e9, flops_per_token=flops / tokens)
     if compile_blocks:
         result["graph_breaks"] = {str(k): v for k, v in torch._dynamo.utils.counters["graph_break"].items()}
     del model, step
@@ -158,10 +158,11 @@ def component_flops(args, seq: int) -> dict[str, float]:
         out["moe"] += 6.0 * (parts["gate"] + parts["shared"]
                              + parts["routed"] * args.num_experts_per_tok / args.n_routed_experts)
         out["mhc"] += 6.0 * 2 * (2 + n) * n * n * h
-    attention_core = args.training_flops_per_token(seq) - 6.0 * args.num_active_params()
+    total = args.training_flops_per_token(seq, indexer_trained=False)
+    attention_core = total - 6.0 * args.num_active_params()
     out["attention"] = attention_core + 6.0 * sum(args.block_params(i)["attn"] for i in range(layers))
     out["head_loss"] = 6.0 * (1 + args.num_mtp_layers) * args.vocab_size * h
-    out["total"] = args.training_flops_per_token(seq)
+    out["total"] = total
     return out
 
 

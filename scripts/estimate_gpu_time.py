@@ -312,7 +312,7 @@ def estimate(seq: int, batch: int, mtp: int, roofline: Roofline) -> tuple[CostMo
             loss.backward()
     finally:
         RoutedExperts.use_grouped_mm = None
-    return costs, args.training_flops_per_token(seq) * seq * batch
+    return costs, args.training_flops_per_token(seq, indexer_trained=False) * seq * batch  # as bench_gpu.py
 
 
 def report(costs: CostModel, model_flops: float, top: int) -> str:

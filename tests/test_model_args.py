@@ -95,6 +95,30 @@ def test_flash_size_and_flops():
     assert flash.training_flops_per_token(4096, include_mtp=False) < flops
 
 
+def test_training_flops_count_what_each_query_sees():
+    """Against a count by hand, position by position: raw keys in the window, compressed entries complete by
+    then (CSA: at most top-k), the indexer scoring every complete entry (with backward only if trained)."""
+    args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=3, compress_ratios=[0, 4, 16, 0],
+                               sliding_window=8, index_topk=5)
+    seq = 203  # not a multiple of either ratio; CSA reaches its top-k cap at position 23
+    h, d, ih, idim = args.num_attention_heads, args.head_dim, args.index_n_heads, args.index_head_dim
+    for trained in (True, False):
+        flops = 0.0
+        for layer, ratio in enumerate(args.compress_ratios):
+            kind = args.layer_kind(layer)
+            for t in range(seq):
+                keys = min(args.sliding_window, t + 1)
+                complete = sum(1 for j in range(seq) if j * ratio + ratio - 1 <= t) if ratio else 0
+                keys += min(complete, args.index_topk) if kind == "csa" else complete
+                flops += 6 * 2 * h * d * keys  # scores and values, forward and backward
+                if kind == "csa":
+                    flops += (6 if trained else 2) * ih * idim * complete
+        flops /= seq
+        indexer_weights = (args.q_lora_rank * ih * idim + ih * args.hidden_size + 4 * idim * args.hidden_size)
+        flops += 6.0 * args.num_active_params() - (0 if trained else 4 * indexer_weights)
+        assert args.training_flops_per_token(seq, indexer_trained=trained) == pytest.approx(flops, rel=1e-12)
+
+
 def test_init_is_independent_of_the_split():
     args = FLAVORS["debugmodel"]
     full = DeepseekV4Model(args)

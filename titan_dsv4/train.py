@@ -239,7 +239,8 @@ class Trainer:
         cfg = self.config
         peak = device_peak_tflops(self.device, cfg.metrics.peak_tflops)
         world = dist.get_world_size() if self.distributed else 1
-        flops_per_token = self.model_args.training_flops_per_token(cfg.training.seq_len)  # MTP included
+        flops_per_token = self.model_args.training_flops_per_token(  # MTP included
+            cfg.training.seq_len, indexer_trained=cfg.training.indexer_loss_coeff > 0)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         first_step, run_start = self.step, time.perf_counter()
         try:

@@ -270,24 +270,35 @@ class DeepseekV4ModelArgs:
             total += self.num_nextn_predict_layers * self.vocab_size * self.hidden_size  # head reused per depth
         return total
 
-    def training_flops_per_token(self, seq_len: int, include_mtp: bool = True) -> float:
+    def training_flops_per_token(self, seq_len: int, include_mtp: bool = True, indexer_trained: bool = True
+                                 ) -> float:
         """6 x active matmul params + attention score/value FLOPs (fwd+bwd, causal, per token).
 
-        Attention per layer: each query sees min(window, t) raw keys plus its compressed entries
-        (CSA: at most ``index_topk``; HCA: all past ones), averaged over the positions of one sequence.
+        Attention per layer: the query at position t sees min(window, t + 1) raw keys plus the compressed
+        entries complete by then, ``(t + 1) // ratio`` (CSA: at most ``index_topk`` of them), averaged over
+        the positions of one sequence. The lightning indexer scores every complete entry; it has no backward
+        unless trained (``indexer_trained``: its KL loss is on, ``training.indexer_loss_coeff > 0``).
         """
         flops = 6.0 * self.num_active_params(include_mtp)
         layers = self.num_hidden_layers + (self.num_nextn_predict_layers if include_mtp else 0)
         for i in range(layers):
             keys = _mean_visible(seq_len, self.sliding_window)
             ratio = self.compress_ratios[i]
-            if ratio:
-                avg_entries = (seq_len / ratio) / 2
-                keys += min(self.index_topk, avg_entries) if self.layer_kind(i) == "csa" else avg_entries
-                if self.layer_kind(i) == "csa":  # indexer scores against every past entry
-                    flops += 6.0 * self.index_n_heads * self.index_head_dim * avg_entries
+            if ratio and self.layer_kind(i) == "csa":
+                keys += _mean_entries(seq_len, ratio, self.index_topk)
+                passes = 6.0 if indexer_trained else 2.0  # fwd (+ the two backward products)
+                flops += passes * self.index_n_heads * self.index_head_dim * _mean_entries(seq_len, ratio)
+                if not indexer_trained:  # its projections run forward only: 2x their weights, not 6x
+                    flops -= 4.0 * self._indexer_matmul_params()
+            elif ratio:
+                keys += _mean_entries(seq_len, ratio)
             flops += 6.0 * 2 * self.num_attention_heads * self.head_dim * keys
         return flops
+
+    def _indexer_matmul_params(self) -> int:
+        """Matmul weights of one lightning indexer: its query projection, head weights and compressor."""
+        di, h = self.index_head_dim, self.hidden_size
+        return self.q_lora_rank * self.index_n_heads * di + self.index_n_heads * h + 4 * di * h
 
 
 def _mean_visible(seq_len: int, window: int) -> float:
@@ -295,6 +306,18 @@ def _mean_visible(seq_len: int, window: int) -> float:
     full = min(seq_len, window)
     ramp = full * (full + 1) / 2
     return (ramp + (seq_len - full) * window) / seq_len
+
+
+def _mean_entries(seq_len: int, ratio: int, cap: int | None = None) -> float:
+    """Average over positions t = 0..seq_len-1 of ``min(cap, (t + 1) // ratio)``: the compressed entries
+    complete at t (one per ``ratio`` tokens), at most ``cap``."""
+
+    def floor_sum(n: int) -> int:  # sum of k // ratio for k = 1..n
+        q, r = divmod(n, ratio)
+        return ratio * q * (q - 1) // 2 + q * (r + 1)
+
+    uncapped = seq_len if cap is None else min(seq_len, max(cap * ratio - 1, 0))  # beyond, every term is cap
+    return (floor_sum(uncapped) + (0 if cap is None else cap * (seq_len - uncapped))) / seq_len
 
 
 __all__ = ["DeepseekV4ModelArgs", "SCORING_FUNCS", "CSA_RATIO"]
