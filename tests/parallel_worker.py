@@ -4,7 +4,7 @@ checkpointing) for one step, against a single-process model on the same weights 
     torchrun --nproc_per_node N tests/parallel_worker.py OUT.json CASE [CASE ...]
 
 CASE is ``name=key:value,key:value`` over ``parallelism.*`` / ``activation_checkpoint.mode`` / ``mtp`` /
-``training.indexer_loss_coeff`` keys, e.g. ``ep2_fsdp2=ep:2`` (the shard degree fills the world). Compared per case: loss parts, every
+``training.indexer_loss_coeff`` / ``compile`` (its backend) keys, e.g. ``ep2_fsdp2=ep:2`` (the shard degree fills the world). Compared per case: loss parts, every
 gradient after clipping (gathered from its shards), the clipping norm, and every expert bias after the step.
 """
 
@@ -49,6 +49,9 @@ def job_config(options: dict[str, str]) -> JobConfig:
             config.training.indexer_loss_coeff = float(value)
         elif key == "schedule":
             config.parallelism.pipeline_parallel_schedule = value
+        elif key == "compile":  # every block and the loss's chunk functions, with this backend
+            config.compile.enable, config.compile.backend = True, value
+            config.compile.components = ["model", "loss"]
         else:
             setattr(config.parallelism, KEYS[key], int(value))
     return config
@@ -89,6 +92,7 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 def run_case(options: dict[str, str]) -> dict:
     config = job_config(options)
+    torch._dynamo.utils.counters.clear()
     trainer = Trainer(config, validate(config, dist.get_world_size()))
     grads: dict[str, torch.Tensor] = {}
     step = trainer.optimizer.step
@@ -130,6 +134,7 @@ def run_case(options: dict[str, str]) -> dict:
     names = sorted(ref["grads"])
     covered = torch.tensor([n in grads for n in names], dtype=torch.long)
     dist.all_reduce(covered)
+    breaks = torch._dynamo.utils.counters["graph_break"]  # the Trainer's step only
     result = torch.tensor([err["loss"], err["grad"], err["norm"], err["bias"], moved,
                            float(sum(n not in ref["grads"] for n in grads))])
     dist.all_reduce(result, op=dist.ReduceOp.MAX)
@@ -139,6 +144,7 @@ def run_case(options: dict[str, str]) -> dict:
     return {"loss_rel_err": float(result[0]), "grad_rel_err": float(result[1]), "norm_rel_err": float(result[2]),
             "expert_bias_err": float(result[3]), "expert_bias_moved": float(result[4]),
             "unexpected_grads": int(result[5]), "uncovered_params": int((covered == 0).sum()),
+            "graph_breaks": sorted(breaks),  # this rank's reasons
             "worst_grad": max(worsts, key=lambda w: w[1])[0], "reference_norm": ref["norm"],
             "expert_mesh": expert_mesh[0] if expert_mesh else []}
 

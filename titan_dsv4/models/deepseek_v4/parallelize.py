@@ -41,14 +41,35 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, compiled: bool =
                                                      context_fn=checkpoint_contexts(compiled))
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
-    """``torch.compile`` each decoder and MTP block on its own (same code, so recompiles are rare)."""
+def apply_compile(model: nn.Module, backend: str = "inductor", experts_apart: bool = False) -> None:
+    """``torch.compile`` each decoder and MTP block on its own (same code, so recompiles are rare).
+
+    ``experts_apart``: the routed experts are an FSDP unit of their own (expert parallelism). FSDP2's hooks
+    are dynamo-disabled, so a compiled block would break into graphs around them, and its checkpoint would
+    run eagerly under the compiled selective-checkpoint contexts, which then fail on FSDP's profiler ranges
+    (recorded differently in forward and recompute). Instead the largest parts of each block without the
+    experts are compiled (attention, mHC sites, norms, router, shared expert), in place, so FQNs stay.
+    """
     # The statistics buffers' updates (running_stats.py) are the only side effects in a block; a checkpointed
     # block must not replay them while recomputing, so compiled checkpointing may skip them there.
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for container in block_containers(model):
         for name, block in list(container.items()):
-            container[name] = torch.compile(block, backend=backend, fullgraph=False)
+            if experts_apart:
+                _compile_around(block, set(routed_experts(block)), backend)
+            else:
+                container[name] = torch.compile(block, backend=backend, fullgraph=False)
+
+
+def _compile_around(module: nn.Module, skip: set[nn.Module], backend: str) -> None:
+    """Compile in place every largest submodule of ``module`` that holds none of ``skip``."""
+    for child in module.children():
+        if child in skip:
+            continue
+        if any(m in skip for m in child.modules()):
+            _compile_around(child, skip, backend)
+        else:
+            child.compile(backend=backend, fullgraph=False)
 
 
 def fp32_replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -108,9 +129,10 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
     compiled = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.compile.enable and "loss" in job_config.compile.components:
         compile_cross_entropy(job_config.compile.backend)
-    apply_activation_checkpointing(model, job_config.activation_checkpoint.mode, compiled)
+    experts_apart = parallel_dims.ep_enabled and parallel_dims.dp_enabled  # their own FSDP unit
+    apply_activation_checkpointing(model, job_config.activation_checkpoint.mode, compiled and not experts_apart)
     if compiled:
-        apply_compile(model, job_config.compile.backend)
+        apply_compile(model, job_config.compile.backend, experts_apart)
     if parallel_dims.dp_enabled:
         param_dtype = _DTYPES[job_config.training.mixed_precision_param] if device.type == "cuda" else None
         apply_fsdp(model, parallel_dims, job_config, device, param_dtype)
