@@ -4,8 +4,9 @@ checkpointing) for one step, against a single-process model on the same weights 
     torchrun --nproc_per_node N tests/parallel_worker.py OUT.json CASE [CASE ...]
 
 CASE is ``name=key:value,key:value`` over ``parallelism.*`` / ``activation_checkpoint.mode`` / ``mtp`` /
-``training.indexer_loss_coeff`` / ``compile`` (its backend) keys, e.g. ``ep2_fsdp2=ep:2`` (the shard degree fills the world). Compared per case: loss parts, every
-gradient after clipping (gathered from its shards), the clipping norm, and every expert bias after the step.
+``training.indexer_loss_coeff`` / ``compile`` (its backend) keys, e.g. ``ep2_fsdp2=ep:2`` (the shard degree
+fills the world). Compared per case: loss parts, every gradient after clipping (gathered from its shards),
+the clipping norm, and every expert bias after the step; reported: the step's graph breaks.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def routed_experts(module: nn.Module) -> list[RoutedExperts]:
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, compiled: bool = False) -> None:
     """``full``: recompute each block; ``selective``: recompute every other block (halves the saved
-    activations at half the recompute). ``compiled``: the blocks will be compiled afterwards."""
+    activations at half the recompute). ``compiled``: the blocks will be compiled whole afterwards."""
     if mode == "none":
         return
     for container in block_containers(model):
