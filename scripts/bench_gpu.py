@@ -44,6 +44,11 @@ def bench_args(mtp: int):
     return dataclasses.replace(FLAVORS["flash"], **BENCH_ARGS).with_mtp_layers(mtp)
 
 
+def model_flops_per_token(args, seq: int) -> float:
+    """The MFU numerator: the benchmark's indexer is frozen (no KL loss), so it has no backward."""
+    return args.training_flops_per_token(seq, indexer_trained=False)
+
+
 @torch.no_grad()
 def fast_init(model: DeepseekV4Model) -> None:
     """Random init on the GPU (the per-FQN CPU init of ``init.py`` is exact but slow for billions)."""
@@ -137,7 +142,7 @@ def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = Fal
     first = time.perf_counter() - t0
     seconds = cuda_time(step, 1, opts.steps)
     tokens = opts.batch * opts.seq
-    flops = args.training_flops_per_token(opts.seq, indexer_trained=False) * tokens  # the indexer is frozen
+    flops = model_flops_per_token(args, opts.seq) * tokens
     result = dict(mtp=mtp, step_s=seconds, first_step_s=first, tokens_per_s=tokens / seconds,
                   tflops=flops / seconds / 1e12, mfu=flops / seconds / 1e12 / peak,
                   peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30,
@@ -158,7 +163,7 @@ def component_flops(args, seq: int) -> dict[str, float]:
         out["moe"] += 6.0 * (parts["gate"] + parts["shared"]
                              + parts["routed"] * args.num_experts_per_tok / args.n_routed_experts)
         out["mhc"] += 6.0 * 2 * (2 + n) * n * n * h
-    total = args.training_flops_per_token(seq, indexer_trained=False)
+    total = model_flops_per_token(args, seq)
     attention_core = total - 6.0 * args.num_active_params()
     out["attention"] = attention_core + 6.0 * sum(args.block_params(i)["attn"] for i in range(layers))
     out["head_loss"] = 6.0 * (1 + args.num_mtp_layers) * args.vocab_size * h

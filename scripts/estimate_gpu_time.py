@@ -6,10 +6,14 @@ eager kernel: ``max(GEMM FLOPs / GEMM rate, bytes moved / bandwidth, kernel floo
 elements each op reads and writes; views are free. Each op is charged to the component whose code issued
 it (backward ops to the component whose forward built their autograd node).
 
-This is a model, not a measurement: it ignores caching, overlap and the fusion ``torch.compile`` does (mHC's
-functions and the head's chunk functions are compiled on CUDA, so their element-wise work is estimated as
-eager, an upper bound). What it is for: where the bytes and kernels of a step are, before a GPU is at hand,
-and which changes remove them. Its figures go beside, never instead of, ``bench_gpu.py``'s.
+It also gives a fusion bound: the step if every non-GEMM op of a block's forward (or backward) were fused,
+so that only GEMM/sort operands, parameters, gradients and tensors crossing into backward or the next block
+(saved, or recomputed from their op's inputs if that moves less) touch memory.
+
+This is a model, not a measurement: it ignores caching and overlap, and the eager figure costs the
+functions CUDA compiles anyway (mHC's, the head's chunk functions) as eager, an upper bound. What it is for:
+where the bytes and kernels of a step are, before a GPU is at hand, and which changes remove them. Its
+figures go beside, never instead of, ``bench_gpu.py``'s.
 
     python scripts/estimate_gpu_time.py [--seq 4096] [--batch 2] [--mtp 1] [--top 25]
 """
@@ -33,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_gpu  # noqa: E402  (the benchmark's model and batch)
 
 from titan_dsv4.components.loss import MTPLoss  # noqa: E402
+from titan_dsv4.components.metrics import PEAK_BF16_TFLOPS  # noqa: E402
 from titan_dsv4.models.deepseek_v4 import model as model_module  # noqa: E402
 from titan_dsv4.models.deepseek_v4.gpu_paths import meta_as_gpu  # noqa: E402
 from titan_dsv4.models.deepseek_v4.hyper_connection import HyperConnection  # noqa: E402
@@ -43,7 +48,7 @@ EXTERN = GEMMS | {"sort", "topk"}  # kernels torch.compile leaves to libraries: 
 # ops that read only the indexed part of their first input (a gather) or write only part of it (a scatter)
 PARTIAL_FIRST_INPUT = {"index", "gather", "index_select", "embedding", "index_add", "index_add_", "scatter_add_",
                        "scatter_add", "index_put_", "_index_put_impl_", "scatter_", "scatter"}
-DATASHEET_TFLOPS = 989.0  # H100/H200 dense bf16, as bench_gpu.py's MFU
+DATASHEET_TFLOPS = PEAK_BF16_TFLOPS["H200"]  # dense bf16, bench_gpu.py's MFU denominator
 COMPONENTS = ("attention", "moe", "mhc", "head_loss", "other")
 
 
@@ -312,7 +317,7 @@ def estimate(seq: int, batch: int, mtp: int, roofline: Roofline) -> tuple[CostMo
             loss.backward()
     finally:
         RoutedExperts.use_grouped_mm = None
-    return costs, args.training_flops_per_token(seq, indexer_trained=False) * seq * batch  # as bench_gpu.py
+    return costs, bench_gpu.model_flops_per_token(args, seq) * seq * batch
 
 
 def report(costs: CostModel, model_flops: float, top: int) -> str:
