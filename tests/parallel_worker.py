@@ -3,7 +3,7 @@ checkpointing) for one step, against a single-process model on the same weights 
 
     torchrun --nproc_per_node N tests/parallel_worker.py OUT.json CASE [CASE ...]
 
-CASE is ``name=key:value,key:value`` over ``parallelism.*`` / ``activation_checkpoint.mode`` / ``mtp`` /
+CASE is ``name=key:value,key:value`` over ``parallelism.*`` / ``activation_checkpoint.*`` (``ac``, ``sac``) / ``mtp`` /
 ``training.indexer_loss_coeff`` / ``compile`` (its backend) keys, e.g. ``ep2_fsdp2=ep:2`` (the shard degree
 fills the world). Compared per case: loss parts, every gradient after clipping (gathered from its shards),
 the clipping norm, and every expert bias after the step; reported: the step's graph breaks.
@@ -44,6 +44,8 @@ def job_config(options: dict[str, str]) -> JobConfig:
     for key, value in options.items():
         if key == "ac":
             config.activation_checkpoint.mode = value
+        elif key == "sac":
+            config.activation_checkpoint.selective_ac_option = value
         elif key == "mtp":
             config.mtp.num_layers = int(value)
         elif key == "indexer":
@@ -127,7 +129,7 @@ def run_case(options: dict[str, str]) -> dict:
     moved = 0.0
     for part in trainer.model_parts:
         for name, bias in part.named_buffers():
-            if name.endswith("gate.bias"):
+            if canonical_fqn(name).endswith("gate.bias"):
                 err["bias"] = max(err["bias"], float((bias - ref["biases"][canonical_fqn(name)]).abs().max()))
                 moved = max(moved, float(bias.abs().max()))
     expert_mesh = [list(p.device_mesh.mesh_dim_names) for part in trainer.model_parts

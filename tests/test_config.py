@@ -72,6 +72,8 @@ BAD_RUNS = [
     (["--training.global_batch_size", "12"], "multiple of local_batch_size"),
     (["--parallelism.expert_parallel_degree", "2"], "must divide data_parallel_shard_degree (1)"),
     (["--mtp.num_layers", "-1"], "`mtp.num_layers` = -1 is invalid"),
+    (["--activation_checkpoint.selective_ac_option", "0"],
+     "`activation_checkpoint.selective_ac_option` = '0' is invalid: allowed 'op' or a positive integer"),
     (["--job.config_file", "/nonexistent.toml"], "no such file"),
     (["--training.dataset", "text", "--training.dataset_path", "/nonexistent"], "`training.dataset_path`"),
 ]

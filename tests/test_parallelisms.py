@@ -29,11 +29,15 @@ CASES = {
     "ep2_pp2_zbv": "pp:2,ep:2,schedule:ZBVZeroBubble",
     "indexer_kl_fsdp2_pp2_ac_full": "pp:2,ac:full,indexer:1.0",  # the indexer trains inside a middle stage
     "indexer_kl_ep2_pp2_zbv": "pp:2,ep:2,schedule:ZBVZeroBubble,indexer:1.0",
+    # op-level selective checkpointing (projection GEMMs kept): experts' FSDP unit inside the checkpoint
+    "ep2_pp2_ac_op_mtp2": "pp:2,ep:2,ac:selective,sac:op,mtp:2",
     # last: compiling the loss's chunk functions lasts for the process. aot_eager traces the graphs inductor
     # would get. Whole blocks compiled under FSDP, PP and full AC; and with EP (the experts an FSDP unit of
     # their own: the rest of each block compiled around them), the trained indexer inside
     "compiled_fsdp2_pp2_ac_full_mtp2": "pp:2,ac:full,mtp:2,compile:aot_eager",
     "compiled_ep2_pp2_ac_full_indexer_kl": "pp:2,ep:2,ac:full,indexer:1.0,compile:aot_eager",
+    # and op-level checkpointing there: each compiled part around the experts checkpointed on its own
+    "compiled_ep2_ac_op_indexer_kl": "ep:2,ac:selective,sac:op,indexer:1.0,compile:aot_eager",
 }
 
 

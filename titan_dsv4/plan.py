@@ -153,7 +153,8 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
 
     model = stage_model.to(dtype)
     model.train()
-    apply_activation_checkpointing(model, config.activation_checkpoint.mode)
+    ac = config.activation_checkpoint
+    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
     model.set_mtp_loss_scale(config.mtp.loss_scaling_factor)
     if config.training.indexer_loss_coeff > 0:
         model.set_indexer_loss_scale(1.0)

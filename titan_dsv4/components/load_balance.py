@@ -12,13 +12,8 @@ from ..distributed.utils import all_reduce_sum
 
 
 def routers(model_parts: list[nn.Module]) -> list[nn.Module]:
-    seen, out = set(), []
-    for part in model_parts:
-        for m in part.modules():
-            if hasattr(m, "expert_load") and id(m) not in seen:
-                seen.add(id(m))
-                out.append(m)
-    return out
+    """The modules that own an ``expert_load`` buffer (a checkpoint wrapper around one forwards it)."""
+    return [m for part in model_parts for m in part.modules() if "expert_load" in m._buffers]
 
 
 @torch.no_grad()

@@ -101,7 +101,9 @@ class Checkpoint:
 @dataclass
 class ActivationCheckpoint:
     mode: str = "none"  # none | full | selective
-    selective_ac_option: str = "op"
+    # selective: "N" (an integer) recomputes every N-th block whole; "op" keeps each block's projection
+    # GEMM outputs (linears, router, experts) and recomputes the rest, the attention core included
+    selective_ac_option: str = "2"
 
 
 @dataclass

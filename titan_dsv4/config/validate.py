@@ -66,6 +66,10 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     _choice("optimizer.name", config.optimizer.name, ("AdamW",))
     _choice("optimizer.implementation", config.optimizer.implementation, OPTIMIZER_IMPLS)
     _choice("activation_checkpoint.mode", config.activation_checkpoint.mode, AC_MODES)
+    option = config.activation_checkpoint.selective_ac_option
+    if not (option == "op" or (option.isdigit() and int(option) >= 1)):
+        raise ConfigError(f"`activation_checkpoint.selective_ac_option` = {option!r} is invalid: allowed 'op' or "
+                          "a positive integer N (recompute every N-th block)")
     _choice("parallelism.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, RESHARD_POLICIES)
     _choice("training.mixed_precision_param", t.mixed_precision_param, DTYPES)
     _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, DTYPES)

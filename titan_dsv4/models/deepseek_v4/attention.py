@@ -227,7 +227,9 @@ class Indexer(nn.Module):
         batch, q_len, _ = x.shape
         q = self.wq_b(qr).view(batch, q_len, self.n_heads, self.head_dim)
         q = apply_rope(q, rotation)
-        scores = torch.stack([fp32_linear(q_row, keys_row) for q_row, keys_row in zip(q, keys)])  # [B,Q,h,P]
+        # a batched product of activations, like the attention scores (op-level activation checkpointing
+        # recomputes those and keeps the projections' 2-D GEMMs)
+        scores = fp32_matmul(q.flatten(1, 2), keys.transpose(1, 2)).view(batch, q_len, self.n_heads, -1)
         scores = scores.relu() * self.head_dim**-0.5
         weights = fp32(self.weights_proj(x)) * self.n_heads**-0.5
         scores = torch.einsum("bqhp,bqh->bqp", scores, weights)

@@ -76,7 +76,9 @@ def parts_mm(a_parts: list[torch.Tensor], b_parts: list[torch.Tensor], parts: in
             term = mm(a_parts[i], torch.cat([b_parts[j] for _, j in group], 1)).view(m, size, n).sum(1)
         else:
             term = mm(a_parts[i], b_parts[j])
-        out = term if out is None else out.add_(term)  # in place: one fp32 result live
+        # not in place: a GEMM's output may be kept by selective activation checkpointing, which forbids
+        # mutating it (same bytes moved; one more fp32 result live for a moment)
+        out = term if out is None else out + term
     return out
 
 

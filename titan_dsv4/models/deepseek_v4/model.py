@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 from .args import DeepseekV4ModelArgs
-from .attention import AttentionContext
+from .attention import Attention, AttentionContext
 from .block import Block
 from .document import default_positions, document_ids
 from .fp32_linear import fp32_linear
 from .head_loss import head_loss
 from .hyper_connection import HyperHead
-from .init import init_weights
+from .init import canonical_fqn, init_weights
 from .mtp import MTPBlock, mtp_input_ids
 from .norm import RMSNorm
 from .pipeline import PIPELINE_REPLICAS, pipeline_stage_metas, pipeline_stage_modules
@@ -111,7 +111,7 @@ class DeepseekV4Model(nn.Module):
     def set_attention_query_block(self, block: int | str | None) -> None:
         """``None``: dense reference; an int: query-blocked; ``"auto"``: blocked on GPU / long sequences."""
         for module in self.modules():
-            if hasattr(module, "query_block"):
+            if isinstance(module, Attention):  # not hasattr: a checkpoint wrapper forwards attributes
                 module.query_block = block
 
     def set_mtp_loss_scale(self, scale: float) -> None:
@@ -121,8 +121,8 @@ class DeepseekV4Model(nn.Module):
     def set_indexer_loss_scale(self, scale: float) -> None:
         """Weight of the summed per-token indexer KL in the objective; 0 leaves the indexer untrained."""
         for module in self.modules():
-            if hasattr(module, "indexer_loss_scale"):
+            if isinstance(module, Attention):
                 module.indexer_loss_scale = scale
 
     def indexer_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if ".attn.indexer." in f".{name}"]
+        return [p for name, p in self.named_parameters() if ".attn.indexer." in f".{canonical_fqn(name)}"]

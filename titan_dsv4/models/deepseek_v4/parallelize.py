@@ -4,6 +4,8 @@ alike."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -29,16 +31,34 @@ def routed_experts(module: nn.Module) -> list[RoutedExperts]:
     return [m for m in module.modules() if isinstance(m, RoutedExperts)]
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, compiled: bool = False) -> None:
-    """``full``: recompute each block; ``selective``: recompute every other block (halves the saved
-    activations at half the recompute). ``compiled``: the blocks will be compiled whole afterwards."""
+def apply_activation_checkpointing(model: nn.Module, mode: str, selective_option: str = "2",
+                                   compiled: bool = False, compiled_around_experts: bool = False) -> None:
+    """``full``: recompute each block. ``selective`` with ``selective_option`` ``"N"``: recompute every N-th
+    block whole (torchtitan's layer SAC: the N-th, 2N-th, ... block, decoder then MTP blocks); ``"op"``:
+    every block keeps its projection GEMMs' outputs and recomputes the rest
+    (``running_stats._save_projections``). ``compiled``: the blocks will be compiled whole afterwards.
+
+    ``compiled_around_experts``: only the parts of each block around the experts will be compiled
+    (``apply_compile``). A checkpoint's recompute runs eagerly, and selective checkpointing needs it to
+    dispatch the ops its compiled forward ran: so ``op`` then checkpoints each compiled part on its own
+    (the experts, whose GEMM outputs it would keep anyway, are not recomputed)."""
     if mode == "none":
         return
+    per_op = mode == "selective" and selective_option == "op"
+    every = 1 if mode == "full" or per_op else int(selective_option)
+    count = 0
     for container in block_containers(model):
-        for i, (name, block) in enumerate(list(container.items())):
-            if mode == "full" or (mode == "selective" and i % 2 == 0):
+        for name, block in list(container.items()):
+            count += 1
+            if count % every:
+                continue
+            if per_op and compiled_around_experts:
+                for parent, part_name, part in list(_parts_without(block, set(routed_experts(block)))):
+                    setattr(parent, part_name, checkpoint_wrapper(part, preserve_rng_state=False,
+                                                                  context_fn=checkpoint_contexts(True, True)))
+            else:
                 container[name] = checkpoint_wrapper(block, preserve_rng_state=False,
-                                                     context_fn=checkpoint_contexts(compiled))
+                                                     context_fn=checkpoint_contexts(compiled, per_op))
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor", experts_apart: bool = False) -> None:
@@ -63,13 +83,19 @@ def apply_compile(model: nn.Module, backend: str = "inductor", experts_apart: bo
 
 def _compile_around(module: nn.Module, skip: set[nn.Module], backend: str) -> None:
     """Compile in place every largest submodule of ``module`` that holds none of ``skip``."""
-    for child in module.children():
+    for _, _, part in _parts_without(module, skip):
+        part.compile(backend=backend, fullgraph=False)
+
+
+def _parts_without(module: nn.Module, skip: set[nn.Module]) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, name, part)`` for every largest submodule of ``module`` that holds none of ``skip``."""
+    for name, child in module.named_children():
         if child in skip:
             continue
         if any(m in skip for m in child.modules()):
-            _compile_around(child, skip, backend)
+            yield from _parts_without(child, skip)
         else:
-            child.compile(backend=backend, fullgraph=False)
+            yield module, name, child
 
 
 def fp32_replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -130,7 +156,9 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
     if job_config.compile.enable and "loss" in job_config.compile.components:
         compile_cross_entropy(job_config.compile.backend)
     experts_apart = parallel_dims.ep_enabled and parallel_dims.dp_enabled  # their own FSDP unit
-    apply_activation_checkpointing(model, job_config.activation_checkpoint.mode, compiled and not experts_apart)
+    ac = job_config.activation_checkpoint
+    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option, compiled and not experts_apart,
+                                   compiled_around_experts=compiled and experts_apart)
     if compiled:
         apply_compile(model, job_config.compile.backend, experts_apart)
     if parallel_dims.dp_enabled:

@@ -1,0 +1,113 @@
+"""Activation checkpointing, every mode: the same loss, gradients and once-counted statistics as the model
+without it, and what each mode keeps and recomputes, counted from the autograd graph and the dispatched
+ops (torchtitan's semantics: ``full``; ``selective`` with ``selective_ac_option`` ``"N"`` or ``"op"``)."""
+
+import collections
+import dataclasses
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from titan_dsv4.components.loss import MTPLoss, build_targets
+from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model, head_loss
+from titan_dsv4.models.deepseek_v4.parallelize import apply_activation_checkpointing, apply_compile
+from titan_dsv4.plan import LiveBytes
+
+ARGS = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=3, compress_ratios=[4, 0, 16, 4])
+SEQ = 64
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step(mode: str, option: str = "2", dtype=torch.float32, compiled: bool = False) -> dict:
+    """One forward + backward of a 3-layer + MTP model (a training indexer) under ``mode``/``option``."""
+    model = DeepseekV4Model(ARGS)
+    model.init_weights(0)
+    model.train().to(dtype)
+    model.set_mtp_loss_scale(0.3)
+    model.set_indexer_loss_scale(0.5)
+    apply_activation_checkpointing(model, mode, option, compiled=compiled)
+    if compiled:
+        apply_compile(model, backend="aot_eager")
+    ids = torch.randint(0, ARGS.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    targets = build_targets(ids.roll(-1, 1), torch.arange(SEQ).expand(2, SEQ), ARGS.num_nextn_predict_layers)
+    ops = _CountOps()
+    with ops:
+        with LiveBytes([*model.parameters(), *model.buffers()]) as tracker:
+            loss = MTPLoss()(model(ids, targets=targets), targets)
+            held = tracker.live  # what the forward left alive: the activations kept for backward
+        loss.backward()
+
+    def plain(name: str) -> str:
+        return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+    return dict(
+        loss=loss.detach(), held=held, ops=ops.counts,
+        wrapped=sum(type(m).__name__ == "CheckpointWrapper" for m in model.modules()),
+        stats={plain(n): b.clone() for n, b in model.named_buffers() if n.endswith(("expert_load", "kl_sum"))},
+        grads={plain(n): p.grad for n, p in model.named_parameters() if p.grad is not None})
+
+
+def _assert_same_training(run: dict, reference: dict, rtol: float = 0.0, atol: float = 0.0) -> None:
+    torch.testing.assert_close(run["loss"], reference["loss"], rtol=rtol, atol=atol)
+    assert run["stats"].keys() == reference["stats"].keys() and any(n.endswith("kl_sum") for n in run["stats"])
+    for name, value in reference["stats"].items():  # counted once: the recompute adds nothing
+        assert value.sum() > 0, name
+        torch.testing.assert_close(run["stats"][name], value, rtol=rtol, atol=atol, msg=name)
+    assert run["grads"].keys() == reference["grads"].keys()
+    for name, grad in reference["grads"].items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(run["grads"][name], grad, rtol=rtol, atol=atol * scale, msg=name)
+
+
+@pytest.fixture(scope="module")
+def without_checkpointing():
+    return _step("none")
+
+
+@pytest.mark.parametrize("mode,option,wrapped", [("full", "2", 4), ("selective", "2", 2), ("selective", "3", 1),
+                                                 ("selective", "op", 4)])
+def test_checkpointing_changes_memory_not_training(without_checkpointing, mode, option, wrapped):
+    """Equal results (the CPU recompute is deterministic: exactly), each mode wrapping the blocks it should
+    (3 decoder + 1 MTP block; layer SAC counts them in that order) and keeping less than no checkpointing."""
+    run = _step(mode, option)
+    assert run["wrapped"] == wrapped
+    _assert_same_training(run, without_checkpointing)
+    assert run["held"] < without_checkpointing["held"]
+
+
+def test_op_level_keeps_the_projections_and_recomputes_the_rest(without_checkpointing):
+    """``op`` re-runs no 2-D GEMM (projections, router, experts, mHC mixes: their outputs are kept) but
+    re-runs the attention core's batched products and the element-wise work; it keeps more than recomputing
+    each block whole and less than keeping everything."""
+    op, full, none = _step("selective", "op"), _step("full"), without_checkpointing
+    assert op["ops"]["mm"] == none["ops"]["mm"] < full["ops"]["mm"]
+    assert none["ops"]["bmm"] < op["ops"]["bmm"] == full["ops"]["bmm"]
+    assert full["held"] < op["held"] < none["held"], (full["held"], op["held"], none["held"])
+
+
+def test_op_level_on_the_gpu_paths_compiled(monkeypatch):
+    """What an H100 run with ``selective_ac_option = "op"`` and ``[compile]`` executes (bf16, grouped expert
+    GEMMs, fp32 GEMMs from bf16 parts, whose partial products must not be mutated once kept): the eager
+    model's training step, within bf16 tolerances."""
+    from titan_dsv4.models.deepseek_v4 import attention, fp32_linear
+    from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
+
+    for module in (attention, fp32_linear):
+        monkeypatch.setattr(module, "takes_gpu_path", lambda x: True)
+    for module in (fp32_linear, head_loss):
+        monkeypatch.setattr(module, "bf16_mm", lambda a, b: a.float() @ b.float())  # cuBLAS's bf16 -> fp32
+    monkeypatch.setattr(fp32_linear, "bf16_bmm", lambda a, b: a.float() @ b.float())
+    monkeypatch.setattr(RoutedExperts, "use_grouped_mm", True)
+    reference = _step("none", dtype=torch.bfloat16)
+    for compiled in (False, True):
+        run = _step("selective", "op", dtype=torch.bfloat16, compiled=compiled)
+        _assert_same_training(run, reference, rtol=0.02, atol=0.02)
