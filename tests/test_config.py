@@ -1,5 +1,6 @@
 """Job config: precedence, parsing, and every bad-input class through the real CLI."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from titan_dsv4.config import ConfigError, load_config
+from titan_dsv4.config import ConfigError, JobConfig, load_config
+from titan_dsv4.config.manager import field_docs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,3 +104,44 @@ def test_expert_parallel_degree_must_divide_the_experts():
                      "--parallelism.pipeline_parallel_degree", "1", "--parallelism.expert_parallel_degree", "3",
                      "--parallelism.data_parallel_shard_degree", "3", env={"WORLD_SIZE": "3"})
     assert result.returncode == 2 and "must divide the model's n_routed_experts (8)" in result.stderr
+
+
+def test_help_lists_every_key_with_the_value_this_command_line_gives():
+    """``--help`` through the real CLI: every field of every JobConfig section, at the value the file and the
+    overrides give (the default noted where it differs); exit 0, no training. Every field is described."""
+    config_file = REPO / "train_configs/debug_model.toml"
+    result = run_cli("--job.config_file", str(config_file), "--training.steps", "7", "--help")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    loaded = load_config(["--job.config_file", str(config_file), "--training.steps", "7"])
+    text = result.stdout
+    for section in dataclasses.fields(JobConfig):
+        body = text.split(f"\n[{section.name}]\n", 1)[1].split("\n[", 1)[0]
+        keys = [ln.split(" = ", 1)[0].strip() for ln in body.splitlines() if ln.startswith("  ") and
+                not ln.startswith("   ")]
+        fields = dataclasses.fields(getattr(loaded, section.name))
+        assert keys == [f.name for f in fields], section.name
+        docs = field_docs(type(getattr(loaded, section.name)))
+        assert all(docs.get(f.name) for f in fields), {f.name for f in fields} - set(docs)
+    lines: dict[str, str] = {}  # key -> its line and the indented lines continuing it, joined
+    for ln in text.splitlines():
+        if ln.startswith("   ") and key:
+            lines[key] += " " + ln.strip()
+        else:
+            key = ln.split(" = ", 1)[0].strip() if ln.startswith("  ") else None
+            if key:
+                lines[key] = ln
+    assert lines["steps"].startswith("  steps = 7 ") and lines["steps"].endswith(
+        f"[default: {JobConfig().training.steps}]"), lines["steps"]
+    assert lines["pipeline_parallel_degree"].startswith(
+        f"  pipeline_parallel_degree = {loaded.parallelism.pipeline_parallel_degree} ")
+    assert lines["flavor"].startswith(f'  flavor = "{loaded.model.flavor}"')
+    assert lines["config_file"].startswith(f'  config_file = "{config_file}"')
+
+
+def test_help_still_names_a_bad_key_and_the_planner_has_it_too():
+    result = run_cli("--training.stpes", "3", "--help")
+    assert result.returncode == 2 and "did you mean `steps`" in result.stderr
+    plan = subprocess.run([sys.executable, "-m", "titan_dsv4.plan", "-h"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert plan.returncode == 0 and plan.stdout.startswith("usage: python -m titan_dsv4.plan [--ngpu N]")
+    assert "  selective_ac_option = " in plan.stdout

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import ConfigError, load_config
+from .config import ConfigError, config_help, load_config
 from .config.job_config import JobConfig
 from .config.validate import RunSetup, validate
 from .distributed.pipeline import prune_to_stage
@@ -377,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     opts, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
+        reference = config_help(rest, "python -m titan_dsv4.plan [--ngpu N] [--gpu-memory-gib 80] [--device cuda|cpu] "
+                                      "[--job.config_file FILE.toml] [--section.key VALUE ...]")
+        if reference is not None:
+            print(reference)
+            return 0
         config = load_config(rest)
         world = opts.ngpu or _world_from_degrees(config)
         ranks = plan_memory(config, world, opts.device)

@@ -1,7 +1,7 @@
 """Job configuration: torchtitan 0.2.x sections and keys, plus ``[mtp]``.
 
-Every field is documented by its comment; ``docs/config.md`` is generated from nothing but this file's
-reading, so keep names and defaults here authoritative.
+Every field is documented by its comment (the one after it, or the lines above one that has none):
+``--help`` prints them beside each value, so keep names, defaults and comments here authoritative.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 class Job:
     config_file: str | None = None  # TOML file the other values come from
     dump_folder: str = "./outputs"  # metrics, checkpoints and TensorBoard go under here
-    description: str = "titan_dsv4 training job"
+    description: str = "titan_dsv4 training job"  # free text for the logs
 
 
 @dataclass
@@ -28,11 +28,11 @@ class Model:
 @dataclass
 class Optimizer:
     name: str = "AdamW"  # AdamW
-    lr: float = 8e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    lr: float = 8e-4  # peak learning rate (after warmup)
+    beta1: float = 0.9  # first-moment decay
+    beta2: float = 0.95  # second-moment decay
+    eps: float = 1e-8  # added to the second moment's root
+    weight_decay: float = 0.1  # decoupled (AdamW), on every parameter as in torchtitan
     implementation: str = "foreach"  # for-loop | foreach | fused (fused needs CUDA)
 
 
@@ -50,13 +50,13 @@ class Training:
     dataset_path: str | None = None  # .txt / .jsonl / .parquet file or folder (dataset = "text")
     local_batch_size: int = 8  # sequences per data-parallel rank per step
     global_batch_size: int = -1  # -1: local_batch_size x data-parallel degree; larger -> grad accumulation
-    seq_len: int = 256
-    steps: int = 30
+    seq_len: int = 256  # tokens per sequence (documents are packed, each with its own positions)
+    steps: int = 30  # optimizer steps of the whole run (a resumed run continues up to it)
     max_norm: float = 1.0  # gradient clipping (<= 0 disables)
-    seed: int = 0
+    seed: int = 0  # weights (per FQN: the same for every layout) and data order
     deterministic: bool = False  # torch deterministic algorithms
     mixed_precision_param: str = "bfloat16"  # FSDP param dtype on GPU (CPU runs keep float32)
-    mixed_precision_reduce: str = "float32"
+    mixed_precision_reduce: str = "float32"  # dtype of FSDP's gradient reduce-scatter
     expert_bias_update_speed: float = 1e-3  # aux-loss-free balancing step (0 disables)
     # lightning indexer: 0 freezes it (fine-tuning released weights); > 0 trains it with this weight on the
     # per-token KL to the main attention (DeepSeek-V3.2's indexer loss; needed when pre-training)
@@ -66,31 +66,35 @@ class Training:
 
 @dataclass
 class Parallelism:
-    data_parallel_replicate_degree: int = 1
+    data_parallel_replicate_degree: int = 1  # HSDP: replicas of the FSDP group
     data_parallel_shard_degree: int = -1  # -1: whatever the world size leaves
     fsdp_reshard_after_forward: str = "default"  # default | always | never (default: never under PP)
-    pipeline_parallel_degree: int = 1
+    pipeline_parallel_degree: int = 1  # pipeline ranks (MTP lives on the last stage)
+    # GPipe | 1F1B | Interleaved1F1B | LoopedBFS | InterleavedZeroBubble | ZBVZeroBubble | DualPipeV
     pipeline_parallel_schedule: str = "1F1B"
     pipeline_parallel_schedule_csv: str = ""  # a CSV schedule file overrides pipeline_parallel_schedule
-    pipeline_parallel_microbatch_size: int = 1
+    pipeline_parallel_microbatch_size: int = 1  # sequences per microbatch (local_batch_size / this microbatches)
+    # decoder layers per stage, which sets the stage count; None: one stage per rank (two for interleaved and
+    # V schedules)
     pipeline_parallel_layers_per_stage: int | None = None
-    pipeline_parallel_first_stage_less_layers: int = 1
-    pipeline_parallel_last_stage_less_layers: int = 1
+    pipeline_parallel_first_stage_less_layers: int = 1  # the embedding counts as this many layers
+    pipeline_parallel_last_stage_less_layers: int = 1  # the head, loss and MTP count as this many layers
+    # explicit stages: module FQNs per stage, e.g. [["embed", "layers.0"], ["layers.1", "norm", "head"]]
     module_fqns_per_model_part: list[list[str]] | None = None
-    expert_parallel_degree: int = 1
+    expert_parallel_degree: int = 1  # experts split by expert over this many ranks, borrowed from FSDP
 
 
 @dataclass
 class Checkpoint:
-    enable: bool = False
+    enable: bool = False  # save DCP checkpoints and resume from the latest one
     folder: str = "checkpoint"  # under job.dump_folder
-    interval: int = 500
-    initial_load_path: str | None = None
-    initial_load_in_hf: bool = False
+    interval: int = 500  # steps between checkpoints (the last step is always saved)
+    initial_load_path: str | None = None  # weights to start from when no checkpoint exists yet
+    initial_load_in_hf: bool = False  # initial_load_path is a Hugging Face folder (the released checkpoint)
     initial_load_model_only: bool = True  # False: also optimizer, step, data position (a DCP step-N folder)
-    last_save_in_hf: bool = False
-    last_save_model_only: bool = False
-    export_dtype: str = "bfloat16"
+    last_save_in_hf: bool = False  # at the end, also export the weights in the released HF layout
+    last_save_model_only: bool = False  # the final checkpoint without optimizer state
+    export_dtype: str = "bfloat16"  # dtype of exported weights (tensors released in fp32 stay fp32)
     async_mode: str = "disabled"  # disabled | async
     keep_latest_k: int = 10  # 0 keeps all
     load_step: int = -1  # -1: the latest complete checkpoint
@@ -108,17 +112,18 @@ class ActivationCheckpoint:
 
 @dataclass
 class Compile:
-    enable: bool = False
+    enable: bool = False  # torch.compile per block (around the experts under expert parallelism)
+    # model: each decoder and MTP block; loss: the fused cross-entropy's chunk functions
     components: list[str] = field(default_factory=lambda: ["model", "loss"])
     backend: str = "inductor"  # torch.compile backend (inductor | aot_eager | eager)
 
 
 @dataclass
 class Metrics:
-    log_freq: int = 1
-    enable_tensorboard: bool = False
-    save_tb_folder: str = "tb"
-    disable_color_printing: bool = False
+    log_freq: int = 1  # steps between console lines and metrics.jsonl records
+    enable_tensorboard: bool = False  # needs the metrics extra (pip install titan_dsv4[metrics])
+    save_tb_folder: str = "tb"  # under job.dump_folder
+    disable_color_printing: bool = False  # plain console lines (colour only on a terminal anyway)
     peak_tflops: float | None = None  # one device's bf16 peak for MFU; None: known GPUs by name (null on CPU)
 
 

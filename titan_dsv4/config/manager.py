@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -132,6 +135,80 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
     for key, value in overrides:
         _set(config, key, value, from_cli=True)
     return config
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def config_help(argv: list[str], usage: str) -> str | None:
+    """The reference of every section and key when ``argv`` asks for it (``-h``/``--help``), else None:
+    each key's value after the defaults, the TOML file and the overrides in ``argv``, and its description
+    (the comments of ``job_config.py``)."""
+    if not any(arg in HELP_FLAGS for arg in argv):
+        return None
+    config = load_config([arg for arg in argv if arg not in HELP_FLAGS])
+    defaults = JobConfig()
+    lines = [f"usage: {usage}", "",
+             "Values come from the defaults, then the TOML file (--job.config_file), then the command line:",
+             "--section.key value or --section.key=value; a bare --section.key is true; lists comma-separated.",
+             "Shown: the values this command line gives; [default: ...] where they differ."]
+    for section_name, section_type in _sections().items():
+        lines += ["", f"[{section_name}]"]
+        docs = field_docs(section_type)
+        for key in typing.get_type_hints(section_type):
+            value = getattr(getattr(config, section_name), key)
+            default = getattr(getattr(defaults, section_name), key)
+            doc = docs.get(key, "")
+            if value != default:
+                doc = f"{doc} [default: {_toml(default)}]".strip()
+            head = f"  {key} = {_toml(value)}"
+            if not doc:
+                lines.append(head)
+                continue
+            wrapped = textwrap.wrap(doc, 110 - 42)
+            lines.append(f"{head:<42}{wrapped[0]}" if len(head) < 41 else head)
+            lines += [" " * 42 + w for w in (wrapped[1:] if len(head) < 41 else wrapped)]
+    return "\n".join(lines)
+
+
+def field_docs(section: type) -> dict[str, str]:
+    """Each field's description in its dataclass's source: its trailing comment and the comment lines that
+    follow it, or, for a field without one, the comment lines just above it."""
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    previous = None
+    for line in inspect.getsource(section).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("#").strip())
+            continue
+        match = re.match(r"\s+(\w+)\s*:[^#]*(?:#\s?(.*))?$", line)
+        if not match:
+            continue
+        name, comment = match.groups()
+        if pending and comment is None:  # comments above a field without its own: they describe it
+            docs[name], pending = " ".join(pending), []
+        elif pending and previous:  # comments after a described field continue its description
+            docs[previous] += " " + " ".join(pending)
+            pending = []
+        if comment:
+            docs[name] = comment.strip()
+        previous = name
+    if pending and previous:
+        docs[previous] = (docs.get(previous, "") + " " + " ".join(pending)).strip()
+    return docs
+
+
+def _toml(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)
 
 
 def config_to_dict(config: JobConfig) -> dict[str, Any]:
