@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan_dsv4.components.loss import MTPLoss, build_targets
-from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model, head_loss
+from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 from titan_dsv4.models.deepseek_v4.parallelize import apply_activation_checkpointing, apply_compile
 from titan_dsv4.plan import LiveBytes
 
@@ -94,20 +94,32 @@ def test_op_level_keeps_the_projections_and_recomputes_the_rest(without_checkpoi
     assert full["held"] < op["held"] < none["held"], (full["held"], op["held"], none["held"])
 
 
-def test_op_level_on_the_gpu_paths_compiled(monkeypatch):
+def test_op_level_on_the_gpu_paths_compiled(gpu_code_paths):
     """What an H100 run with ``selective_ac_option = "op"`` and ``[compile]`` executes (bf16, grouped expert
     GEMMs, fp32 GEMMs from bf16 parts, whose partial products must not be mutated once kept): the eager
     model's training step, within bf16 tolerances."""
-    from titan_dsv4.models.deepseek_v4 import attention, fp32_linear
-    from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
-
-    for module in (attention, fp32_linear):
-        monkeypatch.setattr(module, "takes_gpu_path", lambda x: True)
-    for module in (fp32_linear, head_loss):
-        monkeypatch.setattr(module, "bf16_mm", lambda a, b: a.float() @ b.float())  # cuBLAS's bf16 -> fp32
-    monkeypatch.setattr(fp32_linear, "bf16_bmm", lambda a, b: a.float() @ b.float())
-    monkeypatch.setattr(RoutedExperts, "use_grouped_mm", True)
     reference = _step("none", dtype=torch.bfloat16)
     for compiled in (False, True):
         run = _step("selective", "op", dtype=torch.bfloat16, compiled=compiled)
         _assert_same_training(run, reference, rtol=0.02, atol=0.02)
+
+
+def test_op_level_keeps_bf16_part_products_unmutated(gpu_code_paths):
+    """An fp32 GEMM from bf16 parts summed product by product (few rows: ``parts_mm``'s "pairs" plan) under
+    op-level checkpointing: torch refuses a kept GEMM output that was mutated, so the sum is not in place."""
+    from torch.utils.checkpoint import checkpoint
+
+    from titan_dsv4.models.deepseek_v4.fp32_linear import _product_plan, fp32_linear
+    from titan_dsv4.models.deepseek_v4.running_stats import checkpoint_contexts
+
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(8, 64, requires_grad=True)  # fp32: three bf16 parts
+    assert _product_plan(4, 64, 8, [(0, 0), (0, 1), (0, 2)]) == "pairs"
+    grads = []
+    for context_fn in (None, checkpoint_contexts(False, save_projections=True)):
+        def loss():
+            return fp32_linear(x, weight).sin().sum()
+        out = loss() if context_fn is None else checkpoint(loss, use_reentrant=False, context_fn=context_fn)
+        grads.append(torch.autograd.grad(out, (x, weight)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
