@@ -4,6 +4,7 @@ ops (torchtitan's semantics: ``full``; ``selective`` with ``selective_ac_option`
 
 import collections
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,40 @@ def test_op_level_keeps_bf16_part_products_unmutated(gpu_code_paths):
         grads.append(torch.autograd.grad(out, (x, weight)))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_torch_selective_checkpointing_allows_one_backward_per_region():
+    """Why op-level checkpointing is refused under zero-bubble schedules: they take a stage's backward as an
+    input-gradient pass and a later weight-gradient pass, which whole-block recompute allows and torch's
+    selective checkpointing does not. (If torch lifts this, this test fails: drop the refusal.)"""
+    from torch.utils.checkpoint import checkpoint
+
+    from titan_dsv4.models.deepseek_v4.running_stats import checkpoint_contexts
+
+    for selective in (False, True):
+        x, w = torch.randn(4, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True)
+        out = checkpoint(lambda x: (x @ w).sin().sum(), x, use_reentrant=False,
+                         context_fn=checkpoint_contexts(False, save_projections=selective))
+        torch.autograd.grad(out, x, retain_graph=True)  # I
+        if selective:
+            with pytest.raises(RuntimeError, match="backward an extra time"):
+                torch.autograd.grad(out, w)  # W
+        else:
+            torch.testing.assert_close(torch.autograd.grad(out, w)[0], x.t() @ (x @ w).cos())
+
+
+@pytest.mark.parametrize("schedule", ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
+                                      "ZBVZeroBubble", "DualPipeV"])
+def test_op_level_is_refused_before_launch_under_zero_bubble_schedules(schedule):
+    from titan_dsv4.config import ConfigError, load_config
+    from titan_dsv4.config.validate import validate
+
+    debug_toml = str(Path(__file__).resolve().parents[1] / "train_configs/debug_model.toml")
+    config = load_config(["--job.config_file", debug_toml, "--training.local_batch_size", "8",
+                          "--parallelism.pipeline_parallel_schedule", schedule, "--activation_checkpoint.mode",
+                          "selective", "--activation_checkpoint.selective_ac_option", "op"])
+    if "ZeroBubble" in schedule or schedule == "DualPipeV":  # torch's schedules with W actions
+        with pytest.raises(ConfigError, match=f"'op' does not work with pipeline schedule {schedule}"):
+            validate(config, 2)
+    else:
+        assert validate(config, 2).pipeline_plan.schedule == schedule

@@ -59,7 +59,7 @@ def test_plan_within_15_percent_of_measured_peak(tmp_path, layout):
 def test_in_flight_microbatches_follow_the_schedule():
     """Hand-known: 1F1B keeps ``pp - rank`` microbatches on rank ``rank``; GPipe keeps all of them."""
     from titan_dsv4.config.validate import validate
-    from titan_dsv4.plan import schedule_actions
+    from titan_dsv4.distributed.pipeline import schedule_actions
 
     one = {s: StageActivations(held=1, backward_extra=0) for s in range(4)}
     for schedule, expected in (("1F1B", [4, 3, 2, 1]), ("GPipe", [8, 8, 8, 8])):
@@ -71,7 +71,7 @@ def test_in_flight_microbatches_follow_the_schedule():
                               "--parallelism.pipeline_parallel_schedule", schedule])
         setup = validate(config, 4)
         for rank in range(4):
-            worst, _ = worst_moment(schedule_actions(setup, rank), {rank: one[rank]})
+            worst, _ = worst_moment(schedule_actions(setup.pipeline_plan, rank), {rank: one[rank]})
             assert worst == expected[rank], (schedule, rank)
 
 

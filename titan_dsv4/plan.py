@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .config import ConfigError, config_help, load_config
 from .config.job_config import JobConfig
 from .config.validate import RunSetup, validate
-from .distributed.pipeline import prune_to_stage
+from .distributed.pipeline import prune_to_stage, schedule_actions
 from .models.deepseek_v4.init import EXPERT_WEIGHTS
 
 GIB = 2**30
@@ -188,45 +188,6 @@ def _shape_only_experts(self, xs: torch.Tensor, ws: torch.Tensor, counts: torch.
     return self.expert_ffn(xs, ws, *(local_tensor(w)[0].detach() for w in (self.w1, self.w2, self.w3)))
 
 
-def schedule_actions(setup: RunSetup, pp_rank: int) -> list[tuple[str, int]]:
-    """``(kind, stage)`` compute actions of one pipeline rank, in order, from torch's own schedule
-    (kind: F forward, B full backward, I input-gradient backward, W weight-gradient backward)."""
-    from torch.distributed.pipelining import schedules
-
-    plan = setup.pipeline_plan
-    if plan.schedule == "CSV":
-        with open(plan.csv_path) as f:
-            rows = [line.strip().split(",") for line in f if line.strip()]
-        actions = [schedules._Action.from_str(cell) for cell in rows[pp_rank] if cell.strip()]
-    else:
-        cls = schedules.get_schedule_class(plan.schedule)
-        stages = [_ScheduleStage(s, plan.num_stages, plan.pp, pp_rank) for s in plan.stage_ids(pp_rank)]
-        if plan.stages_per_rank == 1:
-            schedule = cls(stages[0], plan.n_microbatches)
-        else:
-            schedule = cls(stages, plan.n_microbatches)
-        actions = [a for a in schedule.pipeline_order[pp_rank] if a is not None]
-    out = []
-    for action in actions:
-        for a in getattr(action, "sub_actions", None) or [action]:
-            kind = str(a.computation_type)
-            kind = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}.get(
-                kind.split(".")[-1], kind)
-            if kind in ("F", "B", "I", "W"):
-                out.append((kind, a.stage_index))
-    return out
-
-
-class _ScheduleStage:
-    """What a torch schedule reads from its stages to lay out its actions."""
-
-    def __init__(self, index: int, num_stages: int, pp: int, rank: int):
-        self.stage_index, self.num_stages, self.group_size, self.group_rank = index, num_stages, pp, rank
-        self.is_first, self.is_last = index == 0, index == num_stages - 1
-        self.stage_index_to_group_rank: dict[int, int] = {}
-        self.submod = nn.Identity()
-
-
 def worst_moment(actions: list[tuple[str, int]], acts: dict[int, StageActivations]) -> tuple[int, dict[int, int]]:
     """Peak activation bytes over a rank's actions: a microbatch's activations live from its F to its B,
     a backward adds its stage's transient bytes while it runs, and in zero-bubble schedules the gradients an
@@ -330,7 +291,7 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
         if plan is None:
             activations, in_flight = acts[0].held + acts[0].backward_extra, {0: 1}
         else:
-            activations, in_flight = worst_moment(schedule_actions(setup, pp_rank), {s: acts[s] for s in stages})
+            activations, in_flight = worst_moment(schedule_actions(setup.pipeline_plan, pp_rank), {s: acts[s] for s in stages})
         all_to_all = 0
         if ep > 1:  # dispatch send/receive in the compute dtype, the combine's in fp32, one MoE at a time
             tokens = _microbatch(config, setup) * config.training.seq_len * args.num_experts_per_tok

@@ -156,8 +156,25 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
         with torch.device("meta"):
             meta_model = spec.model_cls(model_args)
         plan = plan_pipeline(meta_model, config, parallel_dims.pp, t.local_batch_size)
+        _check_checkpointing_fits_the_schedule(config, plan)
     elif p.module_fqns_per_model_part:
         raise ConfigError("`parallelism.module_fqns_per_model_part` needs pipeline_parallel_degree > 1")
     return RunSetup(spec=spec, model_args=model_args, tokenizer=tokenizer, parallel_dims=parallel_dims,
                     grad_accum_steps=global_batch // per_step, global_batch_size=global_batch,
                     pipeline_plan=plan, meta_model=meta_model)
+
+
+def _check_checkpointing_fits_the_schedule(config: JobConfig, plan) -> None:
+    """Op-level selective checkpointing allows one backward through each checkpointed region (torch refuses
+    a second: "Trying to backward an extra time"); zero-bubble schedules take a stage's backward in two,
+    input gradients (I) then weight gradients (W). Whole-block recompute allows both."""
+    from ..distributed.pipeline import schedule_actions
+
+    ac = config.activation_checkpoint
+    if not (ac.mode == "selective" and ac.selective_ac_option == "op"):
+        return
+    if any(kind == "W" for rank in range(plan.pp) for kind, _ in schedule_actions(plan, rank)):
+        raise ConfigError(f"`activation_checkpoint.selective_ac_option` = 'op' does not work with pipeline schedule "
+                          f"{plan.schedule}: it splits each backward into input and weight passes, and torch's "
+                          "selective checkpointing allows one; use mode 'full', selective_ac_option 'N', or a "
+                          "schedule without W actions (1F1B, GPipe, Interleaved1F1B, LoopedBFS)")

@@ -29,6 +29,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleMulti,
     PipelineScheduleSingle,
+    _Action,
     _PipelineScheduleRuntime,
     get_schedule_class,
 )
@@ -323,6 +324,42 @@ class TiedParameters:
                 source = torch.tensor([0 if is_replica else dist.get_rank()])
                 dist.all_reduce(source, group=group)
                 dist.broadcast(local_shard(p), src=int(source.item()), group=group)
+
+
+def schedule_actions(plan: PipelinePlan, pp_rank: int) -> list[tuple[str, int]]:
+    """``(kind, stage)`` compute actions of one pipeline rank, in order, from torch's own schedule
+    (kind: F forward, B full backward, I input-gradient backward, W weight-gradient backward)."""
+    if plan.schedule == "CSV":
+        with open(plan.csv_path) as f:
+            rows = [line.strip().split(",") for line in f if line.strip()]
+        actions = [_Action.from_str(cell) for cell in rows[pp_rank] if cell.strip()]
+    else:
+        cls = get_schedule_class(plan.schedule)
+        stages = [_ScheduleStage(s, plan.num_stages, plan.pp, pp_rank) for s in plan.stage_ids(pp_rank)]
+        if plan.stages_per_rank == 1:
+            schedule = cls(stages[0], plan.n_microbatches)
+        else:
+            schedule = cls(stages, plan.n_microbatches)
+        actions = [a for a in schedule.pipeline_order[pp_rank] if a is not None]
+    out = []
+    for action in actions:
+        for a in getattr(action, "sub_actions", None) or [action]:
+            kind = str(a.computation_type)
+            kind = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}.get(
+                kind.split(".")[-1], kind)
+            if kind in ("F", "B", "I", "W"):
+                out.append((kind, a.stage_index))
+    return out
+
+
+class _ScheduleStage:
+    """What a torch schedule reads from its stages to lay out its actions."""
+
+    def __init__(self, index: int, num_stages: int, pp: int, rank: int):
+        self.stage_index, self.num_stages, self.group_size, self.group_rank = index, num_stages, pp, rank
+        self.is_first, self.is_last = index == 0, index == num_stages - 1
+        self.stage_index_to_group_rank: dict[int, int] = {}
+        self.submod = nn.Identity()
 
 
 def _weight_grads_in_input_pass():

@@ -32,16 +32,18 @@ def routed_experts(module: nn.Module) -> list[RoutedExperts]:
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, selective_option: str = "2",
-                                   compiled: bool = False, compiled_around_experts: bool = False) -> None:
+                                   compiled: bool = False, experts_apart: bool = False) -> None:
     """``full``: recompute each block. ``selective`` with ``selective_option`` ``"N"``: recompute every N-th
     block whole (torchtitan's layer SAC: the N-th, 2N-th, ... block, decoder then MTP blocks); ``"op"``:
     every block keeps its projection GEMMs' outputs and recomputes the rest
     (``running_stats._save_projections``). ``compiled``: the blocks will be compiled whole afterwards.
 
-    ``compiled_around_experts``: only the parts of each block around the experts will be compiled
-    (``apply_compile``). A checkpoint's recompute runs eagerly, and selective checkpointing needs it to
-    dispatch the ops its compiled forward ran: so ``op`` then checkpoints each compiled part on its own
-    (the experts, whose GEMM outputs it would keep anyway, are not recomputed)."""
+    ``experts_apart``: the routed experts are an FSDP unit of their own (expert parallelism). Selective
+    checkpointing needs the recompute to dispatch the very ops the forward did, and the experts' FSDP hooks
+    do not: whether they gather again depends on the resharding policy (not under PP), and compiled parts
+    show the forward none of their ops. So ``op`` then checkpoints each part around the experts on its own
+    (what ``apply_compile`` compiles); the experts, whose GEMM outputs it would keep anyway, are not
+    recomputed."""
     if mode == "none":
         return
     per_op = mode == "selective" and selective_option == "op"
@@ -52,10 +54,10 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, selective_option
             count += 1
             if count % every:
                 continue
-            if per_op and compiled_around_experts:
+            if per_op and experts_apart:
                 for parent, part_name, part in list(_parts_without(block, set(routed_experts(block)))):
                     setattr(parent, part_name, checkpoint_wrapper(part, preserve_rng_state=False,
-                                                                  context_fn=checkpoint_contexts(True, True)))
+                                                                  context_fn=checkpoint_contexts(compiled, True)))
             else:
                 container[name] = checkpoint_wrapper(block, preserve_rng_state=False,
                                                      context_fn=checkpoint_contexts(compiled, per_op))
@@ -158,7 +160,7 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
     experts_apart = parallel_dims.ep_enabled and parallel_dims.dp_enabled  # their own FSDP unit
     ac = job_config.activation_checkpoint
     apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option, compiled and not experts_apart,
-                                   compiled_around_experts=compiled and experts_apart)
+                                   experts_apart)
     if compiled:
         apply_compile(model, job_config.compile.backend, experts_apart)
     if parallel_dims.dp_enabled:
