@@ -29,14 +29,16 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step(mode: str, option: str = "2", dtype=torch.float32, compiled: bool = False) -> dict:
-    """One forward + backward of a 3-layer + MTP model (a training indexer) under ``mode``/``option``."""
+def _step(mode: str, option: str = "2", dtype=torch.float32, compiled: bool = False,
+          experts_apart: bool = False) -> dict:
+    """One forward + backward of a 3-layer + MTP model (a training indexer) under ``mode``/``option``;
+    ``experts_apart``: checkpointed as when the experts are an FSDP unit of their own (expert parallelism)."""
     model = DeepseekV4Model(ARGS)
     model.init_weights(0)
     model.train().to(dtype)
     model.set_mtp_loss_scale(0.3)
     model.set_indexer_loss_scale(0.5)
-    apply_activation_checkpointing(model, mode, option, compiled=compiled)
+    apply_activation_checkpointing(model, mode, option, compiled=compiled, experts_apart=experts_apart)
     if compiled:
         apply_compile(model, backend="aot_eager")
     ids = torch.randint(0, ARGS.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
@@ -85,14 +87,19 @@ def test_checkpointing_changes_memory_not_training(without_checkpointing, mode, 
     assert run["held"] < without_checkpointing["held"]
 
 
-def test_op_level_keeps_the_projections_and_recomputes_the_rest(without_checkpointing):
+@pytest.mark.parametrize("experts_apart", [False, True])
+def test_op_level_keeps_the_projections_and_recomputes_the_rest(without_checkpointing, experts_apart):
     """``op`` re-runs no 2-D GEMM (projections, router, experts, mHC mixes: their outputs are kept) but
     re-runs the attention core's batched products and the element-wise work; it keeps more than recomputing
-    each block whole and less than keeping everything."""
-    op, full, none = _step("selective", "op"), _step("full"), without_checkpointing
+    each block whole and less than keeping everything. Per part around the experts (and the experts' own
+    forward) too, with the same training."""
+    op, full, none = _step("selective", "op", experts_apart=experts_apart), _step("full"), without_checkpointing
     assert op["ops"]["mm"] == none["ops"]["mm"] < full["ops"]["mm"]
     assert none["ops"]["bmm"] < op["ops"]["bmm"] == full["ops"]["bmm"]
+    assert none["ops"]["silu"] < op["ops"]["silu"] == full["ops"]["silu"]  # every expert's SwiGLU re-run
     assert full["held"] < op["held"] < none["held"], (full["held"], op["held"], none["held"])
+    if experts_apart:
+        _assert_same_training(op, none)
 
 
 def test_op_level_on_the_gpu_paths_compiled(gpu_code_paths):

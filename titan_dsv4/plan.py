@@ -153,8 +153,9 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
 
     model = stage_model.to(dtype)
     model.train()
-    ac = config.activation_checkpoint
-    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
+    ac, dims = config.activation_checkpoint, setup.parallel_dims
+    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option,
+                                   experts_apart=dims.ep_enabled and dims.dp_enabled)  # as parallelize_fn does
     model.set_mtp_loss_scale(config.mtp.loss_scaling_factor)
     if config.training.indexer_loss_coeff > 0:
         model.set_indexer_loss_scale(1.0)

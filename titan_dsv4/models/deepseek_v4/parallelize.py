@@ -4,12 +4,14 @@ alike."""
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 from ...config.job_config import JobConfig
 from ...distributed.expert_parallel import apply_expert_parallel
@@ -42,8 +44,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, selective_option
     checkpointing needs the recompute to dispatch the very ops the forward did, and the experts' FSDP hooks
     do not: whether they gather again depends on the resharding policy (not under PP), and compiled parts
     show the forward none of their ops. So ``op`` then checkpoints each part around the experts on its own
-    (what ``apply_compile`` compiles); the experts, whose GEMM outputs it would keep anyway, are not
-    recomputed."""
+    (what ``apply_compile`` compiles) and the experts' own forward inside their hooks (FSDP's gathers and
+    EP's all-to-all stay outside, and are not repeated in backward)."""
     if mode == "none":
         return
     per_op = mode == "selective" and selective_option == "op"
@@ -58,9 +60,20 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, selective_option
                 for parent, part_name, part in list(_parts_without(block, set(routed_experts(block)))):
                     setattr(parent, part_name, checkpoint_wrapper(part, preserve_rng_state=False,
                                                                   context_fn=checkpoint_contexts(compiled, True)))
+                for experts in routed_experts(block):
+                    _checkpoint_forward(experts, checkpoint_contexts(compiled, True))
             else:
                 container[name] = checkpoint_wrapper(block, preserve_rng_state=False,
                                                      context_fn=checkpoint_contexts(compiled, per_op))
+
+
+def _checkpoint_forward(module: nn.Module, context_fn) -> None:
+    """Checkpoint ``module.forward`` itself, in place: its forward hooks run outside the checkpoint."""
+    @functools.wraps(module.forward)
+    def checkpointed(*args):  # the class's forward at call time (the planner swaps it for a shape-only one)
+        return checkpoint(type(module).forward, module, *args, use_reentrant=False, preserve_rng_state=False,
+                          context_fn=context_fn)
+    module.forward = checkpointed
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor", experts_apart: bool = False) -> None:
