@@ -11,6 +11,7 @@ timings of each component's forward + backward on the real shapes; their FLOP sh
 ``DeepseekV4ModelArgs`` counts. Writes a JSON summary and the profiler's top kernels to ``--out``.
 
     python scripts/bench_gpu.py [--seq 4096] [--batch 2] [--steps 6] [--out DIR] [--compile-blocks]
+                                [--checkpointing]
 """
 
 from __future__ import annotations
@@ -124,13 +125,18 @@ def step_fn(model, loss_fn, ids, targets):
     return step
 
 
-def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = False) -> dict:
+def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = False,
+                 checkpointing: tuple[str, str] | None = None) -> dict:
+    """``checkpointing``: ``(activation_checkpoint.mode, selective_ac_option)`` applied to every block."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     model = build(mtp, device)
     args = model.args
     ids, targets = batch(args, opts.batch, opts.seq, device)
     loss_fn = MTPLoss()
+    if checkpointing:
+        from titan_dsv4.models.deepseek_v4.parallelize import apply_activation_checkpointing
+        apply_activation_checkpointing(model, *checkpointing, compiled=compile_blocks)
     if compile_blocks:
         from titan_dsv4.models.deepseek_v4.parallelize import apply_compile
         torch._dynamo.utils.counters.clear()
@@ -288,6 +294,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", default="bench_gpu_out")
     parser.add_argument("--compile-blocks", action="store_true", help="also time [compile] per block")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="also time full and op-level activation checkpointing (step time, peak memory)")
     opts = parser.parse_args()
     os.makedirs(opts.out, exist_ok=True)
     device = torch.device("cuda")
@@ -323,6 +331,9 @@ def main() -> None:
             return measure_step(mtp, opts, device, peak)
         finally:
             exact_paths(False)
+    if opts.checkpointing:  # what recompute costs in time and saves in memory against fast_mtp1
+        part("ac_full_mtp1", lambda: measure_step(1, opts, device, peak, checkpointing=("full", "2")))
+        part("ac_op_mtp1", lambda: measure_step(1, opts, device, peak, checkpointing=("selective", "op")))
     part("exact_mtp1", lambda: exact(1))
     part("component_s", lambda: component_times(opts, device))
     part("component_flops_per_token", lambda: component_flops(bench_args(1), opts.seq))
