@@ -40,3 +40,26 @@ def test_two_process_fsdp_equals_single_process(tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
         assert b["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)
         assert b["valid_tokens"] == a["valid_tokens"]
+
+
+def test_the_run_names_itself_first(tmp_path):
+    """Rank 0's first line: the job, the model's size counted from its modules, the layout and settings."""
+    import subprocess
+
+    import torch
+
+    from launch import REPO, training_command
+    from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
+    from titan_dsv4.train import _count
+
+    cmd, env = training_command(tmp_path, *SMALL, "--training.steps", "1", "--activation_checkpoint.mode",
+                                "selective", "--activation_checkpoint.selective_ac_option", "op")
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.device("meta"):
+        model = DeepseekV4Model(FLAVORS["debugmodel"])
+    params = sum(p.numel() for p in model.parameters())
+    first = result.stdout.splitlines()[0]
+    assert first == (f"titan_dsv4: DeepSeek-V4 debug model with MTP: debugmodel, {_count(params)} parameters "
+                     f"({_count(model.args.num_active_params())} active), MTP depth 1; 1 process: DP 1; "
+                     "activation checkpointing selective (op), compile off; 1 step of 4 x 128 tokens"), first

@@ -68,6 +68,9 @@ class Trainer:
 
         self.model_args = setup.model_args
         self.num_mtp = self.model_args.num_nextn_predict_layers
+        if self.rank == 0:
+            print(f"titan_dsv4: {describe_run(config, setup, dist.get_world_size() if self.distributed else 1)}",
+                  flush=True)
         self.loss_fn = setup.spec.build_loss_fn(config, self.model_args)
         self.dp_group = dims.dp_group() if self.distributed else None
         self.pp_group = dims.mesh["pp"].get_group() if self.distributed and dims.pp_enabled else None
@@ -336,6 +339,27 @@ class Trainer:
     def close(self) -> None:
         self.metrics.close()
         shutdown_distributed()
+
+
+def describe_run(config: JobConfig, setup: RunSetup, world: int) -> str:
+    """One line: the job, the model and the layout it runs in."""
+    args, dims, t, ac = setup.model_args, setup.parallel_dims, config.training, config.activation_checkpoint
+    p = config.parallelism
+    layout = f"PP {dims.pp} ({p.pipeline_parallel_schedule}) x DP {dims.dp}" if dims.pp > 1 else f"DP {dims.dp}"
+    if dims.ep > 1:
+        layout += f", EP {dims.ep}"
+    checkpointing = ac.mode + (f" ({ac.selective_ac_option})" if ac.mode == "selective" else "")
+    compiled = "on" if config.compile.enable else "off"
+    return (f"{config.job.description}: {config.model.flavor}, {_count(args.num_params())} parameters "
+            f"({_count(args.num_active_params())} active), MTP depth {args.num_nextn_predict_layers}; "
+            f"{world} process{'es' if world > 1 else ''}: {layout}; activation checkpointing {checkpointing}, "
+            f"compile {compiled}; {t.steps} step{'s' if t.steps > 1 else ''} of {setup.global_batch_size} x "
+            f"{t.seq_len} tokens")
+
+
+def _count(n: int) -> str:
+    return next(f"{n / scale:.4g}{unit}" for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k"), (1, ""))
+                if n >= scale or scale == 1)
 
 
 def main(argv: list[str] | None = None) -> int:
