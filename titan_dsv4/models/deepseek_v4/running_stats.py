@@ -4,6 +4,7 @@ for logging) and the trainer reads and resets after each step.
 Activation checkpointing re-runs a block's forward inside backward; that forward's statistics were counted
 already. The checkpoint's ``context_fn`` (``checkpoint_contexts``) marks the re-run, and ``recomputing()``
 reads the mark: a plain Python flag, which ``torch.compile`` traces as a guard instead of a graph break.
+Every checkpoint context is therefore made here, the op-level selective policy's included.
 """
 
 from __future__ import annotations
