@@ -1,6 +1,6 @@
 """Activation checkpointing, every mode: the same loss, gradients and once-counted statistics as the model
-without it, and what each mode keeps and recomputes, counted from the autograd graph and the dispatched
-ops (torchtitan's semantics: ``full``; ``selective`` with ``selective_ac_option`` ``"N"`` or ``"op"``)."""
+without it, and what each mode keeps and recomputes, counted from the tensors its forward leaves alive and
+the ops it dispatches (torchtitan's semantics: ``full``; ``selective`` with ``"N"`` or ``"op"``)."""
 
 import collections
 import dataclasses
