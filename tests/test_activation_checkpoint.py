@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
+from titan_dsv4.models.deepseek_v4.init import canonical_fqn
 from titan_dsv4.models.deepseek_v4.parallelize import apply_activation_checkpointing, apply_compile
 from titan_dsv4.plan import LiveBytes
 
@@ -49,14 +50,12 @@ def _step(mode: str, option: str = "2", dtype=torch.float32, compiled: bool = Fa
             loss = MTPLoss()(model(ids, targets=targets), targets)
             held = tracker.live  # what the forward left alive: the activations kept for backward
         loss.backward()
-
-    def plain(name: str) -> str:
-        return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
     return dict(
         loss=loss.detach(), held=held, ops=ops.counts,
         wrapped=sum(type(m).__name__ == "CheckpointWrapper" for m in model.modules()),
-        stats={plain(n): b.clone() for n, b in model.named_buffers() if n.endswith(("expert_load", "kl_sum"))},
-        grads={plain(n): p.grad for n, p in model.named_parameters() if p.grad is not None})
+        stats={canonical_fqn(n): b.clone() for n, b in model.named_buffers()
+               if n.endswith(("expert_load", "kl_sum"))},
+        grads={canonical_fqn(n): p.grad for n, p in model.named_parameters() if p.grad is not None})
 
 
 def _assert_same_training(run: dict, reference: dict, rtol: float = 0.0, atol: float = 0.0) -> None:

@@ -7,6 +7,7 @@ import torch
 
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model, head_loss
+from titan_dsv4.models.deepseek_v4.init import canonical_fqn
 from titan_dsv4.models.deepseek_v4.parallelize import apply_compile
 
 
@@ -27,7 +28,7 @@ def test_compiled_blocks_and_loss_equal_eager(monkeypatch):
             head_loss.compile_cross_entropy("aot_eager")
         loss = MTPLoss()(model(ids, targets=targets), targets)
         loss.backward()
-        grads = {n.replace("_orig_mod.", ""): p.grad for n, p in model.named_parameters() if p.grad is not None}
+        grads = {canonical_fqn(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads))
     (eager_loss, eager), (compiled_loss, compiled) = results
     assert all(type(b).__name__ == "OptimizedModule" for b in [*model.layers.values(), *model.mtp.values()])
@@ -67,14 +68,13 @@ def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(gpu_c
         loss = MTPLoss()(outputs, targets)
         loss.backward()
         buffers = {n: b.float().clone() for n, b in model.named_buffers() if n.endswith(("expert_load", "kl_sum"))}
-        grads = {n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): p.grad.float()
-                 for n, p in model.named_parameters() if p.grad is not None}
+        grads = {canonical_fqn(n): p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
         runs[compiled] = (loss.detach(), sum(saved), buffers, grads)
     assert dict(counters["graph_break"]) == {}
     (eager_loss, eager_saved, eager_stats, eager_grads), (loss, saved, stats, grads) = runs[False], runs[True]
     assert saved < eager_saved / 4, (saved, eager_saved)  # the blocks' activations were not kept
     torch.testing.assert_close(loss, eager_loss)
-    stats = {n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): b for n, b in stats.items()}
+    stats = {canonical_fqn(n): b for n, b in stats.items()}
     assert stats.keys() == eager_stats.keys() and any(n.endswith("kl_sum") for n in stats)
     for name, value in eager_stats.items():
         assert value.sum() > 0, name

@@ -149,13 +149,13 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
     through the code paths the planned device takes."""
     from .models.deepseek_v4.gpu_paths import meta_as_gpu
     from .models.deepseek_v4.moe import RoutedExperts
-    from .models.deepseek_v4.parallelize import apply_activation_checkpointing
+    from .models.deepseek_v4.parallelize import apply_activation_checkpointing, experts_apart
 
     model = stage_model.to(dtype)
     model.train()
-    ac, dims = config.activation_checkpoint, setup.parallel_dims
+    ac = config.activation_checkpoint
     apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option,
-                                   experts_apart=dims.ep_enabled and dims.dp_enabled)  # as parallelize_fn does
+                                   experts_apart=experts_apart(setup.parallel_dims))  # as parallelize_fn does
     model.set_mtp_loss_scale(config.mtp.loss_scaling_factor)
     if config.training.indexer_loss_coeff > 0:
         model.set_indexer_loss_scale(1.0)
@@ -292,7 +292,8 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
         if plan is None:
             activations, in_flight = acts[0].held + acts[0].backward_extra, {0: 1}
         else:
-            activations, in_flight = worst_moment(schedule_actions(setup.pipeline_plan, pp_rank), {s: acts[s] for s in stages})
+            activations, in_flight = worst_moment(schedule_actions(setup.pipeline_plan, pp_rank),
+                                                  {s: acts[s] for s in stages})
         all_to_all = 0
         if ep > 1:  # dispatch send/receive in the compute dtype, the combine's in fp32, one MoE at a time
             tokens = _microbatch(config, setup) * config.training.seq_len * args.num_experts_per_tok

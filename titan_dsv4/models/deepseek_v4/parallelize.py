@@ -33,6 +33,11 @@ def routed_experts(module: nn.Module) -> list[RoutedExperts]:
     return [m for m in module.modules() if isinstance(m, RoutedExperts)]
 
 
+def experts_apart(parallel_dims: ParallelDims) -> bool:
+    """Whether the routed experts are an FSDP unit of their own (expert parallelism under FSDP)."""
+    return parallel_dims.ep_enabled and parallel_dims.dp_enabled
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str, selective_option: str = "2",
                                    compiled: bool = False, experts_apart: bool = False) -> None:
     """``full``: recompute each block. ``selective`` with ``selective_option`` ``"N"``: recompute every N-th
@@ -170,12 +175,11 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
     compiled = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.compile.enable and "loss" in job_config.compile.components:
         compile_cross_entropy(job_config.compile.backend)
-    experts_apart = parallel_dims.ep_enabled and parallel_dims.dp_enabled  # their own FSDP unit
+    apart = experts_apart(parallel_dims)
     ac = job_config.activation_checkpoint
-    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option, compiled and not experts_apart,
-                                   experts_apart)
+    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option, compiled and not apart, apart)
     if compiled:
-        apply_compile(model, job_config.compile.backend, experts_apart)
+        apply_compile(model, job_config.compile.backend, apart)
     if parallel_dims.dp_enabled:
         param_dtype = _DTYPES[job_config.training.mixed_precision_param] if device.type == "cuda" else None
         apply_fsdp(model, parallel_dims, job_config, device, param_dtype)
