@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attention_kernel, gpu_paths
 from .args import CSA_RATIO, DeepseekV4ModelArgs
 from .fp32_linear import fp32_linear, fp32_matmul, matmul_fp32_result
 from .gpu_paths import takes_gpu_path
@@ -280,6 +281,10 @@ class Attention(nn.Module):
         self.query_block: int | str | None = "auto"
         # CSA: attend only to the gathered chosen entries (True), to all under a mask (False), None: by count
         self.gather_entries: bool | None = None
+        # the fused Triton kernel (attention_kernel.py): "auto" on CUDA with Triton installed, "always"
+        # wherever Triton runs (the CPU tests, under its interpreter), "never"; never while the indexer trains
+        # (its KL needs the probabilities the kernel keeps on chip)
+        self.fused_kernel = "auto"
         h, d = args.hidden_size, args.head_dim
         self.wq_a = nn.Linear(h, args.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
@@ -309,16 +314,19 @@ class Attention(nn.Module):
         # the indexer sees the activations but never sends gradient into them
         index_keys = self.indexer.compressor(x.detach(), ctx).kv if self.indexer is not None else None
         train_indexer = self.indexer is not None and self.training and self.indexer_loss_scale > 0
-        block = self._block_size(x)
-        chunk = self._chunk_size(x, block, entries)
         outs, kl = [], []
-        for q0 in range(0, seq, chunk):
-            q1 = min(seq, q0 + chunk)
-            out, chunk_kl = self._attend(x, qr, q, kv, entries, index_keys, ctx, _QueryBlocks.make(
-                ctx.doc_ids, q0, q1, block), train_indexer)
-            outs.append(out)
-            if chunk_kl is not None:
-                kl.append(chunk_kl.sum())
+        if self._fuses(x, train_indexer):
+            outs.append(self._attend_fused(x, qr, q, kv, entries, index_keys, ctx))
+        else:
+            block = self._block_size(x)
+            chunk = self._chunk_size(x, block, entries)
+            for q0 in range(0, seq, chunk):
+                q1 = min(seq, q0 + chunk)
+                out, chunk_kl = self._attend(x, qr, q, kv, entries, index_keys, ctx, _QueryBlocks.make(
+                    ctx.doc_ids, q0, q1, block), train_indexer)
+                outs.append(out)
+                if chunk_kl is not None:
+                    kl.append(chunk_kl.sum())
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
         out = apply_rope(out, rotation, inverse=True)
@@ -332,6 +340,39 @@ class Attention(nn.Module):
                 self.indexer.kl_sum += kl_sum.detach().to(self.indexer.kl_sum.dtype)
             out = _AttachLoss.apply(out, kl_sum * self.indexer_loss_scale)
         return out
+
+    def _fuses(self, x: torch.Tensor, train_indexer: bool) -> bool:
+        if train_indexer or self.fused_kernel == "never" or not attention_kernel.available():
+            return False
+        return self.fused_kernel == "always" or (x.is_cuda and gpu_paths.fast_kernels)
+
+    def _attend_fused(self, x, qr, q, kv, entries, index_keys, ctx: AttentionContext) -> torch.Tensor:
+        """The fused kernel's output ``[B, S, h, d]``: each query's window and its listed entries."""
+        batch, seq, _ = x.shape
+        if entries is None:
+            listed = kv.new_zeros(batch, 0, kv.shape[-1])
+            index = torch.empty(batch, seq, 0, dtype=torch.int32, device=x.device)
+        else:
+            listed, index = entries.kv, self._entry_index(x, qr, entries, index_keys, ctx)
+        return attention_kernel.fused_attention(q, kv, listed, index, ctx.doc_ids, self.attn_sink, self.window)
+
+    def _entry_index(self, x, qr, entries: CompressedEntries, index_keys, ctx: AttentionContext) -> torch.Tensor:
+        """``[B, S, E]`` int32: the entries each query attends to, ``-1`` for none; CSA: the indexer's top-k
+        (E = top-k), HCA: every visible one (E = P)."""
+        batch, seq, _ = x.shape
+        num = entries.kv.shape[1]
+        if self.indexer is None or num == 0:
+            visible = entries.visible(torch.arange(seq, device=x.device), ctx.doc_ids)
+            return torch.where(visible, torch.arange(num, device=x.device, dtype=torch.int32), -1)
+        chunk = max(1, SCORE_BUDGET // (batch * self.indexer.n_heads * num))  # the indexer's fp32 scores
+        index = []
+        for q0 in range(0, seq, chunk):
+            q1 = min(seq, q0 + chunk)
+            visible = entries.visible(torch.arange(q0, q1, device=x.device), ctx.doc_ids[:, q0:q1])
+            top, top_ok, _ = self.indexer.select(x.detach()[:, q0:q1], qr.detach()[:, q0:q1],
+                                                 ctx.rotation["compress"][:, q0:q1], index_keys, visible)
+            index.append(torch.where(top_ok, top.to(torch.int32), -1))
+        return torch.cat(index, dim=1)
 
     def _block_size(self, x: torch.Tensor) -> int:
         seq = x.shape[1]

@@ -1,0 +1,87 @@
+"""Compile the fused attention kernels for an H100/H200 (sm_90) without a GPU and report what ptxas gave each:
+registers per thread, spill stack, shared memory. Triton's wheel carries the compiler and ``cuobjdump``.
+
+A kernel the interpreter runs may still not compile for the GPU, or spill its 512-d tiles out of
+registers: this shows both before any GPU time is spent.
+
+    python scripts/compile_attention_kernel.py [--heads 64] [--head-dim 512] [--window 128] [--entries 512]
+                                               [--json]
+
+Run it without ``TRITON_INTERPRET`` (interpreted kernels do not compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from titan_dsv4.models.deepseek_v4 import attention_kernel  # noqa: E402
+
+H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
+POINTER_TYPES = {
+    "idx_ptr": "*i32", "doc_ptr": "*i32", "sink_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+    "dkv_ptr": "*fp32", "dent_ptr": "*fp32",
+}  # the rest are bf16 tensors
+
+
+def compile_for_sm90(heads: int, head_dim: int, window: int, entries: int) -> dict[str, dict[str, int]]:
+    """``{kernel: {"registers", "spill_bytes", "shared_bytes"}}`` of the kernels as launched for these shapes."""
+    config = attention_kernel.launch_config(heads, head_dim, window, entries)
+    num_warps = config.pop("num_warps")
+    config["UPCAST"] = False
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    report = {}
+    for kernel in (attention_kernel._forward_kernel, attention_kernel._backward_kernel):
+        signature = {}
+        for name in kernel.arg_names:
+            if name in config:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = POINTER_TYPES.get(name, "*bf16")
+            else:
+                signature[name] = "fp32" if name == "scale" else "i32"
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=config),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True,
+                                   check=True).stdout
+        fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+        report[kernel.fn.__name__] = {
+            "registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"]) + int(fields["LOCAL"]),
+            "shared_bytes": compiled.metadata.shared,
+        }
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", type=int, default=64)
+    parser.add_argument("--head-dim", type=int, default=512)
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--entries", type=int, default=512)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args()
+    report = compile_for_sm90(args.heads, args.head_dim, args.window, args.entries)
+    if args.json:
+        print(json.dumps(report))
+        return
+    for name, usage in report.items():
+        fits = "fits" if usage["shared_bytes"] <= H100_SHARED_BYTES else "EXCEEDS sm_90 shared memory"
+        print(f"{name:18s} registers/thread {usage['registers']:3d}  spill {usage['spill_bytes']:5d} B  "
+              f"shared {usage['shared_bytes'] / 1024:6.1f} KiB ({fits})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The fused attention kernel (Triton, run on CPU by Triton's interpreter) against a dense masked softmax
+written out here, and inside the model against the torch path; and that it compiles for an H100."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_reference import random_model
+from titan_dsv4.models.deepseek_v4 import FLAVORS
+from titan_dsv4.models.deepseek_v4.attention import Attention
+
+pytest.importorskip("triton")
+from titan_dsv4.models.deepseek_v4.attention_kernel import fused_attention  # noqa: E402
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
+
+
+def _dense_reference(q, kv, entries, entry_index, doc_ids, sink, window):
+    """Every query's scores over all raw keys and its listed entries, masked, with the sink column."""
+    batch, seq, heads, dim = q.shape
+    t = torch.arange(seq)
+    raw_ok = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+    raw_ok = raw_ok[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, S, S]
+    listed = entries[torch.arange(batch)[:, None, None], entry_index.clamp(min=0)]  # [B, S, E, D]
+    scores = torch.cat([torch.einsum("bthd,bjd->bhtj", q, kv), torch.einsum("bthd,bted->bhte", q, listed)], -1)
+    scores = scores * dim**-0.5
+    scores = scores.masked_fill(~torch.cat([raw_ok, entry_index >= 0], -1)[:, None], float("-inf"))
+    probs = torch.cat([scores, sink.view(1, -1, 1, 1).expand(batch, heads, seq, 1)], -1).softmax(-1)[..., :-1]
+    return (torch.einsum("bhtj,bjd->bthd", probs[..., :seq], kv)
+            + torch.einsum("bhte,bted->bthd", probs[..., seq:], listed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_dense_masked_softmax_with_sink(dtype):
+    """Outputs and the gradients of queries, keys/values, entries and sinks; two packed documents, a window
+    and an entry list that are not multiples of the key tile, heads that are not a power of two, unused
+    list slots (-1) and an entry listed twice for one query (it counts twice, as a gathered one does)."""
+    batch, seq, heads, dim, num, listed, window = 2, 37, 3, 32, 9, 19, 11
+    q = torch.randn(batch, seq, heads, dim).to(dtype)
+    kv = torch.randn(batch, seq, dim).to(dtype)
+    entries = torch.randn(batch, num, dim).to(dtype)
+    sink = torch.randn(heads)
+    doc_ids = torch.zeros(batch, seq, dtype=torch.long)
+    doc_ids[1, 15:] = 1
+    entry_index = torch.randint(-1, num, (batch, seq, listed))
+    entry_index[0, 5, :2] = 3
+    grad = torch.randn(batch, seq, heads, dim)
+    leaves = [t.clone().requires_grad_() for t in (q, kv, entries, sink)]
+    out = fused_attention(*leaves[:3], entry_index, doc_ids, leaves[3], window)
+    got = [out, *torch.autograd.grad(out, leaves, grad.to(dtype))]
+    exact = [t.detach().double().requires_grad_() for t in (q, kv, entries, sink)]
+    ref = _dense_reference(*exact[:3], entry_index, doc_ids, exact[3], window)
+    want = [ref, *torch.autograd.grad(ref, exact, grad.double())]
+    # bf16: the probabilities and score gradients enter their GEMMs as bf16, as in the torch path
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    for name, a, b in zip(("out", "q", "kv", "entries", "sink"), got, want):
+        assert a.dtype == (torch.float32 if name == "sink" else dtype), name
+        torch.testing.assert_close(a.double(), b, **tol, msg=name)
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+@pytest.mark.parametrize("indexer_trains", [False, True])
+def test_model_with_fused_kernel_equals_torch_path(indexer_trains):
+    """Every layer kind (sliding, CSA with its top-k, HCA) and the MTP block, two packed documents: the
+    outputs and every gradient equal the torch path. While the indexer trains the torch path serves (its
+    KL needs the probabilities) and the KL is the same."""
+    model = random_model(FLAVORS["debugmodel"]).train()
+    model.set_indexer_loss_scale(0.5 if indexer_trains else 0.0)
+    ids = torch.randint(0, 2048, (1, 72))
+    positions = torch.cat([torch.arange(30), torch.arange(42)])[None]
+    results = []
+    for mode in ("never", "always"):
+        for m in _attention_modules(model):
+            m.fused_kernel = mode
+            if m.indexer is not None:
+                m.indexer.kl_sum.zero_()
+        model.zero_grad()
+        out = model(ids, positions)
+        sum(o.pow(2).mean() for o in out).backward()
+        kl = sum(m.indexer.kl_sum.item() for m in _attention_modules(model) if m.indexer is not None)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads, kl))
+    (ref, ref_grads, ref_kl), (got, got_grads, got_kl) = results
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(got_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert (ref_kl > 0) == indexer_trains and got_kl == pytest.approx(ref_kl, rel=1e-6)
+
+
+def test_fused_kernel_is_used_on_cpu_only_when_asked(monkeypatch):
+    """``auto`` takes the kernel on CUDA only: CPU runs keep the exact torch path without Triton."""
+    from titan_dsv4.models.deepseek_v4 import attention_kernel
+
+    calls = []
+    real = attention_kernel.fused_attention
+    monkeypatch.setattr(attention_kernel, "fused_attention", lambda *a: calls.append(1) or real(*a))
+    model = random_model(FLAVORS["debugmodel"])
+    ids = torch.randint(0, 2048, (1, 24))
+    model(ids)
+    assert not calls
+    for m in _attention_modules(model):
+        m.fused_kernel = "always"
+    model(ids)
+    assert len(calls) == len(_attention_modules(model))
+
+
+def test_compiles_without_graph_break():
+    """The kernel is an opaque custom op to ``torch.compile``: one graph, same values and gradients."""
+    batch, seq, heads, dim = 1, 9, 2, 16
+    q, kv, entries = torch.randn(batch, seq, heads, dim), torch.randn(batch, seq, dim), torch.randn(batch, 3, dim)
+    sink, doc_ids = torch.randn(heads), torch.zeros(batch, seq, dtype=torch.long)
+    entry_index = torch.randint(-1, 3, (batch, seq, 2))
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, kv, entries, sink)]
+        out = fn(*leaves[:3], entry_index, doc_ids, leaves[3], 4)
+        return [out, *torch.autograd.grad(out.square().sum(), leaves)]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fused_attention, backend="aot_eager", fullgraph=True)
+    for a, b in zip(run(compiled), run(fused_attention)):
+        torch.testing.assert_close(a, b)
+
+
+def test_kernels_compile_for_h100_at_flash_shapes():
+    """Flash's shapes (64 heads of 512, window 128, top-k 512) compile for sm_90 within its shared memory,
+    the forward without spilling (the interpreter checks neither). Compiled in a process of its own: under
+    the interpreter the kernels are Python functions."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(SCRIPTS, "compile_attention_kernel.py"), "--json"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert set(report) == {"_forward_kernel", "_backward_kernel"}
+    for usage in report.values():
+        assert 0 < usage["shared_bytes"] <= 227 * 1024
+    assert report["_forward_kernel"]["spill_bytes"] == 0

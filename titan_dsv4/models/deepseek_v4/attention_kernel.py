@@ -1,0 +1,233 @@
+"""Fused attention core for GPUs (Triton): the sliding window and each query's compressed entries with the
+sink, scores kept on chip.
+
+The blocked torch path writes every fp32 score, probability and their gradients to memory between its
+GEMMs and the softmax (54 GB per benchmark step, dsv4-spec.md §2.6 keeps them fp32). Here one program takes
+one query and a block of its heads (one shared K=V head: all heads of a query see the same keys), walks its
+window's raw keys, then its compressed entries through a per-query index list (``-1``: none), with an
+online softmax whose denominator starts at the sink. Scores and softmax are fp32 from bf16 operands, the
+probabilities enter the value GEMM as bf16, as in the torch path. Backward recomputes the scores from the
+saved log-sum-exp; the query gradient is each program's own, the key/value gradient (K == V: one tensor)
+is added atomically in fp32.
+
+Runs on CUDA when Triton is installed, and on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, set
+before Triton is imported), which is how the tests prove it equal to the torch path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # an optional extra: the torch path serves without it
+    triton = None
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, UPCAST: tl.constexpr):
+        # the interpreter multiplies bf16 bit patterns (triton-lang/triton#11584); bf16 x bf16 products are
+        # exact in fp32, so fp32 operands give the same sums
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, S, E, WINDOW,
+                  s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, N_WINDOW_TILES: tl.constexpr):
+        """Pointers ``[BLOCK_N, D]`` to the keys of ``tile`` (window tiles first, then entry tiles) and
+        which are seen."""
+        n = tl.arange(0, BLOCK_N)
+        d = tl.arange(0, D)
+        if tile < N_WINDOW_TILES:
+            j = t - WINDOW + 1 + tile * BLOCK_N + n
+            ok = (j >= 0) & (j <= t)
+            ok = ok & (tl.load(doc_ptr + b * s_db + j, mask=ok, other=-1) == doc_t)
+            ptrs = kv_ptr + b * s_kvb + j[:, None] * s_kvs + d[None, :]
+            rows = j
+        else:
+            e = (tile - N_WINDOW_TILES) * BLOCK_N + n
+            rows = tl.load(idx_ptr + b * s_ib + t * s_is + e, mask=e < E, other=-1)
+            ok = rows >= 0
+            ptrs = ent_ptr + b * s_eb + rows[:, None] * s_ep + d[None, :]
+        return ptrs, ok, rows
+
+    @triton.jit
+    def _forward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, sink_ptr, out_ptr, lse_ptr,
+                        S, H, E, WINDOW, scale,
+                        s_qb, s_qs, s_qh, s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, s_lb, s_ls,
+                        D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                        N_WINDOW_TILES: tl.constexpr, N_ENTRY_TILES: tl.constexpr, UPCAST: tl.constexpr):
+        t = tl.program_id(0)
+        b = tl.program_id(1)
+        h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+        d = tl.arange(0, D)
+        h_ok = h < H
+        q = tl.load(q_ptr + b * s_qb + t * s_qs + h[:, None] * s_qh + d[None, :], mask=h_ok[:, None], other=0.0)
+        doc_t = tl.load(doc_ptr + b * s_db + t)
+        # the sink starts the running max and denominator: it joins the softmax without a value
+        m = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
+        denom = tl.full([BLOCK_H], 1.0, tl.float32)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+        for tile in range(N_WINDOW_TILES + N_ENTRY_TILES):
+            ptrs, ok, _ = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, S, E, WINDOW,
+                                    s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
+            k = tl.load(ptrs, mask=ok[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), UPCAST) * scale
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            denom = denom * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(k.dtype), k, UPCAST)
+            m = m_new
+        out = acc / denom[:, None]
+        # out (and in backward its gradient and dq) are laid out as q
+        tl.store(out_ptr + b * s_qb + t * s_qs + h[:, None] * s_qh + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=h_ok[:, None])
+        tl.store(lse_ptr + b * s_lb + t * s_ls + h, m + tl.log(denom), mask=h_ok)
+
+    @triton.jit
+    def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, lse_ptr, delta_ptr, dout_ptr,
+                         dq_ptr, dkv_ptr, dent_ptr,
+                         S, H, E, WINDOW, scale,
+                         s_qb, s_qs, s_qh, s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, s_lb, s_ls,
+                         D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                         N_WINDOW_TILES: tl.constexpr, N_ENTRY_TILES: tl.constexpr, UPCAST: tl.constexpr):
+        t = tl.program_id(0)
+        b = tl.program_id(1)
+        h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+        d = tl.arange(0, D)
+        n = tl.arange(0, BLOCK_N)
+        h_ok = h < H
+        rows_q = b * s_qb + t * s_qs + h[:, None] * s_qh + d[None, :]
+        q = tl.load(q_ptr + rows_q, mask=h_ok[:, None], other=0.0)
+        dout = tl.load(dout_ptr + rows_q, mask=h_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + b * s_lb + t * s_ls + h, mask=h_ok, other=0.0)
+        delta = tl.load(delta_ptr + b * s_lb + t * s_ls + h, mask=h_ok, other=0.0)
+        doc_t = tl.load(doc_ptr + b * s_db + t)
+        dq = tl.zeros([BLOCK_H, D], tl.float32)
+        for tile in range(N_WINDOW_TILES + N_ENTRY_TILES):
+            ptrs, ok, rows = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, S, E, WINDOW,
+                                       s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
+            k = tl.load(ptrs, mask=ok[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), UPCAST) * scale
+            p = tl.where(ok[None, :] & h_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+            dp = _dot(dout, tl.trans(k), UPCAST)
+            ds = (p * (dp - delta[:, None])).to(k.dtype)  # enters the GEMMs as bf16, as in the torch path
+            dq += _dot(ds, k, UPCAST)
+            # K == V: the key and value gradients of these rows, summed
+            dk = _dot(tl.trans(ds), q, UPCAST) * scale + _dot(tl.trans(p.to(k.dtype)), dout, UPCAST)
+            if tile < N_WINDOW_TILES:
+                dptrs = dkv_ptr + b * s_kvb + rows[:, None] * s_kvs + d[None, :]
+            else:
+                dptrs = dent_ptr + b * s_eb + rows[:, None] * s_ep + d[None, :]
+            tl.atomic_add(dptrs, dk, mask=ok[:, None])
+        tl.store(dq_ptr + rows_q, (dq * scale).to(dq_ptr.dtype.element_ty), mask=h_ok[:, None])
+
+
+BLOCK_N = 16  # keys per tile
+NUM_WARPS = 8
+
+
+def launch_config(heads: int, head_dim: int, window: int, entries: int) -> dict[str, int]:
+    """The kernels' compile-time sizes. Heads per program: a power of two of at least 16 (``tl.dot``'s
+    smallest tile) and at most 32, so that a 512-d query, its output gradient and the fp32 accumulators
+    nearly fit the registers of 8 warps (sm_90, Triton 3.8, ``scripts/compile_attention_kernel.py``:
+    forward 215 registers and no spill, backward 255 and a 48-byte spill)."""
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"the fused attention kernel needs a power-of-two head_dim, got {head_dim}")
+    return dict(D=head_dim, BLOCK_H=min(32, max(16, triton.next_power_of_2(heads))), BLOCK_N=BLOCK_N,
+                N_WINDOW_TILES=triton.cdiv(window, BLOCK_N), N_ENTRY_TILES=triton.cdiv(entries, BLOCK_N),
+                num_warps=NUM_WARPS)
+
+
+def _launch(kernel, q, kv, entries, entry_index, doc_ids, window: int, *tensors: torch.Tensor) -> None:
+    """One program per (query, batch row, block of heads). ``q`` and the ``[B, S, H, D]`` tensors among
+    ``tensors`` are contiguous (they share ``q``'s strides), as are the ``[B, S, H]`` ones."""
+    batch, seq, heads, dim = q.shape
+    config = launch_config(heads, dim, window, entry_index.shape[-1])
+    kernel[(seq, batch, triton.cdiv(heads, config["BLOCK_H"]))](
+        q, kv, entries, entry_index, doc_ids, *tensors, seq, heads, entry_index.shape[-1], window, dim**-0.5,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), entries.stride(0),
+        entries.stride(1), entry_index.stride(0), entry_index.stride(1), doc_ids.stride(0), seq * heads, heads,
+        UPCAST=INTERPRETED, **config,
+    )
+
+
+@torch.library.custom_op("titan_dsv4::fused_attention", mutates_args=())
+def _fused_attention(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor, entry_index: torch.Tensor,
+                     doc_ids: torch.Tensor, sink: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, seq, heads, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, seq, heads, dtype=torch.float32, device=q.device)
+    _launch(_forward_kernel, q, kv, entries, entry_index, doc_ids, window, sink.float().contiguous(), out, lse)
+    return out, lse
+
+
+@_fused_attention.register_fake
+def _(q, kv, entries, entry_index, doc_ids, sink, window):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("titan_dsv4::fused_attention_backward", mutates_args=())
+def _fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor,
+                              entry_index: torch.Tensor, doc_ids: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
+    """Gradients of ``q``, ``kv``, ``entries`` and the per-row ``delta = sum_j p_j dp_j`` (for the sink's)."""
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)
+    grad_q = torch.empty_like(q)
+    grad_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+    grad_entries = torch.zeros(entries.shape, dtype=torch.float32, device=entries.device)
+    _launch(_backward_kernel, q, kv, entries, entry_index, doc_ids, window, lse, delta, grad_out, grad_q, grad_kv,
+            grad_entries)
+    return grad_q, grad_kv.to(kv.dtype), grad_entries.to(entries.dtype), delta
+
+
+@_fused_attention_backward.register_fake
+def _(grad_out, q, kv, entries, entry_index, doc_ids, out, lse, window):
+    return torch.empty_like(q), torch.empty_like(kv), torch.empty_like(entries), torch.empty_like(lse)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, kv, entries, entry_index, doc_ids, sink, window = inputs
+    out, lse = output
+    ctx.save_for_backward(q, kv, entries, entry_index, doc_ids, sink, out, lse)
+    ctx.window = window
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, kv, entries, entry_index, doc_ids, sink, out, lse = ctx.saved_tensors
+    grad_q, grad_kv, grad_entries, delta = _fused_attention_backward(grad_out, q, kv, entries, entry_index,
+                                                                     doc_ids, out, lse, ctx.window)
+    # the sink's probability exp(sink - lse) only shrinks the others': d/dsink = -p_sink * delta
+    grad_sink = -(torch.exp(sink.float() - lse) * delta).sum(dim=(0, 1)).to(sink.dtype)
+    return grad_q, grad_kv, grad_entries, None, None, grad_sink, None
+
+
+_fused_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_attention(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor, entry_index: torch.Tensor,
+                    doc_ids: torch.Tensor, sink: torch.Tensor, window: int) -> torch.Tensor:
+    """``out [B, S, H, D]`` of queries ``q`` over their window of ``kv`` ``[B, S, D]`` (same document) and
+    their listed ``entries`` ``[B, P, D]`` (``entry_index`` ``[B, S, E]``, ``-1``: none), with the per-head
+    ``sink`` in every denominator."""
+    out, _ = _fused_attention(q.contiguous(), kv.contiguous(), entries.contiguous(),
+                              entry_index.to(torch.int32).contiguous(), doc_ids.to(torch.int32).contiguous(),
+                              sink, window)
+    return out
