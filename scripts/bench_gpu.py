@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.components.metrics import device_peak_tflops
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
-from titan_dsv4.models.deepseek_v4 import fp32_linear, gpu_paths, head_loss, hyper_connection
+from titan_dsv4.models.deepseek_v4 import attention_kernel, fp32_linear, gpu_paths, head_loss, hyper_connection
+from titan_dsv4.models.deepseek_v4.attention import Attention
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 from titan_dsv4.models.deepseek_v4.parallelize import fp32_replicated_parameters
 
@@ -125,12 +126,20 @@ def step_fn(model, loss_fn, ids, targets):
     return step
 
 
+def set_fused_attention(model: torch.nn.Module, mode: str) -> None:
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused_kernel = mode
+
+
 def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = False,
-                 checkpointing: tuple[str, str] | None = None) -> dict:
-    """``checkpointing``: ``(activation_checkpoint.mode, selective_ac_option)`` applied to every block."""
+                 checkpointing: tuple[str, str] | None = None, fused_attention: bool = True) -> dict:
+    """``checkpointing``: ``(activation_checkpoint.mode, selective_ac_option)`` applied to every block;
+    ``fused_attention=False``: the blocked torch attention instead of the Triton kernel."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     model = build(mtp, device)
+    set_fused_attention(model, "auto" if fused_attention else "never")
     args = model.args
     ids, targets = batch(args, opts.batch, opts.seq, device)
     loss_fn = MTPLoss()
@@ -196,8 +205,12 @@ def component_times(opts, device) -> dict[str, float]:
         return cuda_time(run, 2, 5)
 
     blocks = [*model.layers.values(), *model.mtp.values()]
+    times["attention_unfused_baseline"] = 0.0  # the blocked torch attention: not part of the step
     for block in blocks:
         times["attention"] += fwd_bwd(lambda: block.attn(x, ctx))
+        block.attn.fused_kernel = "never"
+        times["attention_unfused_baseline"] += fwd_bwd(lambda: block.attn(x, ctx))
+        block.attn.fused_kernel = "auto"
         times["moe"] += fwd_bwd(lambda: block.ffn(x, ids))
         for site in (block.hc_attn, block.hc_ffn):
             def mhc(site=site):
@@ -234,10 +247,32 @@ def profile_top_kernels(opts, device, path: str) -> None:
     del model
 
 
+def fused_attention_error(device, seq: int = 1024) -> dict:
+    """The Triton attention kernel against the blocked torch path on the benchmark model's CSA and HCA layers
+    (bf16): relative error of the output and of every gradient, the larger of the two layers."""
+    model = build(0, device)
+    ctx = model.attention_context(torch.arange(seq, device=device).expand(1, seq))
+    x = torch.randn(1, seq, model.args.hidden_size, device=device, dtype=torch.bfloat16)
+    errors: dict[str, float] = {}
+    for layer in ("2", "3"):  # CSA, HCA
+        attn = model.layers[layer].attn
+        results = []
+        for mode in ("never", "always"):
+            attn.fused_kernel = mode
+            attn.zero_grad()
+            out = attn(x, ctx)
+            out.float().square().sum().backward()
+            results.append({"out": out.detach(), **{n: p.grad.clone() for n, p in attn.named_parameters()
+                                                     if p.grad is not None}})
+        for name, ref in results[0].items():
+            err = ((results[1][name].float() - ref.float()).norm() / ref.float().norm()).item()
+            errors[name] = max(errors.get(name, 0.0), err)
+    del model
+    return errors
+
+
 def check_fast_paths_on_gpu(device) -> dict:
     """The fast paths equal the exact ones on this GPU (tiny model, fp32 for attention/mHC, bf16 experts)."""
-    from titan_dsv4.models.deepseek_v4.attention import Attention
-
     args = FLAVORS["debugmodel"]
     with torch.device(device):
         model = DeepseekV4Model(args)
@@ -284,7 +319,8 @@ def check_fast_paths_on_gpu(device) -> dict:
     exact_paths(False)
     return dict(model_out_rel_err=out_err, model_grad_rel_err=grad_err, grouped_mm_rel_err=gmm_err,
                 fp32_linear_max_err=(split - ref).abs().max().item(),
-                fp32_gemm_max_err=(plain - ref).abs().max().item())
+                fp32_gemm_max_err=(plain - ref).abs().max().item(),
+                fused_attention_rel_err=fused_attention_error(device) if attention_kernel.available() else None)
 
 
 def main() -> None:
@@ -334,6 +370,7 @@ def main() -> None:
     if opts.checkpointing:  # what recompute costs in time and saves in memory against fast_mtp1
         part("ac_full_mtp1", lambda: measure_step(1, opts, device, peak, checkpointing=("full", "2")))
         part("ac_op_mtp1", lambda: measure_step(1, opts, device, peak, checkpointing=("selective", "op")))
+    part("unfused_attention_mtp1", lambda: measure_step(1, opts, device, peak, fused_attention=False))
     part("exact_mtp1", lambda: exact(1))
     part("component_s", lambda: component_times(opts, device))
     part("component_flops_per_token", lambda: component_flops(bench_args(1), opts.seq))

@@ -29,7 +29,7 @@ from titan_dsv4.models.deepseek_v4 import attention_kernel  # noqa: E402
 
 H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 POINTER_TYPES = {
-    "idx_ptr": "*i32", "doc_ptr": "*i32", "sink_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+    "idx_ptr": "*i32", "doc_ptr": "*i32", "sink_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
     "dkv_ptr": "*fp32", "dent_ptr": "*fp32",
 }  # the rest are bf16 tensors
 

@@ -44,7 +44,12 @@ from titan_dsv4.models.deepseek_v4.hyper_connection import HyperConnection  # no
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts  # noqa: E402
 
 GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_mm"}
-EXTERN = GEMMS | {"sort", "topk"}  # kernels torch.compile leaves to libraries: never fused with their neighbours
+FUSED_ATTENTION = {"fused_attention": 2, "fused_attention_backward": 5}  # GEMMs per (row, key) of the kernel
+# assumed share of the GEMM rate the Triton attention kernel reaches (mma.sync tiles of 32 heads, no wgmma
+# pipelining); bench_gpu.py measures it
+FUSED_ATTENTION_EFFICIENCY = 0.4
+# kernels torch.compile leaves to libraries or our own kernels: never fused with their neighbours
+EXTERN = GEMMS | {"sort", "topk"} | set(FUSED_ATTENTION)
 # ops that read only the indexed part of their first input (a gather) or write only part of it (a scatter)
 PARTIAL_FIRST_INPUT = {"index", "gather", "index_select", "embedding", "index_add", "index_add_", "scatter_add_",
                        "scatter_add", "index_put_", "_index_put_impl_", "scatter_", "scatter"}
@@ -101,6 +106,23 @@ def distinct_bytes(t: torch.Tensor) -> int:
         if stride != 0:
             n *= size
     return n * t.element_size()
+
+
+def fused_attention_cost(name: str, args) -> tuple[float, int]:
+    """FLOPs and atomic fp32 bytes of the fused attention kernel: every (query, head) row against its window
+    and its listed entries (unused slots counted: an upper bound), each key tile's gradient added atomically
+    per program in backward."""
+    from titan_dsv4.models.deepseek_v4 import attention_kernel
+
+    q, kv, entries, entry_index = args[:4] if name == "fused_attention" else args[1:5]
+    window = args[-1]
+    batch, seq, heads, dim = q.shape
+    keys = min(window, seq) + entry_index.shape[-1]
+    flops = 2.0 * FUSED_ATTENTION[name] * batch * seq * heads * keys * dim
+    if name == "fused_attention":
+        return flops, 0
+    programs = batch * seq * -(-heads // attention_kernel.launch_config(heads, dim, window, 0)["BLOCK_H"])
+    return flops, programs * keys * dim * 4
 
 
 def gemm_flops(name: str, args) -> float:
@@ -205,7 +227,13 @@ class CostModel(TorchDispatchMode):
                 written = min(written, max(read[1:], default=written))
         flops = gemm_flops(name, args) if name in GEMMS else 0.0
         fp32_gemm = name in GEMMS and inputs[0].dtype == torch.float32 and name != "_scaled_mm"
-        cost = self.roofline.cost(flops, written + sum(read), fp32_gemm)
+        timed_flops = flops  # at the GEMM rate
+        if name in FUSED_ATTENTION:
+            flops, atomic_bytes = fused_attention_cost(name, args)
+            written += atomic_bytes
+            timed_flops = flops / FUSED_ATTENTION_EFFICIENCY
+        cost = self.roofline.cost(timed_flops, written + sum(read), fp32_gemm)
+        cost.flops = flops
         node = torch._C._current_autograd_node()
         phase = "forward" if node is None else "backward"
         component, block = self.forward.place if node is None else node.metadata.get("place", ("other", "?"))
@@ -215,7 +243,7 @@ class CostModel(TorchDispatchMode):
 
         extern = name in EXTERN
         if extern:
-            self.extern[component].add(self.roofline.cost(flops, 0, fp32_gemm))
+            self.extern[component].add(self.roofline.cost(timed_flops, 0, fp32_gemm))
         region = (phase, block)
         for t in inputs:
             record = self.live.get(_storage(t))

@@ -344,7 +344,9 @@ class Attention(nn.Module):
     def _fuses(self, x: torch.Tensor, train_indexer: bool) -> bool:
         if train_indexer or self.fused_kernel == "never" or not attention_kernel.available():
             return False
-        return self.fused_kernel == "always" or (x.is_cuda and gpu_paths.fast_kernels)
+        if self.fused_kernel == "always":
+            return True
+        return (x.is_cuda or (x.is_meta and takes_gpu_path(x))) and gpu_paths.fast_kernels  # meta: planning
 
     def _attend_fused(self, x, qr, q, kv, entries, index_keys, ctx: AttentionContext) -> torch.Tensor:
         """The fused kernel's output ``[B, S, h, d]``: each query's window and its listed entries."""

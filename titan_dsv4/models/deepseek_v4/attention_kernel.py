@@ -38,8 +38,8 @@ if triton is not None:
     @triton.jit
     def _dot(a, b, UPCAST: tl.constexpr):
         # the interpreter multiplies bf16 bit patterns (triton-lang/triton#11584); bf16 x bf16 products are
-        # exact in fp32, so fp32 operands give the same sums
-        if UPCAST:
+        # exact in fp32, so fp32 operands give the same sums. fp32 inputs stay fp32 (not TF32) on GPUs.
+        if UPCAST or a.dtype == tl.float32:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         return tl.dot(a, b)
 
@@ -65,7 +65,7 @@ if triton is not None:
         return ptrs, ok, rows
 
     @triton.jit
-    def _forward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, sink_ptr, out_ptr, lse_ptr,
+    def _forward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, sink_ptr, out_ptr, lse_ptr,  # out: fp32
                         S, H, E, WINDOW, scale,
                         s_qb, s_qs, s_qh, s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, s_lb, s_ls,
                         D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -84,18 +84,19 @@ if triton is not None:
         for tile in range(N_WINDOW_TILES + N_ENTRY_TILES):
             ptrs, ok, _ = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, S, E, WINDOW,
                                     s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
-            k = tl.load(ptrs, mask=ok[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST) * scale
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            denom = denom * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.to(k.dtype), k, UPCAST)
-            m = m_new
+            if tl.max(ok.to(tl.int32)) > 0:  # tiles before the document or of unused list slots: skipped
+                k = tl.load(ptrs, mask=ok[:, None], other=0.0)
+                s = _dot(q, tl.trans(k), UPCAST) * scale
+                s = tl.where(ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(s - m_new[:, None])
+                denom = denom * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + _dot(p.to(k.dtype), k, UPCAST)
+                m = m_new
         out = acc / denom[:, None]
         # out (and in backward its gradient and dq) are laid out as q
-        tl.store(out_ptr + b * s_qb + t * s_qs + h[:, None] * s_qh + d[None, :], out.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + b * s_qb + t * s_qs + h[:, None] * s_qh + d[None, :], out,
                  mask=h_ok[:, None])
         tl.store(lse_ptr + b * s_lb + t * s_ls + h, m + tl.log(denom), mask=h_ok)
 
@@ -122,19 +123,20 @@ if triton is not None:
         for tile in range(N_WINDOW_TILES + N_ENTRY_TILES):
             ptrs, ok, rows = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, S, E, WINDOW,
                                        s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
-            k = tl.load(ptrs, mask=ok[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST) * scale
-            p = tl.where(ok[None, :] & h_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dp = _dot(dout, tl.trans(k), UPCAST)
-            ds = (p * (dp - delta[:, None])).to(k.dtype)  # enters the GEMMs as bf16, as in the torch path
-            dq += _dot(ds, k, UPCAST)
-            # K == V: the key and value gradients of these rows, summed
-            dk = _dot(tl.trans(ds), q, UPCAST) * scale + _dot(tl.trans(p.to(k.dtype)), dout, UPCAST)
-            if tile < N_WINDOW_TILES:
-                dptrs = dkv_ptr + b * s_kvb + rows[:, None] * s_kvs + d[None, :]
-            else:
-                dptrs = dent_ptr + b * s_eb + rows[:, None] * s_ep + d[None, :]
-            tl.atomic_add(dptrs, dk, mask=ok[:, None])
+            if tl.max(ok.to(tl.int32)) > 0:
+                k = tl.load(ptrs, mask=ok[:, None], other=0.0)
+                s = _dot(q, tl.trans(k), UPCAST) * scale
+                p = tl.where(ok[None, :] & h_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+                dp = _dot(dout, tl.trans(k), UPCAST)
+                ds = (p * (dp - delta[:, None])).to(k.dtype)  # enters the GEMMs as bf16, as in the torch path
+                dq += _dot(ds, k, UPCAST)
+                # K == V: the key and value gradients of these rows, summed
+                dk = _dot(tl.trans(ds), q, UPCAST) * scale + _dot(tl.trans(p.to(k.dtype)), dout, UPCAST)
+                if tile < N_WINDOW_TILES:
+                    dptrs = dkv_ptr + b * s_kvb + rows[:, None] * s_kvs + d[None, :]
+                else:
+                    dptrs = dent_ptr + b * s_eb + rows[:, None] * s_ep + d[None, :]
+                tl.atomic_add(dptrs, dk, mask=ok[:, None])
         tl.store(dq_ptr + rows_q, (dq * scale).to(dq_ptr.dtype.element_ty), mask=h_ok[:, None])
 
 
@@ -171,7 +173,8 @@ def _launch(kernel, q, kv, entries, entry_index, doc_ids, window: int, *tensors:
 def _fused_attention(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor, entry_index: torch.Tensor,
                      doc_ids: torch.Tensor, sink: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     batch, seq, heads, _ = q.shape
-    out = torch.empty_like(q)
+    # fp32: backward's delta = dO . O cancels; from a bf16 O the sink's gradient was 6x less accurate
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, seq, heads, dtype=torch.float32, device=q.device)
     _launch(_forward_kernel, q, kv, entries, entry_index, doc_ids, window, sink.float().contiguous(), out, lse)
     return out, lse
@@ -179,7 +182,7 @@ def _fused_attention(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor, e
 
 @_fused_attention.register_fake
 def _(q, kv, entries, entry_index, doc_ids, sink, window):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("titan_dsv4::fused_attention_backward", mutates_args=())
@@ -189,7 +192,7 @@ def _fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, kv: torch
                                                                        torch.Tensor]:
     """Gradients of ``q``, ``kv``, ``entries`` and the per-row ``delta = sum_j p_j dp_j`` (for the sink's)."""
     grad_out = grad_out.contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1)
+    delta = (grad_out.float() * out).sum(-1)
     grad_q = torch.empty_like(q)
     grad_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
     grad_entries = torch.zeros(entries.shape, dtype=torch.float32, device=entries.device)
@@ -230,4 +233,4 @@ def fused_attention(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor, en
     out, _ = _fused_attention(q.contiguous(), kv.contiguous(), entries.contiguous(),
                               entry_index.to(torch.int32).contiguous(), doc_ids.to(torch.int32).contiguous(),
                               sink, window)
-    return out
+    return out.to(q.dtype)
