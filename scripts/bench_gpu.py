@@ -126,12 +126,6 @@ def step_fn(model, loss_fn, ids, targets):
     return step
 
 
-def set_fused_attention(model: torch.nn.Module, mode: str) -> None:
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.fused_kernel = mode
-
-
 def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = False,
                  checkpointing: tuple[str, str] | None = None, fused_attention: bool = True) -> dict:
     """``checkpointing``: ``(activation_checkpoint.mode, selective_ac_option)`` applied to every block;
@@ -139,7 +133,7 @@ def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = Fal
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     model = build(mtp, device)
-    set_fused_attention(model, "auto" if fused_attention else "never")
+    model.set_attention_kernel("auto" if fused_attention else "torch")
     args = model.args
     ids, targets = batch(args, opts.batch, opts.seq, device)
     loss_fn = MTPLoss()
@@ -208,9 +202,9 @@ def component_times(opts, device) -> dict[str, float]:
     times["attention_unfused_baseline"] = 0.0  # the blocked torch attention: not part of the step
     for block in blocks:
         times["attention"] += fwd_bwd(lambda: block.attn(x, ctx))
-        block.attn.fused_kernel = "never"
+        block.attn.kernel = "torch"
         times["attention_unfused_baseline"] += fwd_bwd(lambda: block.attn(x, ctx))
-        block.attn.fused_kernel = "auto"
+        block.attn.kernel = "auto"
         times["moe"] += fwd_bwd(lambda: block.ffn(x, ids))
         for site in (block.hc_attn, block.hc_ffn):
             def mhc(site=site):
@@ -257,8 +251,8 @@ def fused_attention_error(device, seq: int = 1024) -> dict:
     for layer in ("2", "3"):  # CSA, HCA
         attn = model.layers[layer].attn
         results = []
-        for mode in ("never", "always"):
-            attn.fused_kernel = mode
+        for mode in ("torch", "triton"):
+            attn.kernel = mode
             attn.zero_grad()
             out = attn(x, ctx)
             out.float().square().sum().backward()

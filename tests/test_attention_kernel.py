@@ -76,9 +76,9 @@ def test_model_with_fused_kernel_equals_torch_path(indexer_trains):
     ids = torch.randint(0, 2048, (1, 72))
     positions = torch.cat([torch.arange(30), torch.arange(42)])[None]
     results = []
-    for mode in ("never", "always"):
+    for mode in ("torch", "triton"):
+        model.set_attention_kernel(mode)
         for m in _attention_modules(model):
-            m.fused_kernel = mode
             if m.indexer is not None:
                 m.indexer.kl_sum.zero_()
         model.zero_grad()
@@ -96,9 +96,12 @@ def test_model_with_fused_kernel_equals_torch_path(indexer_trains):
     assert (ref_kl > 0) == indexer_trains and got_kl == pytest.approx(ref_kl, rel=1e-6)
 
 
-def test_fused_kernel_is_used_on_cpu_only_when_asked(monkeypatch):
-    """``auto`` takes the kernel on CUDA only: CPU runs keep the exact torch path without Triton."""
-    from titan_dsv4.models.deepseek_v4 import attention_kernel
+def test_which_runs_use_the_kernel(monkeypatch):
+    """``auto``: not on CPU (the exact torch path stays), on meta tensors while the planner plans a GPU run
+    (so it counts what the kernel keeps), not with ``[model] attention_kernel = "torch"``."""
+    from titan_dsv4.models.deepseek_v4 import DeepseekV4Model, attention_kernel
+    from titan_dsv4.models.deepseek_v4.gpu_paths import meta_as_gpu
+    from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 
     calls = []
     real = attention_kernel.fused_attention
@@ -107,10 +110,18 @@ def test_fused_kernel_is_used_on_cpu_only_when_asked(monkeypatch):
     ids = torch.randint(0, 2048, (1, 24))
     model(ids)
     assert not calls
-    for m in _attention_modules(model):
-        m.fused_kernel = "always"
+    model.set_attention_kernel("triton")
     model(ids)
     assert len(calls) == len(_attention_modules(model))
+    monkeypatch.setattr(RoutedExperts, "use_grouped_mm", True)  # meta tensors cannot run the per-expert loop
+    with torch.device("meta"):
+        planned = DeepseekV4Model(FLAVORS["debugmodel"]).to(torch.bfloat16)  # grouped GEMMs are bf16
+    layers = len(calls)
+    for kernel, expected in (("auto", 2 * layers), ("torch", 2 * layers)):
+        planned.set_attention_kernel(kernel)
+        with meta_as_gpu():
+            planned(ids.to("meta"))
+        assert len(calls) == expected, kernel
 
 
 def test_compiles_without_graph_break():

@@ -23,6 +23,8 @@ class Model:
     hf_assets_path: str | None = None  # HF checkpoint folder (config.json, tokenizer.json, safetensors)
     tokenizer_path: str | None = None  # tokenizer.json or a folder holding it; default: hf_assets_path or the
     # embedded debug tokenizer
+    attention_kernel: str = "auto"  # auto: the fused Triton attention kernel on CUDA when Triton is installed
+    # (CUDA builds of torch bring it), the blocked torch path elsewhere | torch: the torch path everywhere
 
 
 @dataclass

@@ -281,10 +281,10 @@ class Attention(nn.Module):
         self.query_block: int | str | None = "auto"
         # CSA: attend only to the gathered chosen entries (True), to all under a mask (False), None: by count
         self.gather_entries: bool | None = None
-        # the fused Triton kernel (attention_kernel.py): "auto" on CUDA with Triton installed, "always"
-        # wherever Triton runs (the CPU tests, under its interpreter), "never"; never while the indexer trains
-        # (its KL needs the probabilities the kernel keeps on chip)
-        self.fused_kernel = "auto"
+        # the core: "auto" (the fused Triton kernel of attention_kernel.py on CUDA when Triton is installed),
+        # "triton" (wherever Triton runs: CPU tests, under its interpreter) or "torch"; the torch path while
+        # the indexer trains (its KL needs the probabilities the kernel keeps on chip)
+        self.kernel = "auto"
         h, d = args.hidden_size, args.head_dim
         self.wq_a = nn.Linear(h, args.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
@@ -342,9 +342,9 @@ class Attention(nn.Module):
         return out
 
     def _fuses(self, x: torch.Tensor, train_indexer: bool) -> bool:
-        if train_indexer or self.fused_kernel == "never" or not attention_kernel.available():
+        if train_indexer or self.kernel == "torch" or not attention_kernel.available():
             return False
-        if self.fused_kernel == "always":
+        if self.kernel == "triton":
             return True
         return (x.is_cuda or (x.is_meta and takes_gpu_path(x))) and gpu_paths.fast_kernels  # meta: planning
 

@@ -114,6 +114,13 @@ class DeepseekV4Model(nn.Module):
             if isinstance(module, Attention):  # not hasattr: a checkpoint wrapper forwards attributes
                 module.query_block = block
 
+    def set_attention_kernel(self, kernel: str) -> None:
+        """``"auto"``: the fused Triton kernel on CUDA (when installed); ``"torch"``: the torch path;
+        ``"triton"``: the kernel on any device Triton runs on (CPU: under its interpreter, for tests)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.kernel = kernel
+
     def set_mtp_loss_scale(self, scale: float) -> None:
         """lambda in ``main + lambda / D · Σ_k mtp_k``: the fused head's objective needs it in its forward."""
         self.mtp_loss_scale = scale
