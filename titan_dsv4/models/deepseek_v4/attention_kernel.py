@@ -44,7 +44,17 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
-    def _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, S, E, WINDOW,
+    def _program_rows(H, s_qb, s_qs, s_qh, s_lb, s_ls, D: tl.constexpr, BLOCK_H: tl.constexpr):
+        """This program's query ``t``, batch row ``b``, heads ``h`` (and which exist), and the offsets of its
+        ``[BLOCK_H, D]`` rows in the tensors laid out as q (out, dout, dq) and ``[BLOCK_H]`` in lse/delta."""
+        t = tl.program_id(0)
+        b = tl.program_id(1)
+        h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+        rows_q = b * s_qb + t * s_qs + h[:, None] * s_qh + tl.arange(0, D)[None, :]
+        return t, b, h, h < H, rows_q, b * s_lb + t * s_ls + h
+
+    @triton.jit
+    def _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, E, WINDOW,
                   s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, N_WINDOW_TILES: tl.constexpr):
         """Pointers ``[BLOCK_N, D]`` to the keys of ``tile`` (window tiles first, then entry tiles) and
@@ -66,23 +76,19 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, sink_ptr, out_ptr, lse_ptr,  # out: fp32
-                        S, H, E, WINDOW, scale,
+                        H, E, WINDOW, scale,
                         s_qb, s_qs, s_qh, s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, s_lb, s_ls,
                         D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                         N_WINDOW_TILES: tl.constexpr, N_ENTRY_TILES: tl.constexpr, UPCAST: tl.constexpr):
-        t = tl.program_id(0)
-        b = tl.program_id(1)
-        h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-        d = tl.arange(0, D)
-        h_ok = h < H
-        q = tl.load(q_ptr + b * s_qb + t * s_qs + h[:, None] * s_qh + d[None, :], mask=h_ok[:, None], other=0.0)
+        t, b, h, h_ok, rows_q, rows_l = _program_rows(H, s_qb, s_qs, s_qh, s_lb, s_ls, D, BLOCK_H)
+        q = tl.load(q_ptr + rows_q, mask=h_ok[:, None], other=0.0)
         doc_t = tl.load(doc_ptr + b * s_db + t)
         # the sink starts the running max and denominator: it joins the softmax without a value
         m = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
         denom = tl.full([BLOCK_H], 1.0, tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
         for tile in range(N_WINDOW_TILES + N_ENTRY_TILES):
-            ptrs, ok, _ = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, S, E, WINDOW,
+            ptrs, ok, _ = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, E, WINDOW,
                                     s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
             if tl.max(ok.to(tl.int32)) > 0:  # tiles before the document or of unused list slots: skipped
                 k = tl.load(ptrs, mask=ok[:, None], other=0.0)
@@ -94,34 +100,28 @@ if triton is not None:
                 denom = denom * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + _dot(p.to(k.dtype), k, UPCAST)
                 m = m_new
-        out = acc / denom[:, None]
-        # out (and in backward its gradient and dq) are laid out as q
-        tl.store(out_ptr + b * s_qb + t * s_qs + h[:, None] * s_qh + d[None, :], out,
+        # the offsets written out again (``rows_q`` kept through the loop costs 64 registers per thread on sm_90)
+        tl.store(out_ptr + b * s_qb + t * s_qs + h[:, None] * s_qh + tl.arange(0, D)[None, :], acc / denom[:, None],
                  mask=h_ok[:, None])
-        tl.store(lse_ptr + b * s_lb + t * s_ls + h, m + tl.log(denom), mask=h_ok)
+        tl.store(lse_ptr + rows_l, m + tl.log(denom), mask=h_ok)
 
     @triton.jit
     def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, lse_ptr, delta_ptr, dout_ptr,
                          dq_ptr, dkv_ptr, dent_ptr,
-                         S, H, E, WINDOW, scale,
+                         H, E, WINDOW, scale,
                          s_qb, s_qs, s_qh, s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, s_lb, s_ls,
                          D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                          N_WINDOW_TILES: tl.constexpr, N_ENTRY_TILES: tl.constexpr, UPCAST: tl.constexpr):
-        t = tl.program_id(0)
-        b = tl.program_id(1)
-        h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+        t, b, h, h_ok, rows_q, rows_l = _program_rows(H, s_qb, s_qs, s_qh, s_lb, s_ls, D, BLOCK_H)
         d = tl.arange(0, D)
-        n = tl.arange(0, BLOCK_N)
-        h_ok = h < H
-        rows_q = b * s_qb + t * s_qs + h[:, None] * s_qh + d[None, :]
         q = tl.load(q_ptr + rows_q, mask=h_ok[:, None], other=0.0)
         dout = tl.load(dout_ptr + rows_q, mask=h_ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + b * s_lb + t * s_ls + h, mask=h_ok, other=0.0)
-        delta = tl.load(delta_ptr + b * s_lb + t * s_ls + h, mask=h_ok, other=0.0)
+        lse = tl.load(lse_ptr + rows_l, mask=h_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows_l, mask=h_ok, other=0.0)
         doc_t = tl.load(doc_ptr + b * s_db + t)
         dq = tl.zeros([BLOCK_H, D], tl.float32)
         for tile in range(N_WINDOW_TILES + N_ENTRY_TILES):
-            ptrs, ok, rows = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, S, E, WINDOW,
+            ptrs, ok, rows = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, E, WINDOW,
                                        s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
             if tl.max(ok.to(tl.int32)) > 0:
                 k = tl.load(ptrs, mask=ok[:, None], other=0.0)
@@ -137,7 +137,8 @@ if triton is not None:
                 else:
                     dptrs = dent_ptr + b * s_eb + rows[:, None] * s_ep + d[None, :]
                 tl.atomic_add(dptrs, dk, mask=ok[:, None])
-        tl.store(dq_ptr + rows_q, (dq * scale).to(dq_ptr.dtype.element_ty), mask=h_ok[:, None])
+        tl.store(dq_ptr + b * s_qb + t * s_qs + h[:, None] * s_qh + tl.arange(0, D)[None, :],
+                 (dq * scale).to(dq_ptr.dtype.element_ty), mask=h_ok[:, None])
 
 
 BLOCK_N = 16  # keys per tile
@@ -147,8 +148,8 @@ NUM_WARPS = 8
 def launch_config(heads: int, head_dim: int, window: int, entries: int) -> dict[str, int]:
     """The kernels' compile-time sizes. Heads per program: a power of two of at least 16 (``tl.dot``'s
     smallest tile) and at most 32, so that a 512-d query, its output gradient and the fp32 accumulators
-    nearly fit the registers of 8 warps (sm_90, Triton 3.8, ``scripts/compile_attention_kernel.py``:
-    forward 215 registers and no spill, backward 255 and a 48-byte spill)."""
+    fit the registers of 8 warps (sm_90, Triton 3.8, ``scripts/compile_attention_kernel.py``: forward 174
+    registers per thread, backward 254, no spill)."""
     if head_dim & (head_dim - 1):
         raise ValueError(f"the fused attention kernel needs a power-of-two head_dim, got {head_dim}")
     return dict(D=head_dim, BLOCK_H=min(32, max(16, triton.next_power_of_2(heads))), BLOCK_N=BLOCK_N,
@@ -162,7 +163,7 @@ def _launch(kernel, q, kv, entries, entry_index, doc_ids, window: int, *tensors:
     batch, seq, heads, dim = q.shape
     config = launch_config(heads, dim, window, entry_index.shape[-1])
     kernel[(seq, batch, triton.cdiv(heads, config["BLOCK_H"]))](
-        q, kv, entries, entry_index, doc_ids, *tensors, seq, heads, entry_index.shape[-1], window, dim**-0.5,
+        q, kv, entries, entry_index, doc_ids, *tensors, heads, entry_index.shape[-1], window, dim**-0.5,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), entries.stride(0),
         entries.stride(1), entry_index.stride(0), entry_index.stride(1), doc_ids.stride(0), seq * heads, heads,
         UPCAST=INTERPRETED, **config,
