@@ -265,6 +265,30 @@ def fused_attention_error(device, seq: int = 1024) -> dict:
     return errors
 
 
+def attention_kernel_tiles(opts, device) -> dict[str, float]:
+    """Seconds of the fused attention kernel's forward + backward for one CSA layer's shapes (window 128,
+    top-k 512 listed entries) with 16 and 32 keys per tile (both compile without spills on sm_90): what to
+    set ``attention_kernel.BLOCK_N`` to."""
+    args = bench_args(0)
+    b, s, h, d = opts.batch, opts.seq, args.num_attention_heads, args.head_dim
+    q = torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(b, s, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    entries = torch.randn(b, s // 4, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    sink = torch.zeros(h, device=device, requires_grad=True)
+    index = torch.rand(b, s, s // 4, device=device).argsort(-1)[..., :args.index_topk].int()
+    doc_ids = torch.zeros(b, s, dtype=torch.long, device=device)
+    chosen, times = attention_kernel.BLOCK_N, {}
+    try:
+        for block_n in (16, 32):
+            attention_kernel.BLOCK_N = block_n
+            run = lambda: attention_kernel.fused_attention(q, kv, entries, index, doc_ids, sink,
+                                                           args.sliding_window).float().sum().backward()
+            times[f"block_n{block_n}"] = cuda_time(run, 2, 5)
+    finally:
+        attention_kernel.BLOCK_N = chosen
+    return times
+
+
 def check_fast_paths_on_gpu(device) -> dict:
     """The fast paths equal the exact ones on this GPU (tiny model, fp32 for attention/mHC, bf16 experts)."""
     args = FLAVORS["debugmodel"]
@@ -367,6 +391,8 @@ def main() -> None:
     part("unfused_attention_mtp1", lambda: measure_step(1, opts, device, peak, fused_attention=False))
     part("exact_mtp1", lambda: exact(1))
     part("component_s", lambda: component_times(opts, device))
+    if attention_kernel.available():
+        part("attention_kernel_s", lambda: attention_kernel_tiles(opts, device))
     part("component_flops_per_token", lambda: component_flops(bench_args(1), opts.seq))
     part("profile", lambda: profile_top_kernels(opts, device, os.path.join(opts.out, "top_kernels.txt")))
     summary["total_s"] = round(time.perf_counter() - began, 1)
