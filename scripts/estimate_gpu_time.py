@@ -1,8 +1,10 @@
 """Roofline estimate of the GPU benchmark step (``bench_gpu.py``'s model), op by op, without a GPU.
 
 The model runs forward + loss + backward on the ``meta`` device through the GPU code paths (bf16-part
-GEMMs, grouped expert GEMMs, query-blocked attention), and every aten op it dispatches is costed as one
-eager kernel: ``max(GEMM FLOPs / GEMM rate, bytes moved / bandwidth, kernel floor)``. Bytes are the distinct
+GEMMs, grouped expert GEMMs, the fused attention kernel when Triton is installed, query-blocked attention
+otherwise), and every aten op it dispatches is costed as one eager kernel: ``max(GEMM FLOPs / GEMM rate,
+bytes moved / bandwidth, kernel floor)``; the attention kernel at an assumed share of the GEMM rate, with
+its atomic traffic. Bytes are the distinct
 elements each op reads and writes; views are free. Each op is charged to the component whose code issued
 it (backward ops to the component whose forward built their autograd node).
 

@@ -9,7 +9,9 @@ compressed entries are either scored densely under the visibility mask (HCA; CSA
 or, for CSA once entries outnumber the indexer's top-k 4:1, gathered per query so only the chosen ones
 are touched. ``query_block=None`` (one block: every raw key) is the dense reference; ``auto`` picks
 128-query blocks on GPUs and for sequences longer than 256 (faster on CPU too). The sink joins every
-softmax's denominator. All paths are the same math and are tested equal.
+softmax's denominator. On CUDA the core is instead the fused Triton kernel of ``attention_kernel.py``
+(scores kept on chip), except while the indexer trains: its KL needs the probabilities. All paths are the
+same math and are tested equal.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 sink, scores kept on chip.
 
 The blocked torch path writes every fp32 score, probability and their gradients to memory between its
-GEMMs and the softmax (54 GB per benchmark step, dsv4-spec.md §2.6 keeps them fp32). Here one program takes
+GEMMs and the softmax (54 GB per benchmark step; dsv4-spec.md §5.4: sink softmax in fp32). Here one program takes
 one query and a block of its heads (one shared K=V head: all heads of a query see the same keys), walks its
 window's raw keys, then its compressed entries through a per-query index list (``-1``: none), with an
 online softmax whose denominator starts at the sink. Scores and softmax are fp32 from bf16 operands, the
