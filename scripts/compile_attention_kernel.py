@@ -29,19 +29,23 @@ from titan_dsv4.models.deepseek_v4 import attention_kernel  # noqa: E402
 
 H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 POINTER_TYPES = {
-    "idx_ptr": "*i32", "doc_ptr": "*i32", "sink_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+    "idx_ptr": "*i32", "doc_ptr": "*i32", "sink_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32",
+    "mass_ptr": "*fp32", "delta_ptr": "*fp32",
     "dkv_ptr": "*fp32", "dent_ptr": "*fp32",
 }  # the rest are bf16 tensors
 
 
 def compile_for_sm90(heads: int, head_dim: int, window: int, entries: int) -> dict[str, dict[str, int]]:
     """``{kernel: {"registers", "spill_bytes", "shared_bytes"}}`` of the kernels as launched for these shapes."""
-    config = attention_kernel.launch_config(heads, head_dim, window, entries)
-    num_warps = config.pop("num_warps")
-    config["UPCAST"] = False
+    launch = attention_kernel.launch_config(heads, head_dim, window, entries)
+    num_warps = launch.pop("num_warps")
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     report = {}
-    for kernel in (attention_kernel._forward_kernel, attention_kernel._backward_kernel):
+    variants = (("forward", attention_kernel._forward_kernel, dict(MASS=False)),
+                ("forward, indexer trained", attention_kernel._forward_kernel, dict(MASS=True)),
+                ("backward", attention_kernel._backward_kernel, {}))
+    for label, kernel, flags in variants:
+        config = dict(launch, UPCAST=False, **flags)
         signature = {}
         for name in kernel.arg_names:
             if name in config:
@@ -58,7 +62,7 @@ def compile_for_sm90(heads: int, head_dim: int, window: int, entries: int) -> di
             usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True,
                                    check=True).stdout
         fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-        report[kernel.fn.__name__] = {
+        report[label] = {
             "registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"]) + int(fields["LOCAL"]),
             "shared_bytes": compiled.metadata.shared,
         }
@@ -79,7 +83,7 @@ def main() -> None:
         return
     for name, usage in report.items():
         fits = "fits" if usage["shared_bytes"] <= H100_SHARED_BYTES else "EXCEEDS sm_90 shared memory"
-        print(f"{name:18s} registers/thread {usage['registers']:3d}  spill {usage['spill_bytes']:5d} B  "
+        print(f"{name:25s} registers/thread {usage['registers']:3d}  spill {usage['spill_bytes']:5d} B  "
               f"shared {usage['shared_bytes'] / 1024:6.1f} KiB ({fits})")
 
 

@@ -113,7 +113,7 @@ def distinct_bytes(t: torch.Tensor) -> int:
 def fused_attention_cost(name: str, args) -> tuple[float, int]:
     """FLOPs and atomic fp32 bytes of the fused attention kernel: every (query, head) row against its window
     and its listed entries (unused slots counted: an upper bound), each key tile's gradient added atomically
-    per program in backward."""
+    per program in backward; while the indexer trains the forward scores the entries once more."""
     from titan_dsv4.models.deepseek_v4 import attention_kernel
 
     q, kv, entries, entry_index = args[:4] if name == "fused_attention" else args[1:5]
@@ -122,7 +122,8 @@ def fused_attention_cost(name: str, args) -> tuple[float, int]:
     keys = min(window, seq) + entry_index.shape[-1]
     flops = 2.0 * FUSED_ATTENTION[name] * batch * seq * heads * keys * dim
     if name == "fused_attention":
-        return flops, 0
+        entry_mass = args[7]
+        return flops + (2.0 * batch * seq * heads * entry_index.shape[-1] * dim if entry_mass else 0.0), 0
     programs = batch * seq * -(-heads // attention_kernel.launch_config(heads, dim, window, 0)["BLOCK_H"])
     return flops, programs * keys * dim * 4
 

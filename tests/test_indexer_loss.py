@@ -15,7 +15,7 @@ def test_indexer_kl_matches_torch_kl_div_on_the_chosen_entries():
     probs = torch.rand(1, 3, 2, 5)  # [B, h, Q, P] main attention (already softmaxed elsewhere)
     scores = torch.randn(1, 2, 5)
     chosen = torch.tensor([[[True, False, True, True, False], [False] * 5]])
-    got = indexer_kl(probs, scores, chosen)
+    got = indexer_kl(probs.sum(1), scores, chosen)
     idx = chosen[0, 0].nonzero().flatten()
     target = probs[0, :, 0, idx].sum(0)
     target = target / target.sum()

@@ -10,8 +10,8 @@ or, for CSA once entries outnumber the indexer's top-k 4:1, gathered per query s
 are touched. ``query_block=None`` (one block: every raw key) is the dense reference; ``auto`` picks
 128-query blocks on GPUs and for sequences longer than 256 (faster on CPU too). The sink joins every
 softmax's denominator. On CUDA the core is instead the fused Triton kernel of ``attention_kernel.py``
-(scores kept on chip), except while the indexer trains: its KL needs the probabilities. All paths are the
-same math and are tested equal.
+(scores kept on chip; while the indexer trains it also sums each chosen entry's probability over heads, the
+KL's target). All paths are the same math and are tested equal.
 """
 
 from __future__ import annotations
@@ -177,13 +177,13 @@ def topk_earliest_first(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ((ordered << 32) | position).topk(k, dim=-1).indices
 
 
-def indexer_kl(probs: torch.Tensor, index_scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+def indexer_kl(mass: torch.Tensor, index_scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """Per-query ``KL(p || softmax(I))`` over the chosen entries (DeepSeek-V3.2's sparse-stage indexer loss):
-    ``p`` is the main attention on those entries summed over heads and L1-normalised (a target, no grad).
+    ``p`` is the main attention on those entries summed over heads (``mass``) and L1-normalised (a target,
+    no grad).
 
-    ``probs`` ``[B, h, Q, P]``, ``index_scores`` / ``chosen`` ``[B, Q, P]`` -> ``[B, Q]`` (0 where nothing
-    was chosen)."""
-    target = probs.detach().sum(dim=1) * chosen
+    ``mass``, ``index_scores``, ``chosen``: ``[B, Q, P]`` -> ``[B, Q]`` (0 where nothing was chosen)."""
+    target = mass.detach() * chosen
     target = target / target.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(target.dtype).tiny)
     rows = chosen.any(dim=-1, keepdim=True)
     logits = torch.where(chosen, index_scores, torch.where(rows, float("-inf"), 0.0))
@@ -284,8 +284,7 @@ class Attention(nn.Module):
         # CSA: attend only to the gathered chosen entries (True), to all under a mask (False), None: by count
         self.gather_entries: bool | None = None
         # the core: "auto" (the fused Triton kernel of attention_kernel.py on CUDA when Triton is installed),
-        # "triton" (wherever Triton runs: CPU tests, under its interpreter) or "torch"; the torch path while
-        # the indexer trains (its KL needs the probabilities the kernel keeps on chip)
+        # "triton" (wherever Triton runs: CPU tests, under its interpreter) or "torch"
         self.kernel = "auto"
         h, d = args.hidden_size, args.head_dim
         self.wq_a = nn.Linear(h, args.q_lora_rank, bias=False)
@@ -317,8 +316,11 @@ class Attention(nn.Module):
         index_keys = self.indexer.compressor(x.detach(), ctx).kv if self.indexer is not None else None
         train_indexer = self.indexer is not None and self.training and self.indexer_loss_scale > 0
         outs, kl = [], []
-        if self._fuses(x, train_indexer):
-            outs.append(self._attend_fused(x, qr, q, kv, entries, index_keys, ctx))
+        if self._fuses(x):
+            out, layer_kl = self._attend_fused(x, qr, q, kv, entries, index_keys, ctx, train_indexer)
+            outs.append(out)
+            if layer_kl is not None:
+                kl.append(layer_kl.sum())
         else:
             block = self._block_size(x)
             chunk = self._chunk_size(x, block, entries)
@@ -343,40 +345,50 @@ class Attention(nn.Module):
             out = _AttachLoss.apply(out, kl_sum * self.indexer_loss_scale)
         return out
 
-    def _fuses(self, x: torch.Tensor, train_indexer: bool) -> bool:
-        if train_indexer or self.kernel == "torch" or not attention_kernel.available():
+    def _fuses(self, x: torch.Tensor) -> bool:
+        if self.kernel == "torch" or not attention_kernel.available():
             return False
         if self.kernel == "triton":
             return True
         return (x.is_cuda or (x.is_meta and takes_gpu_path(x))) and gpu_paths.fast_kernels  # meta: planning
 
-    def _attend_fused(self, x, qr, q, kv, entries, index_keys, ctx: AttentionContext) -> torch.Tensor:
-        """The fused kernel's output ``[B, S, h, d]``: each query's window and its listed entries."""
+    def _attend_fused(self, x, qr, q, kv, entries, index_keys, ctx: AttentionContext,
+                      train_indexer: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused kernel's output ``[B, S, h, d]`` (each query's window and its listed entries) and, when
+        the indexer trains, its per-query KL ``[B, S]``."""
         batch, seq, _ = x.shape
+        index_scores = None
         if entries is None:
             listed = kv.new_zeros(batch, 0, kv.shape[-1])
             index = torch.empty(batch, seq, 0, dtype=torch.int32, device=x.device)
         else:
-            listed, index = entries.kv, self._entry_index(x, qr, entries, index_keys, ctx)
-        return attention_kernel.fused_attention(q, kv, listed, index, ctx.doc_ids, self.attn_sink, self.window)
+            listed = entries.kv
+            index, index_scores = self._entry_index(x, qr, entries, index_keys, ctx)
+        train_indexer = train_indexer and index_scores is not None
+        out, mass = attention_kernel.fused_attention(q, kv, listed, index, ctx.doc_ids, self.attn_sink,
+                                                     self.window, entry_mass=train_indexer)
+        return out, (indexer_kl(mass, index_scores, index >= 0) if train_indexer else None)
 
-    def _entry_index(self, x, qr, entries: CompressedEntries, index_keys, ctx: AttentionContext) -> torch.Tensor:
+    def _entry_index(self, x, qr, entries: CompressedEntries, index_keys,
+                     ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, S, E]`` int32: the entries each query attends to, ``-1`` for none; CSA: the indexer's top-k
-        (E = top-k), HCA: every visible one (E = P)."""
+        (E = top-k), HCA: every visible one (E = P). CSA also gives the indexer's scores of its choices
+        ``[B, S, E]`` (fp32, for its KL), HCA None."""
         batch, seq, _ = x.shape
         num = entries.kv.shape[1]
         if self.indexer is None or num == 0:
             visible = entries.visible(torch.arange(seq, device=x.device), ctx.doc_ids)
-            return torch.where(visible, torch.arange(num, device=x.device, dtype=torch.int32), -1)
+            return torch.where(visible, torch.arange(num, device=x.device, dtype=torch.int32), -1), None
         chunk = max(1, SCORE_BUDGET // (batch * self.indexer.n_heads * num))  # the indexer's fp32 scores
-        index = []
+        index, scores = [], []
         for q0 in range(0, seq, chunk):
             q1 = min(seq, q0 + chunk)
             visible = entries.visible(torch.arange(q0, q1, device=x.device), ctx.doc_ids[:, q0:q1])
-            top, top_ok, _ = self.indexer.select(x.detach()[:, q0:q1], qr.detach()[:, q0:q1],
-                                                 ctx.rotation["compress"][:, q0:q1], index_keys, visible)
+            top, top_ok, chunk_scores = self.indexer.select(x.detach()[:, q0:q1], qr.detach()[:, q0:q1],
+                                                            ctx.rotation["compress"][:, q0:q1], index_keys, visible)
             index.append(torch.where(top_ok, top.to(torch.int32), -1))
-        return torch.cat(index, dim=1)
+            scores.append(chunk_scores.gather(-1, top))
+        return torch.cat(index, dim=1), torch.cat(scores, dim=1)
 
     def _block_size(self, x: torch.Tensor) -> int:
         seq = x.shape[1]
@@ -462,7 +474,7 @@ class Attention(nn.Module):
         out = blocks.unpad(out)
         if not (train_indexer and index_scores is not None):
             return out, None
-        # [B, n, h, size, P] -> [B, h, Q, P] for the KL, padding queries dropped
-        entry_probs = blocks.unpad(probs_fp32[..., size + window:].transpose(2, 3)).transpose(1, 2)
+        # [B, n, h, size, P] summed over heads -> [B, Q, P] for the KL, padding queries dropped
+        mass = blocks.unpad(probs_fp32[..., size + window:].sum(dim=2))
         q_len = blocks.q1 - blocks.q0
-        return out, indexer_kl(entry_probs, index_scores[:, :q_len], chosen[:, :q_len])
+        return out, indexer_kl(mass, index_scores[:, :q_len], chosen[:, :q_len])

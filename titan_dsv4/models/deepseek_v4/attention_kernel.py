@@ -75,11 +75,14 @@ if triton is not None:
         return ptrs, ok, rows
 
     @triton.jit
-    def _forward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, sink_ptr, out_ptr, lse_ptr,  # out: fp32
+    def _forward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, sink_ptr, out_ptr, lse_ptr, mass_ptr,
                         H, E, WINDOW, scale,
                         s_qb, s_qs, s_qh, s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, s_lb, s_ls,
                         D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                        N_WINDOW_TILES: tl.constexpr, N_ENTRY_TILES: tl.constexpr, UPCAST: tl.constexpr):
+                        N_WINDOW_TILES: tl.constexpr, N_ENTRY_TILES: tl.constexpr, UPCAST: tl.constexpr,
+                        MASS: tl.constexpr):
+        """``out`` (fp32) and ``lse``; with ``MASS`` also each listed entry's probability summed over heads
+        into ``mass`` (laid out as the index list, zeroed by the caller)."""
         t, b, h, h_ok, rows_q, rows_l = _program_rows(H, s_qb, s_qs, s_qh, s_lb, s_ls, D, BLOCK_H)
         q = tl.load(q_ptr + rows_q, mask=h_ok[:, None], other=0.0)
         doc_t = tl.load(doc_ptr + b * s_db + t)
@@ -103,7 +106,18 @@ if triton is not None:
         # the offsets written out again (``rows_q`` kept through the loop costs 64 registers per thread on sm_90)
         tl.store(out_ptr + b * s_qb + t * s_qs + h[:, None] * s_qh + tl.arange(0, D)[None, :], acc / denom[:, None],
                  mask=h_ok[:, None])
-        tl.store(lse_ptr + rows_l, m + tl.log(denom), mask=h_ok)
+        lse = m + tl.log(denom)
+        tl.store(lse_ptr + rows_l, lse, mask=h_ok)
+        if MASS:  # a second pass over the entries, now that the denominator is known
+            for tile in range(N_WINDOW_TILES, N_WINDOW_TILES + N_ENTRY_TILES):
+                ptrs, ok, _ = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, E, WINDOW,
+                                        s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
+                if tl.max(ok.to(tl.int32)) > 0:
+                    k = tl.load(ptrs, mask=ok[:, None], other=0.0)
+                    s = _dot(q, tl.trans(k), UPCAST) * scale
+                    p = tl.where(ok[None, :] & h_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+                    e = (tile - N_WINDOW_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+                    tl.atomic_add(mass_ptr + b * s_ib + t * s_is + e, tl.sum(p, axis=0), mask=ok)  # head blocks
 
     @triton.jit
     def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, lse_ptr, delta_ptr, dout_ptr,
@@ -157,33 +171,38 @@ def launch_config(heads: int, head_dim: int, window: int, entries: int) -> dict[
                 num_warps=NUM_WARPS)
 
 
-def _launch(kernel, q, kv, entries, entry_index, doc_ids, window: int, *tensors: torch.Tensor) -> None:
+def _launch(kernel, q, kv, entries, entry_index, doc_ids, window: int, *tensors: torch.Tensor, **flags) -> None:
     """One program per (query, batch row, block of heads). ``q`` and the ``[B, S, H, D]`` tensors among
-    ``tensors`` are contiguous (they share ``q``'s strides), as are the ``[B, S, H]`` ones."""
+    ``tensors`` are contiguous (they share ``q``'s strides), as are the ``[B, S, H]`` ones and the
+    ``[B, S, E]`` ones (the index list's)."""
     batch, seq, heads, dim = q.shape
     config = launch_config(heads, dim, window, entry_index.shape[-1])
     kernel[(seq, batch, triton.cdiv(heads, config["BLOCK_H"]))](
         q, kv, entries, entry_index, doc_ids, *tensors, heads, entry_index.shape[-1], window, dim**-0.5,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), entries.stride(0),
         entries.stride(1), entry_index.stride(0), entry_index.stride(1), doc_ids.stride(0), seq * heads, heads,
-        UPCAST=INTERPRETED, **config,
+        UPCAST=INTERPRETED, **config, **flags,
     )
 
 
 @torch.library.custom_op("titan_dsv4::fused_attention", mutates_args=())
 def _fused_attention(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor, entry_index: torch.Tensor,
-                     doc_ids: torch.Tensor, sink: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     doc_ids: torch.Tensor, sink: torch.Tensor, window: int,
+                     entry_mass: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, seq, heads, _ = q.shape
     # fp32: backward's delta = dO . O cancels; from a bf16 O the sink's gradient was 6x less accurate
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, seq, heads, dtype=torch.float32, device=q.device)
-    _launch(_forward_kernel, q, kv, entries, entry_index, doc_ids, window, sink.float().contiguous(), out, lse)
-    return out, lse
+    mass = torch.zeros(entry_index.shape if entry_mass else (0,), dtype=torch.float32, device=q.device)
+    _launch(_forward_kernel, q, kv, entries, entry_index, doc_ids, window, sink.float().contiguous(), out, lse,
+            mass if entry_mass else lse, MASS=entry_mass)  # (lse: a pointer never written without MASS)
+    return out, lse, mass
 
 
 @_fused_attention.register_fake
-def _(q, kv, entries, entry_index, doc_ids, sink, window):
-    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _(q, kv, entries, entry_index, doc_ids, sink, window, entry_mass):
+    mass = q.new_empty(entry_index.shape if entry_mass else (0,), dtype=torch.float32)
+    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:3], dtype=torch.float32), mass
 
 
 @torch.library.custom_op("titan_dsv4::fused_attention_backward", mutates_args=())
@@ -208,30 +227,33 @@ def _(grad_out, q, kv, entries, entry_index, doc_ids, out, lse, window):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, kv, entries, entry_index, doc_ids, sink, window = inputs
-    out, lse = output
+    q, kv, entries, entry_index, doc_ids, sink, window, _ = inputs
+    out, lse, mass = output
+    ctx.mark_non_differentiable(lse, mass)
     ctx.save_for_backward(q, kv, entries, entry_index, doc_ids, sink, out, lse)
     ctx.window = window
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _backward(ctx, grad_out, _grad_lse, _grad_mass):
     q, kv, entries, entry_index, doc_ids, sink, out, lse = ctx.saved_tensors
     grad_q, grad_kv, grad_entries, delta = _fused_attention_backward(grad_out, q, kv, entries, entry_index,
                                                                      doc_ids, out, lse, ctx.window)
     # the sink's probability exp(sink - lse) only shrinks the others': d/dsink = -p_sink * delta
     grad_sink = -(torch.exp(sink.float() - lse) * delta).sum(dim=(0, 1)).to(sink.dtype)
-    return grad_q, grad_kv, grad_entries, None, None, grad_sink, None
+    return grad_q, grad_kv, grad_entries, None, None, grad_sink, None, None
 
 
 _fused_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_attention(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor, entry_index: torch.Tensor,
-                    doc_ids: torch.Tensor, sink: torch.Tensor, window: int) -> torch.Tensor:
+                    doc_ids: torch.Tensor, sink: torch.Tensor, window: int,
+                    entry_mass: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``out [B, S, H, D]`` of queries ``q`` over their window of ``kv`` ``[B, S, D]`` (same document) and
     their listed ``entries`` ``[B, P, D]`` (``entry_index`` ``[B, S, E]``, ``-1``: none), with the per-head
-    ``sink`` in every denominator."""
-    out, _ = _fused_attention(q.contiguous(), kv.contiguous(), entries.contiguous(),
-                              entry_index.to(torch.int32).contiguous(), doc_ids.to(torch.int32).contiguous(),
-                              sink, window)
-    return out.to(q.dtype)
+    ``sink`` in every denominator; with ``entry_mass`` also the probability of each listed entry summed over
+    heads ``[B, S, E]`` (fp32, no gradient: the indexer's KL target), else None."""
+    out, _, mass = _fused_attention(q.contiguous(), kv.contiguous(), entries.contiguous(),
+                                    entry_index.to(torch.int32).contiguous(), doc_ids.to(torch.int32).contiguous(),
+                                    sink, window, entry_mass)
+    return out.to(q.dtype), (mass if entry_mass else None)
