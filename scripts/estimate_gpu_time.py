@@ -116,13 +116,14 @@ def fused_attention_cost(name: str, args) -> tuple[float, int]:
     per program in backward; while the indexer trains the forward scores the entries once more."""
     from titan_dsv4.models.deepseek_v4 import attention_kernel
 
-    q, kv, entries, entry_index = args[:4] if name == "fused_attention" else args[1:5]
-    window = args[-1]
+    if name == "fused_attention":  # (q, kv, entries, entry_index, doc_ids, sink, window, entry_mass)
+        q, entry_index, window, entry_mass = args[0], args[3], args[6], args[7]
+    else:  # (grad_out, q, kv, entries, entry_index, doc_ids, out, lse, window)
+        q, entry_index, window, entry_mass = args[1], args[4], args[8], False
     batch, seq, heads, dim = q.shape
     keys = min(window, seq) + entry_index.shape[-1]
     flops = 2.0 * FUSED_ATTENTION[name] * batch * seq * heads * keys * dim
     if name == "fused_attention":
-        entry_mass = args[7]
         return flops + (2.0 * batch * seq * heads * entry_index.shape[-1] * dim if entry_mass else 0.0), 0
     programs = batch * seq * -(-heads // attention_kernel.launch_config(heads, dim, window, 0)["BLOCK_H"])
     return flops, programs * keys * dim * 4
