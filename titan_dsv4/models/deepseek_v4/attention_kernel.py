@@ -75,6 +75,13 @@ if triton is not None:
         return ptrs, ok, rows
 
     @triton.jit
+    def _tile_probabilities(q, ptrs, ok, h_ok, lse, scale, UPCAST: tl.constexpr):
+        """A key tile and its final probabilities ``[BLOCK_H, BLOCK_N]`` (from the softmax's log-sum-exp)."""
+        k = tl.load(ptrs, mask=ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST) * scale
+        return k, tl.where(ok[None, :] & h_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+
+    @triton.jit
     def _forward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, sink_ptr, out_ptr, lse_ptr, mass_ptr,
                         H, E, WINDOW, scale,
                         s_qb, s_qs, s_qh, s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, s_lb, s_ls,
@@ -113,9 +120,7 @@ if triton is not None:
                 ptrs, ok, _ = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, E, WINDOW,
                                         s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
                 if tl.max(ok.to(tl.int32)) > 0:
-                    k = tl.load(ptrs, mask=ok[:, None], other=0.0)
-                    s = _dot(q, tl.trans(k), UPCAST) * scale
-                    p = tl.where(ok[None, :] & h_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+                    k, p = _tile_probabilities(q, ptrs, ok, h_ok, lse, scale, UPCAST)
                     e = (tile - N_WINDOW_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
                     tl.atomic_add(mass_ptr + b * s_ib + t * s_is + e, tl.sum(p, axis=0), mask=ok)  # head blocks
 
@@ -138,9 +143,7 @@ if triton is not None:
             ptrs, ok, rows = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, E, WINDOW,
                                        s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
             if tl.max(ok.to(tl.int32)) > 0:
-                k = tl.load(ptrs, mask=ok[:, None], other=0.0)
-                s = _dot(q, tl.trans(k), UPCAST) * scale
-                p = tl.where(ok[None, :] & h_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+                k, p = _tile_probabilities(q, ptrs, ok, h_ok, lse, scale, UPCAST)
                 dp = _dot(dout, tl.trans(k), UPCAST)
                 ds = (p * (dp - delta[:, None])).to(k.dtype)  # enters the GEMMs as bf16, as in the torch path
                 dq += _dot(ds, k, UPCAST)
