@@ -45,13 +45,14 @@ if triton is not None:
 
     @triton.jit
     def _program_rows(H, s_qb, s_qs, s_qh, s_lb, s_ls, D: tl.constexpr, BLOCK_H: tl.constexpr):
-        """This program's query ``t``, batch row ``b``, heads ``h`` (and which exist), and the offsets of its
-        ``[BLOCK_H, D]`` rows in the tensors laid out as q (out, dout, dq) and ``[BLOCK_H]`` in lse/delta."""
+        """This program's query ``t``, batch row ``b``, heads ``h`` (and which exist), the int64 offset of
+        its query in the tensors laid out as q (out, dout, dq: Pro's 128 x 512 per token passes 2^31 at 32k
+        tokens), its ``[BLOCK_H, D]`` rows from there, and its ``[BLOCK_H]`` offsets in lse/delta."""
         t = tl.program_id(0)
         b = tl.program_id(1)
         h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-        rows_q = b * s_qb + t * s_qs + h[:, None] * s_qh + tl.arange(0, D)[None, :]
-        return t, b, h, h < H, rows_q, b * s_lb + t * s_ls + h
+        query = b.to(tl.int64) * s_qb + t.to(tl.int64) * s_qs
+        return t, b, h, h < H, query, h[:, None] * s_qh + tl.arange(0, D)[None, :], b * s_lb + t * s_ls + h
 
     @triton.jit
     def _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, E, WINDOW,
@@ -90,8 +91,8 @@ if triton is not None:
                         MASS: tl.constexpr):
         """``out`` (fp32) and ``lse``; with ``MASS`` also each listed entry's probability summed over heads
         into ``mass`` (laid out as the index list, zeroed by the caller)."""
-        t, b, h, h_ok, rows_q, rows_l = _program_rows(H, s_qb, s_qs, s_qh, s_lb, s_ls, D, BLOCK_H)
-        q = tl.load(q_ptr + rows_q, mask=h_ok[:, None], other=0.0)
+        t, b, h, h_ok, query, rows_q, rows_l = _program_rows(H, s_qb, s_qs, s_qh, s_lb, s_ls, D, BLOCK_H)
+        q = tl.load(q_ptr + query + rows_q, mask=h_ok[:, None], other=0.0)
         doc_t = tl.load(doc_ptr + b * s_db + t)
         # the sink starts the running max and denominator: it joins the softmax without a value
         m = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
@@ -111,7 +112,7 @@ if triton is not None:
                 acc = acc * alpha[:, None] + _dot(p.to(k.dtype), k, UPCAST)
                 m = m_new
         # the offsets written out again (``rows_q`` kept through the loop costs 64 registers per thread on sm_90)
-        tl.store(out_ptr + b * s_qb + t * s_qs + h[:, None] * s_qh + tl.arange(0, D)[None, :], acc / denom[:, None],
+        tl.store(out_ptr + query + h[:, None] * s_qh + tl.arange(0, D)[None, :], acc / denom[:, None],
                  mask=h_ok[:, None])
         lse = m + tl.log(denom)
         tl.store(lse_ptr + rows_l, lse, mask=h_ok)
@@ -131,10 +132,10 @@ if triton is not None:
                          s_qb, s_qs, s_qh, s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, s_lb, s_ls,
                          D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                          N_WINDOW_TILES: tl.constexpr, N_ENTRY_TILES: tl.constexpr, UPCAST: tl.constexpr):
-        t, b, h, h_ok, rows_q, rows_l = _program_rows(H, s_qb, s_qs, s_qh, s_lb, s_ls, D, BLOCK_H)
+        t, b, h, h_ok, query, rows_q, rows_l = _program_rows(H, s_qb, s_qs, s_qh, s_lb, s_ls, D, BLOCK_H)
         d = tl.arange(0, D)
-        q = tl.load(q_ptr + rows_q, mask=h_ok[:, None], other=0.0)
-        dout = tl.load(dout_ptr + rows_q, mask=h_ok[:, None], other=0.0)
+        q = tl.load(q_ptr + query + rows_q, mask=h_ok[:, None], other=0.0)
+        dout = tl.load(dout_ptr + query + rows_q, mask=h_ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + rows_l, mask=h_ok, other=0.0)
         delta = tl.load(delta_ptr + rows_l, mask=h_ok, other=0.0)
         doc_t = tl.load(doc_ptr + b * s_db + t)
@@ -154,7 +155,7 @@ if triton is not None:
                 else:
                     dptrs = dent_ptr + b * s_eb + rows[:, None] * s_ep + d[None, :]
                 tl.atomic_add(dptrs, dk, mask=ok[:, None])
-        tl.store(dq_ptr + b * s_qb + t * s_qs + h[:, None] * s_qh + tl.arange(0, D)[None, :],
+        tl.store(dq_ptr + query + h[:, None] * s_qh + tl.arange(0, D)[None, :],
                  (dq * scale).to(dq_ptr.dtype.element_ty), mask=h_ok[:, None])
 
 
