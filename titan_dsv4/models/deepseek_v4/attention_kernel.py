@@ -167,7 +167,7 @@ def launch_config(heads: int, head_dim: int, window: int, entries: int) -> dict[
     """The kernels' compile-time sizes. Heads per program: a power of two of at least 16 (``tl.dot``'s
     smallest tile) and at most 32, so that a 512-d query, its output gradient and the fp32 accumulators
     fit the registers of 8 warps (sm_90, Triton 3.8, ``scripts/compile_attention_kernel.py``: forward 174
-    registers per thread, backward 254, no spill)."""
+    registers per thread, backward 255, no spill)."""
     if head_dim & (head_dim - 1):
         raise ValueError(f"the fused attention kernel needs a power-of-two head_dim, got {head_dim}")
     return dict(D=head_dim, BLOCK_H=min(32, max(16, triton.next_power_of_2(heads))), BLOCK_N=BLOCK_N,
