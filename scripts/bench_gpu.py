@@ -338,7 +338,7 @@ def check_fast_paths_on_gpu(device) -> dict:
     return dict(model_out_rel_err=out_err, model_grad_rel_err=grad_err, grouped_mm_rel_err=gmm_err,
                 fp32_linear_max_err=(split - ref).abs().max().item(),
                 fp32_gemm_max_err=(plain - ref).abs().max().item(),
-                fused_attention_rel_err=fused_attention_error(device) if attention_kernel.available() else None)
+                fused_attention_rel_err=fused_attention_error(device) if attention_kernel.available(device) else None)
 
 
 def main() -> None:
@@ -391,7 +391,7 @@ def main() -> None:
     part("unfused_attention_mtp1", lambda: measure_step(1, opts, device, peak, fused_attention=False))
     part("exact_mtp1", lambda: exact(1))
     part("component_s", lambda: component_times(opts, device))
-    if attention_kernel.available():
+    if attention_kernel.available(device):
         part("attention_kernel_s", lambda: attention_kernel_tiles(opts, device))
     part("component_flops_per_token", lambda: component_flops(bench_args(1), opts.seq))
     part("profile", lambda: profile_top_kernels(opts, device, os.path.join(opts.out, "top_kernels.txt")))

@@ -346,7 +346,7 @@ class Attention(nn.Module):
         return out
 
     def _fuses(self, x: torch.Tensor) -> bool:
-        if self.kernel == "torch" or not attention_kernel.available():
+        if self.kernel == "torch" or not attention_kernel.available(x.device):
             return False
         if self.kernel == "triton":
             return True

@@ -29,8 +29,11 @@ except ImportError:  # an optional extra: the torch path serves without it
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available() -> bool:
-    return triton is not None
+def available(device: torch.device) -> bool:
+    """Triton is installed and, on CUDA, the GPU has bf16 tensor cores (sm_80 and later)."""
+    if triton is None:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
 
 
 if triton is not None:
