@@ -146,3 +146,12 @@ def test_help_still_names_a_bad_key_and_the_planner_has_it_too():
                           text=True, timeout=120)
     assert plan.returncode == 0 and plan.stdout.startswith("usage: python -m titan_dsv4.plan [--ngpu N]")
     assert "  selective_ac_option = " in plan.stdout
+
+
+def test_help_into_a_reader_that_stopped_is_not_an_error():
+    """``--help | head``: the reader is gone before the reference is written; exit 0 without a traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "titan_dsv4.train", "--help"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the interpreter has even imported torch
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0 and "Traceback" not in stderr, stderr

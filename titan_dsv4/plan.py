@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import ConfigError, config_help, load_config
+from .config import ConfigError, config_help, load_config, print_help
 from .config.job_config import JobConfig
 from .config.validate import RunSetup, validate
 from .distributed.pipeline import prune_to_stage, schedule_actions
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = config_help(rest, "python -m titan_dsv4.plan [--ngpu N] [--gpu-memory-gib 80] [--device cuda|cpu] "
                                       "[--job.config_file FILE.toml] [--section.key VALUE ...]")
         if reference is not None:
-            print(reference)
+            print_help(reference)
             return 0
         config = load_config(rest)
         world = opts.ngpu or _world_from_degrees(config)

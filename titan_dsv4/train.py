@@ -32,7 +32,7 @@ from .components.load_balance import update_expert_bias
 from .components.loss import build_targets, summarise_parts
 from .components.metrics import MetricsLogger, device_peak_tflops, max_memory_mb
 from .components.optimizer import build_lr_scheduler, build_optimizer, unique_trainable_parameters
-from .config import ConfigError, JobConfig, config_help, load_config
+from .config import ConfigError, JobConfig, config_help, load_config, print_help
 from .config.validate import RunSetup, validate
 from .distributed.utils import (
     all_reduce_sum,
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = config_help(argv, "python -m titan_dsv4.train [--job.config_file FILE.toml] "
                                       "[--section.key VALUE ...]")
         if reference is not None:
-            print(reference)
+            print_help(reference)
             return 0
         config = load_config(argv)
         setup = validate(config, launched_world_size())

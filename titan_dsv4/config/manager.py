@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import os
 import re
 import sys
 import textwrap
@@ -138,6 +139,14 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
 
 
 HELP_FLAGS = ("-h", "--help")
+
+
+def print_help(text: str) -> None:
+    """Print ``text`` to stdout; a reader that stops early (``--help | head``) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # Python flushes stdout once more at exit: point it at devnull
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def config_help(argv: list[str], usage: str) -> str | None:
