@@ -31,12 +31,13 @@ class _CountOps(TorchDispatchMode):
 
 
 def _step(mode: str, option: str = "2", dtype=torch.float32, compiled: bool = False,
-          experts_apart: bool = False) -> dict:
+          experts_apart: bool = False, attention_kernel: str = "auto") -> dict:
     """One forward + backward of a 3-layer + MTP model (a training indexer) under ``mode``/``option``;
     ``experts_apart``: checkpointed as when the experts are an FSDP unit of their own (expert parallelism)."""
     model = DeepseekV4Model(ARGS)
     model.init_weights(0)
     model.train().to(dtype)
+    model.set_attention_kernel(attention_kernel)
     model.set_mtp_loss_scale(0.3)
     model.set_indexer_loss_scale(0.5)
     apply_activation_checkpointing(model, mode, option, compiled=compiled, experts_apart=experts_apart)
@@ -167,3 +168,14 @@ def test_op_level_is_refused_before_launch_under_zero_bubble_schedules(schedule)
             validate(config, 2)
     else:
         assert validate(config, 2).pipeline_plan.schedule == schedule
+
+
+@pytest.mark.parametrize("mode,option", [("full", "2"), ("selective", "op")])
+def test_checkpointing_recomputes_the_fused_attention_kernel(mode, option):
+    """The Triton attention kernel (a custom op; Triton's interpreter on CPU) under full and op-level
+    checkpointing: recomputed in backward, the same training as without checkpointing, bit for bit."""
+    pytest.importorskip("triton")
+    reference = _step("none", attention_kernel="triton")
+    run = _step(mode, option, attention_kernel="triton")
+    assert run["ops"]["fused_attention"] == 2 * reference["ops"]["fused_attention"] > 0  # forward + recompute
+    _assert_same_training(run, reference)
