@@ -11,11 +11,14 @@ else
   VENV="${VENV:-$ROOT/.venv}"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   PY="$VENV/bin/python"
-  STAMP="$VENV/.titan_dsv4-$(cat "$ROOT/pyproject.toml" | sha1sum | cut -c1-12)-${EXTRAS:-base}"
+  STAMP="$VENV/.titan_dsv4-$(cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}" | sha1sum | cut -c1-12)-${EXTRAS:-base}"
   if [ ! -f "$STAMP" ]; then
     if ! command -v nvidia-smi >/dev/null 2>&1; then
       # no CUDA: a pinned CPU build (an unpinned torch may pull a multi-GB CUDA build)
       "$PY" -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+      # the tests run the fused attention kernel under Triton's interpreter; CUDA builds of torch bring
+      # their own Triton (a pin here could fight theirs)
+      if [ "$EXTRAS" = "test" ]; then "$PY" -m pip install -q "triton==3.8.0"; fi
     fi
     "$PY" -m pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}"
     touch "$STAMP"
