@@ -31,7 +31,7 @@ class _CountOps(TorchDispatchMode):
 
 
 def _step(mode: str, option: str = "2", dtype=torch.float32, compiled: bool = False,
-          experts_apart: bool = False, attention_kernel: str = "auto") -> dict:
+          experts_apart: bool = False, attention_kernel: str = "auto", batch: int = 2, seq: int = SEQ) -> dict:
     """One forward + backward of a 3-layer + MTP model (a training indexer) under ``mode``/``option``;
     ``experts_apart``: checkpointed as when the experts are an FSDP unit of their own (expert parallelism)."""
     model = DeepseekV4Model(ARGS)
@@ -43,8 +43,8 @@ def _step(mode: str, option: str = "2", dtype=torch.float32, compiled: bool = Fa
     apply_activation_checkpointing(model, mode, option, compiled=compiled, experts_apart=experts_apart)
     if compiled:
         apply_compile(model, backend="aot_eager")
-    ids = torch.randint(0, ARGS.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
-    targets = build_targets(ids.roll(-1, 1), torch.arange(SEQ).expand(2, SEQ), ARGS.num_nextn_predict_layers)
+    ids = torch.randint(0, ARGS.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    targets = build_targets(ids.roll(-1, 1), torch.arange(seq).expand(batch, seq), ARGS.num_nextn_predict_layers)
     ops = _CountOps()
     with ops:
         with LiveBytes([*model.parameters(), *model.buffers()]) as tracker:
@@ -170,12 +170,17 @@ def test_op_level_is_refused_before_launch_under_zero_bubble_schedules(schedule)
         assert validate(config, 2).pipeline_plan.schedule == schedule
 
 
+@pytest.fixture(scope="module")
+def fused_kernel_without_checkpointing():
+    pytest.importorskip("triton")
+    return _step("none", attention_kernel="triton", batch=1, seq=40)  # Triton's interpreter is slow
+
+
 @pytest.mark.parametrize("mode,option", [("full", "2"), ("selective", "op")])
-def test_checkpointing_recomputes_the_fused_attention_kernel(mode, option):
+def test_checkpointing_recomputes_the_fused_attention_kernel(mode, option, fused_kernel_without_checkpointing):
     """The Triton attention kernel (a custom op; Triton's interpreter on CPU) under full and op-level
     checkpointing: recomputed in backward, the same training as without checkpointing, bit for bit."""
-    pytest.importorskip("triton")
-    reference = _step("none", attention_kernel="triton")
-    run = _step(mode, option, attention_kernel="triton")
+    reference = fused_kernel_without_checkpointing
+    run = _step(mode, option, attention_kernel="triton", batch=1, seq=40)
     assert run["ops"]["fused_attention"] == 2 * reference["ops"]["fused_attention"] > 0  # forward + recompute
     _assert_same_training(run, reference)
