@@ -350,7 +350,8 @@ class Attention(nn.Module):
             return False
         if self.kernel == "triton":
             return True
-        return (x.is_cuda or (x.is_meta and takes_gpu_path(x))) and gpu_paths.fast_kernels  # meta: planning
+        # CUDA, or meta while planning a GPU run; not the tests' CPU stand-ins of the GPU paths (no Triton there)
+        return takes_gpu_path(x) and not x.is_cpu and gpu_paths.fast_kernels
 
     def _attend_fused(self, x, qr, q, kv, entries, index_keys, ctx: AttentionContext,
                       train_indexer: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
