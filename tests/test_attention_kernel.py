@@ -105,7 +105,8 @@ def test_model_with_fused_kernel_equals_torch_path(indexer_trains):
 
 def test_which_runs_use_the_kernel(monkeypatch):
     """``auto``: not on CPU (the exact torch path stays), on meta tensors while the planner plans a GPU run
-    (so it counts what the kernel keeps), not with ``[model] attention_kernel = "torch"``."""
+    (so it counts what the kernel keeps), not with ``[model] attention_kernel = "torch"``, not under torch's
+    deterministic algorithms (its backward adds atomically)."""
     from titan_dsv4.models.deepseek_v4 import DeepseekV4Model, attention_kernel
     from titan_dsv4.models.deepseek_v4.gpu_paths import meta_as_gpu
     from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
@@ -124,11 +125,16 @@ def test_which_runs_use_the_kernel(monkeypatch):
     with torch.device("meta"):
         planned = DeepseekV4Model(FLAVORS["debugmodel"]).to(torch.bfloat16)  # grouped GEMMs are bf16
     layers = len(calls)
-    for kernel, expected in (("auto", 2 * layers), ("torch", 2 * layers)):
+    for kernel, deterministic, expected in (("auto", False, 2 * layers), ("torch", False, 2 * layers),
+                                            ("auto", True, 2 * layers)):
         planned.set_attention_kernel(kernel)
-        with meta_as_gpu():
-            planned(ids.to("meta"))
-        assert len(calls) == expected, kernel
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            with meta_as_gpu():
+                planned(ids.to("meta"))
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert len(calls) == expected, (kernel, deterministic)
 
 
 def test_compiles_without_graph_break():

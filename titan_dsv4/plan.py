@@ -163,8 +163,9 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
     for p in model.parameters():  # FSDP frees each unit's unsharded gradient after reduce-scatter: free now
         p.register_post_accumulate_grad_hook(lambda param: setattr(param, "grad", None))
     loss_fn = setup.spec.build_loss_fn(config, setup.model_args)
-    original = RoutedExperts.forward
+    original, deterministic = RoutedExperts.forward, torch.are_deterministic_algorithms_enabled()
     RoutedExperts.forward = _shape_only_experts  # the exact loop needs expert counts, which meta lacks
+    torch.use_deterministic_algorithms(config.training.deterministic)  # as the trainer: it picks the attention core
     try:
         with meta_as_gpu() if gpu else contextlib.nullcontext(), \
                 LiveBytes([*model.parameters(), *model.buffers()], list(model.parameters())) as tracker:
@@ -178,6 +179,7 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
             peak = tracker.peak
     finally:
         RoutedExperts.forward = original
+        torch.use_deterministic_algorithms(deterministic)
     return StageActivations(held=held, backward_extra=max(peak - held, 0),
                             weight_grad_inputs=tracker.param_outputs)
 

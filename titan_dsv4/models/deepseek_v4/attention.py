@@ -283,8 +283,9 @@ class Attention(nn.Module):
         self.query_block: int | str | None = "auto"
         # CSA: attend only to the gathered chosen entries (True), to all under a mask (False), None: by count
         self.gather_entries: bool | None = None
-        # the core: "auto" (the fused Triton kernel of attention_kernel.py on CUDA when Triton is installed),
-        # "triton" (wherever Triton runs: CPU tests, under its interpreter) or "torch"
+        # the core: "auto" (the fused Triton kernel of attention_kernel.py on CUDA when Triton is installed and
+        # torch's deterministic algorithms are off: its backward adds atomically), "triton" (wherever Triton
+        # runs: CPU tests, under its interpreter) or "torch"
         self.kernel = "auto"
         h, d = args.hidden_size, args.head_dim
         self.wq_a = nn.Linear(h, args.q_lora_rank, bias=False)
@@ -351,7 +352,8 @@ class Attention(nn.Module):
         if self.kernel == "triton":
             return True
         # CUDA, or meta while planning a GPU run; not the tests' CPU stand-ins of the GPU paths (no Triton there)
-        return takes_gpu_path(x) and not x.is_cpu and gpu_paths.fast_kernels
+        return (takes_gpu_path(x) and not x.is_cpu and gpu_paths.fast_kernels
+                and not torch.are_deterministic_algorithms_enabled())
 
     def _attend_fused(self, x, qr, q, kv, entries, index_keys, ctx: AttentionContext,
                       train_indexer: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
