@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention_kernel, gpu_paths
+from . import attention_kernel
 from .args import CSA_RATIO, DeepseekV4ModelArgs
 from .fp32_linear import fp32_linear, fp32_matmul, matmul_fp32_result
-from .gpu_paths import takes_gpu_path
+from .gpu_paths import takes_gpu_path, takes_triton_kernels
 from .norm import RMSNorm, fp32, rms_normalise
 from .rope import apply_rope, rope_rotation
 from .running_stats import recomputing
@@ -351,9 +351,7 @@ class Attention(nn.Module):
             return False
         if self.kernel == "triton":
             return True
-        # CUDA, or meta while planning a GPU run; not the tests' CPU stand-ins of the GPU paths (no Triton there)
-        return (takes_gpu_path(x) and not x.is_cpu and gpu_paths.fast_kernels
-                and not torch.are_deterministic_algorithms_enabled())
+        return takes_triton_kernels(x) and not torch.are_deterministic_algorithms_enabled()
 
     def _attend_fused(self, x, qr, q, kv, entries, index_keys, ctx: AttentionContext,
                       train_indexer: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

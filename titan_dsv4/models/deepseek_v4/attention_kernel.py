@@ -169,7 +169,7 @@ NUM_WARPS = 8
 def launch_config(heads: int, head_dim: int, window: int, entries: int) -> dict[str, int]:
     """The kernels' compile-time sizes. Heads per program: a power of two of at least 16 (``tl.dot``'s
     smallest tile) and at most 32, so that a 512-d query, its output gradient and the fp32 accumulators
-    fit the registers of 8 warps (sm_90, Triton 3.8, ``scripts/compile_attention_kernel.py``: forward 174
+    fit the registers of 8 warps (sm_90, Triton 3.8, ``scripts/compile_kernels.py``: forward 174
     registers per thread, backward 255, no spill)."""
     if head_dim & (head_dim - 1):
         raise ValueError(f"the fused attention kernel needs a power-of-two head_dim, got {head_dim}")

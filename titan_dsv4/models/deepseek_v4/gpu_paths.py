@@ -1,6 +1,6 @@
 """Which path a tensor takes: the GPU fast paths (bf16-part fp32 GEMMs, grouped expert GEMMs, compiled
-mHC, query-blocked attention) run for CUDA tensors, and for ``meta`` tensors while the memory planner plans
-a GPU run, so that it counts the tensors those paths keep."""
+mHC, Triton kernels for attention and Sinkhorn) run for CUDA tensors, and for ``meta`` tensors while the
+memory planner plans a GPU run, so that it counts the tensors those paths keep."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ fast_kernels = True
 
 def takes_gpu_path(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.is_meta and _meta_plans_gpu)
+
+
+def takes_triton_kernels(x: torch.Tensor) -> bool:
+    """The GPU path's Triton kernels (fused attention, Sinkhorn): CUDA, or meta while the planner plans a GPU
+    run; not the tests' CPU stand-ins of the GPU paths, which run the torch code under them."""
+    return takes_gpu_path(x) and not x.is_cpu and fast_kernels
 
 
 @contextmanager

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import sinkhorn_kernel
 from .fp32_linear import fp32_linear
 from .fused import compiled_on_cuda
+from .gpu_paths import takes_triton_kernels
 from .norm import fp32
 
 
@@ -67,7 +69,10 @@ class _Sinkhorn(torch.autograd.Function):
 
 
 def sinkhorn(comb_logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Softmax over the last axis, then alternate column/row normalisation (column first)."""
+    """Softmax over the last axis, then alternate column/row normalisation (column first). On GPUs one
+    Triton kernel each way (``sinkhorn_kernel.py``)."""
+    if takes_triton_kernels(comb_logits) and sinkhorn_kernel.supports(comb_logits):
+        return sinkhorn_kernel.sinkhorn(comb_logits, iters, eps)
     return _Sinkhorn.apply(comb_logits, iters, eps)
 
 

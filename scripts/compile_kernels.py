@@ -1,11 +1,12 @@
-"""Compile the fused attention kernels for an H100/H200 (sm_90) without a GPU and report what ptxas gave each:
-registers per thread, spill stack, shared memory. Triton's wheel carries the compiler and ``cuobjdump``.
+"""Compile the Triton kernels (fused attention, Sinkhorn) for an H100/H200 (sm_90) without a GPU and report
+what ptxas gave each: registers per thread, spill stack, shared memory. Triton's wheel carries the compiler
+and ``cuobjdump``.
 
 A kernel the interpreter runs may still not compile for the GPU, or spill its 512-d tiles out of
 registers: this shows both before any GPU time is spent.
 
-    python scripts/compile_attention_kernel.py [--heads 64] [--head-dim 512] [--window 128] [--entries 512]
-                                               [--json]
+    python scripts/compile_kernels.py [--heads 64] [--head-dim 512] [--window 128] [--entries 512]
+                                      [--hc-mult 4] [--json]
 
 Run it without ``TRITON_INTERPRET`` (interpreted kernels do not compile).
 """
@@ -25,35 +26,45 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from titan_dsv4.models.deepseek_v4 import attention_kernel  # noqa: E402
+from titan_dsv4.models.deepseek_v4 import attention_kernel, sinkhorn_kernel  # noqa: E402
 
 H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 POINTER_TYPES = {
     "idx_ptr": "*i32", "doc_ptr": "*i32", "sink_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32",
     "mass_ptr": "*fp32", "delta_ptr": "*fp32",
     "dkv_ptr": "*fp32", "dent_ptr": "*fp32",
-}  # the rest are bf16 tensors
+}  # the attention kernels' other tensors are bf16; the Sinkhorn kernels' all fp32
+FLOAT_ARGS = {"scale", "eps"}
 
 
-def compile_for_sm90(heads: int, head_dim: int, window: int, entries: int) -> dict[str, dict[str, int]]:
+def _variants(heads: int, head_dim: int, window: int, entries: int, hc_mult: int):
+    """``(label, kernel, constexprs, num_warps, pointer type)`` of each kernel as launched for these shapes."""
+    attention = attention_kernel.launch_config(heads, head_dim, window, entries)
+    warps = attention.pop("num_warps")
+    attention["UPCAST"] = False
+    mhc = dict(N=hc_mult, BLOCK=sinkhorn_kernel.BLOCK)
+    return (("attention forward", attention_kernel._forward_kernel, dict(attention, MASS=False), warps, "*bf16"),
+            ("attention forward, indexer trained", attention_kernel._forward_kernel, dict(attention, MASS=True),
+             warps, "*bf16"),
+            ("attention backward", attention_kernel._backward_kernel, attention, warps, "*bf16"),
+            ("sinkhorn forward", sinkhorn_kernel._forward_kernel, mhc, sinkhorn_kernel.NUM_WARPS, "*fp32"),
+            ("sinkhorn backward", sinkhorn_kernel._backward_kernel, mhc, sinkhorn_kernel.NUM_WARPS, "*fp32"))
+
+
+def compile_for_sm90(heads: int, head_dim: int, window: int, entries: int,
+                     hc_mult: int = 4) -> dict[str, dict[str, int]]:
     """``{kernel: {"registers", "spill_bytes", "shared_bytes"}}`` of the kernels as launched for these shapes."""
-    launch = attention_kernel.launch_config(heads, head_dim, window, entries)
-    num_warps = launch.pop("num_warps")
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     report = {}
-    variants = (("forward", attention_kernel._forward_kernel, dict(MASS=False)),
-                ("forward, indexer trained", attention_kernel._forward_kernel, dict(MASS=True)),
-                ("backward", attention_kernel._backward_kernel, {}))
-    for label, kernel, flags in variants:
-        config = dict(launch, UPCAST=False, **flags)
+    for label, kernel, config, num_warps, pointer in _variants(heads, head_dim, window, entries, hc_mult):
         signature = {}
         for name in kernel.arg_names:
             if name in config:
                 signature[name] = "constexpr"
             elif name.endswith("_ptr"):
-                signature[name] = POINTER_TYPES.get(name, "*bf16")
+                signature[name] = POINTER_TYPES.get(name, pointer)
             else:
-                signature[name] = "fp32" if name == "scale" else "i32"
+                signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=config),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -75,15 +86,16 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=512)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--entries", type=int, default=512)
+    parser.add_argument("--hc-mult", type=int, default=4)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
-    report = compile_for_sm90(args.heads, args.head_dim, args.window, args.entries)
+    report = compile_for_sm90(args.heads, args.head_dim, args.window, args.entries, args.hc_mult)
     if args.json:
         print(json.dumps(report))
         return
     for name, usage in report.items():
         fits = "fits" if usage["shared_bytes"] <= H100_SHARED_BYTES else "EXCEEDS sm_90 shared memory"
-        print(f"{name:25s} registers/thread {usage['registers']:3d}  spill {usage['spill_bytes']:5d} B  "
+        print(f"{name:35s} registers/thread {usage['registers']:3d}  spill {usage['spill_bytes']:5d} B  "
               f"shared {usage['shared_bytes'] / 1024:6.1f} KiB ({fits})")
 
 
