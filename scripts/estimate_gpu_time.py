@@ -51,7 +51,7 @@ FUSED_ATTENTION = {"fused_attention": 2, "fused_attention_backward": 5}  # GEMMs
 # pipelining); bench_gpu.py measures it
 FUSED_ATTENTION_EFFICIENCY = 0.4
 # kernels torch.compile leaves to libraries or our own kernels: never fused with their neighbours
-EXTERN = GEMMS | {"sort", "topk"} | set(FUSED_ATTENTION)
+EXTERN = GEMMS | {"sort", "topk", "sinkhorn", "sinkhorn_backward"} | set(FUSED_ATTENTION)
 # ops that read only the indexed part of their first input (a gather) or write only part of it (a scatter)
 PARTIAL_FIRST_INPUT = {"index", "gather", "index_select", "embedding", "index_add", "index_add_", "scatter_add_",
                        "scatter_add", "index_put_", "_index_put_impl_", "scatter_", "scatter"}
