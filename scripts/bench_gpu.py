@@ -31,7 +31,6 @@ from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.components.metrics import device_peak_tflops
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 from titan_dsv4.models.deepseek_v4 import attention_kernel, fp32_linear, gpu_paths, head_loss, hyper_connection
-from titan_dsv4.models.deepseek_v4.attention import Attention
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 from titan_dsv4.models.deepseek_v4.parallelize import fp32_replicated_parameters
 
@@ -316,9 +315,8 @@ def check_fast_paths_on_gpu(device) -> dict:
     model.set_mtp_loss_scale(0.3)
     results = []
     for exact in (True, False):
-        for m in model.modules():
-            if isinstance(m, Attention):
-                m.query_block, m.gather_entries = (None, False) if exact else ("auto", True)
+        for m in model.attention_modules():
+            m.query_block, m.gather_entries = (None, False) if exact else ("auto", True)
         exact_paths(exact)
         model.zero_grad()
         objective, stats = model(ids, targets=targets)  # the training step's fused head + cross-entropy

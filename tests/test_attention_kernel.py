@@ -11,7 +11,6 @@ import torch
 
 from hf_reference import random_model
 from titan_dsv4.models.deepseek_v4 import FLAVORS
-from titan_dsv4.models.deepseek_v4.attention import Attention
 
 pytest.importorskip("triton")
 from titan_dsv4.models.deepseek_v4.attention_kernel import fused_attention  # noqa: E402
@@ -69,10 +68,6 @@ def test_kernel_equals_dense_masked_softmax_with_sink(dtype):
         torch.testing.assert_close(a.double(), b, **tol, msg=name)
 
 
-def _attention_modules(model):
-    return [m for m in model.modules() if isinstance(m, Attention)]
-
-
 @pytest.mark.parametrize("indexer_trains", [False, True])
 def test_model_with_fused_kernel_equals_torch_path(indexer_trains):
     """Every layer kind (sliding, CSA with its top-k, HCA) and the MTP block, two packed documents: the
@@ -85,13 +80,13 @@ def test_model_with_fused_kernel_equals_torch_path(indexer_trains):
     results = []
     for mode in ("torch", "triton"):
         model.set_attention_kernel(mode)
-        for m in _attention_modules(model):
+        for m in model.attention_modules():
             if m.indexer is not None:
                 m.indexer.kl_sum.zero_()
         model.zero_grad()
         out = model(ids, positions)
         sum(o.pow(2).mean() for o in out).backward()
-        kl = sum(m.indexer.kl_sum.item() for m in _attention_modules(model) if m.indexer is not None)
+        kl = sum(m.indexer.kl_sum.item() for m in model.attention_modules() if m.indexer is not None)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out, grads, kl))
     (ref, ref_grads, ref_kl), (got, got_grads, got_kl) = results
@@ -120,7 +115,7 @@ def test_which_runs_use_the_kernel(monkeypatch):
     assert not calls
     model.set_attention_kernel("triton")
     model(ids)
-    assert len(calls) == len(_attention_modules(model))
+    assert len(calls) == len(model.attention_modules())
     monkeypatch.setattr(RoutedExperts, "use_grouped_mm", True)  # meta tensors cannot run the per-expert loop
     with torch.device("meta"):
         planned = DeepseekV4Model(FLAVORS["debugmodel"]).to(torch.bfloat16)  # grouped GEMMs are bf16

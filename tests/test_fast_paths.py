@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_reference import random_model
 from titan_dsv4.models.deepseek_v4 import FLAVORS
-from titan_dsv4.models.deepseek_v4.attention import AUTO_BLOCK, Attention
+from titan_dsv4.models.deepseek_v4.attention import AUTO_BLOCK
 from titan_dsv4.models.deepseek_v4.hyper_connection import hc_post, hc_pre
 
 
@@ -18,10 +18,9 @@ def _grads(model):
 
 
 def _set(model, **attrs):
-    for module in model.modules():
-        if isinstance(module, Attention):
-            for key, value in attrs.items():
-                setattr(module, key, value)
+    for module in model.attention_modules():
+        for key, value in attrs.items():
+            setattr(module, key, value)
 
 
 def test_gathered_csa_entries_equal_masked_dense_with_trained_indexer():

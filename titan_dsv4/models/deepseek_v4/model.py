@@ -108,18 +108,21 @@ class DeepseekV4Model(nn.Module):
         """Deterministic per-FQN init (see ``init.py``): same seed -> same weights for every layout."""
         init_weights(self, seed)
 
+    def attention_modules(self) -> list[Attention]:
+        """Every block's attention, MTP blocks included (by type, not ``hasattr``: a checkpoint wrapper
+        forwards attributes)."""
+        return [module for module in self.modules() if isinstance(module, Attention)]
+
     def set_attention_query_block(self, block: int | str | None) -> None:
         """``None``: dense reference; an int: query-blocked; ``"auto"``: blocked on GPU / long sequences."""
-        for module in self.modules():
-            if isinstance(module, Attention):  # not hasattr: a checkpoint wrapper forwards attributes
-                module.query_block = block
+        for module in self.attention_modules():
+            module.query_block = block
 
     def set_attention_kernel(self, kernel: str) -> None:
         """``"auto"``: the fused Triton kernel on CUDA (when installed); ``"torch"``: the torch path;
         ``"triton"``: the kernel on any device Triton runs on (CPU: under its interpreter, for tests)."""
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.kernel = kernel
+        for module in self.attention_modules():
+            module.kernel = kernel
 
     def set_mtp_loss_scale(self, scale: float) -> None:
         """lambda in ``main + lambda / D · Σ_k mtp_k``: the fused head's objective needs it in its forward."""
@@ -127,9 +130,8 @@ class DeepseekV4Model(nn.Module):
 
     def set_indexer_loss_scale(self, scale: float) -> None:
         """Weight of the summed per-token indexer KL in the objective; 0 leaves the indexer untrained."""
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.indexer_loss_scale = scale
+        for module in self.attention_modules():
+            module.indexer_loss_scale = scale
 
     def indexer_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if ".attn.indexer." in f".{canonical_fqn(name)}"]
