@@ -89,16 +89,27 @@ def test_which_runs_use_the_kernel(monkeypatch):
         assert len(calls) == expected, hc_mult
 
 
-def test_compiles_without_graph_break():
-    """An opaque custom op to ``torch.compile``: one graph, same values and gradients."""
-    logits = torch.randn(5, 4, 4)
+def test_compiles_without_graph_break(monkeypatch):
+    """An mHC site's pre step, the kernel chosen inside it, compiles to one graph (the kernel an opaque
+    custom op) with the same values and gradients."""
+    monkeypatch.setattr(hyper_connection, "takes_triton_kernels", lambda x: True)
+    calls = []
+    real = sinkhorn_kernel._sinkhorn
+    monkeypatch.setattr(sinkhorn_kernel, "_sinkhorn", lambda *a: calls.append(1) or real(*a))
+    n, hidden = 4, 8
+    site = hyper_connection.HyperConnection(hidden, n, 2, 1e-6, 1e-6)
+    for p in site.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(1, 5, n, hidden)
 
     def run(fn):
-        leaf = logits.clone().requires_grad_()
-        out = fn(leaf, 2, 1e-6)
-        return [out, *torch.autograd.grad(out.square().sum(), leaf)]
+        leaves = [t.clone().requires_grad_() for t in (x, site.fn, site.base, site.scale)]
+        outs = fn(*leaves, n, 2, 1e-6, 1e-6)
+        loss = sum(o.square().sum() for o in outs)
+        return [*outs, *torch.autograd.grad(loss, leaves)]
 
     torch._dynamo.reset()
-    compiled = torch.compile(sinkhorn_kernel.sinkhorn, backend="aot_eager", fullgraph=True)
-    for a, b in zip(run(compiled), run(sinkhorn_kernel.sinkhorn)):
+    compiled = torch.compile(hyper_connection.hc_pre.__wrapped__, backend="aot_eager", fullgraph=True)
+    for a, b in zip(run(compiled), run(hyper_connection.hc_pre.__wrapped__)):
         torch.testing.assert_close(a, b)
+    assert len(calls) == 2
