@@ -39,7 +39,9 @@ if triton is not None:
         """Each entry's column sum (over ``j``) or row sum (over ``k``), broadcast back to ``[BLOCK, N, N]``."""
         return tl.where(columns, tl.sum(x, axis=1)[:, None, :], tl.sum(x, axis=2)[:, :, None])
 
-    @triton.jit
+    # do_not_specialize: Triton makes an int argument equal to 1 a constant, which has no ``.to``; a single
+    # token (or one normalisation) must run the same code
+    @triton.jit(do_not_specialize=["tokens", "steps"])
     def _forward_kernel(logits_ptr, out_ptr, tokens, steps, eps, N: tl.constexpr, BLOCK: tl.constexpr):
         offsets, ok = _tile(tl.program_id(0), tokens, N, BLOCK)
         x = _softmax(tl.load(logits_ptr + offsets, mask=ok, other=0.0)) + eps
@@ -47,7 +49,7 @@ if triton is not None:
             x = x / (_sums(x, step % 2 == 0) + eps)
         tl.store(out_ptr + offsets, x, mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["tokens", "steps"])
     def _backward_kernel(logits_ptr, grad_ptr, grad_logits_ptr, work_ptr, tokens, steps, eps,
                          N: tl.constexpr, BLOCK: tl.constexpr):
         offsets, ok = _tile(tl.program_id(0), tokens, N, BLOCK)
