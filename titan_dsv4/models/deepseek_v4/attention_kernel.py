@@ -33,7 +33,9 @@ def available(device: torch.device) -> bool:
     """Triton is installed and, on CUDA, the GPU has bf16 tensor cores (sm_80 and later)."""
     if triton is None:
         return False
-    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
+    # get_device_properties, not get_device_capability: torch.compile folds the former to a constant, and
+    # this runs inside compiled blocks
+    return device.type != "cuda" or torch.cuda.get_device_properties(device).major >= 8
 
 
 if triton is not None:

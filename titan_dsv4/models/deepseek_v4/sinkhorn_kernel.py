@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention_kernel import triton
+from .attention_kernel import available, triton
 
 if triton is not None:
     import triton.language as tl
@@ -121,9 +121,9 @@ _sinkhorn.register_autograd(_backward, setup_context=_setup_context)
 
 
 def supports(comb_logits: torch.Tensor) -> bool:
-    """Triton is installed and ``n`` is a power of two (a Triton tile side)."""
+    """Triton runs here (as for the attention kernel) and ``n`` is a power of two (a Triton tile side)."""
     n = comb_logits.shape[-1]
-    return triton is not None and n & (n - 1) == 0
+    return available(comb_logits.device) and n & (n - 1) == 0
 
 
 def sinkhorn(comb_logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
