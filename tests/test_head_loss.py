@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bf16_gemm import assert_bf16_gemm
 from hf_reference import random_model
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.models.deepseek_v4 import FLAVORS
@@ -90,8 +91,8 @@ def test_no_vocabulary_sized_tensor_is_kept_for_backward():
 def test_gpu_path_from_bf16_parts_is_as_accurate_as_its_results(monkeypatch, dtypes):
     """The GPU path (head and gradient GEMMs on bf16 parts, gradient split into parts, the weight product
     with the parts stacked along K) on CPU with the bf16 GEMM stood in for by the exact product of bf16
-    values: the objective to fp32 accuracy; each gradient the exact one up to its dtype's rounding
-    (bf16: half a bf16 spacing + 2^-12 of its scale; fp32: 2^-18 of its scale)."""
+    values: the objective to fp32 accuracy; an fp32 gradient the exact one to 2^-18 of its scale; a bf16
+    gradient what one bf16 GEMM of the logits' exact gradient and the other operand gives."""
     monkeypatch.setattr(fp32_linear, "takes_gpu_path", lambda x: True)
     monkeypatch.setattr(module, "bf16_mm", lambda a, b: a.float() @ b.float())
     monkeypatch.setattr(module, "CHUNK_ELEMENTS", 24 * 300)
@@ -101,25 +102,34 @@ def test_gpu_path_from_bf16_parts_is_as_accurate_as_its_results(monkeypatch, dty
     weight = (torch.randn(300, 32, generator=gen) / 4).to(weight_dtype).requires_grad_()
     targets = torch.randint(0, 300, (1, 50, 2), generator=gen)
     targets[0, :7, 1] = -100
-    objective, stats = module.head_loss(list(hidden.unbind(0)), weight, targets, [1.0, 0.25])
+    depth_weights = [1.0, 0.25]
+    objective, stats = module.head_loss(list(hidden.unbind(0)), weight, targets, depth_weights)
     objective.backward()
 
     h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
     ref = sum(wd * F.cross_entropy(F.linear(h64[d, 0], w64), targets[0, :, d], reduction="sum")
-              for d, wd in enumerate([1.0, 0.25]))
+              for d, wd in enumerate(depth_weights))
     ref.backward()
     assert abs(objective.item() - ref.item()) < 1e-6 * ref.item()
-    for got, want in ((hidden.grad, h64.grad), (weight.grad, w64.grad)):
-        assert got.dtype == want.dtype == torch.float64 or got.dtype in (torch.bfloat16, torch.float32)
-        scale = want.abs().max()
+    # the objective's gradient w.r.t. the logits, exactly: weight_d (softmax - onehot) on valid rows
+    logits_grad = []
+    for d, wd in enumerate(depth_weights):
+        logits = F.linear(h64[d, 0], w64).detach()
+        valid = targets[0, :, d] != -100
+        onehot = F.one_hot(targets[0, :, d].clamp(min=0), 300).double()
+        logits_grad.append(wd * valid.unsqueeze(-1) * (logits.softmax(-1) - onehot))
+    logits_grad = torch.cat(logits_grad)  # [depth x rows, vocab]
+    rows = hidden.detach().reshape(-1, 32)
+    operands = ((logits_grad, weight.detach()), (logits_grad.t(), rows))
+    for got, want, (a, b) in zip((hidden.grad.reshape(-1, 32), weight.grad), (h64.grad.reshape(-1, 32), w64.grad),
+                                 operands):
         if got.dtype == torch.float32:
-            assert (got.double() - want).abs().max() < 2**-18 * scale
+            assert (got.double() - want).abs().max() < 2**-18 * want.abs().max()
         else:
-            rounding = 2.0 ** (torch.frexp(want).exponent - 9).double()
-            assert ((got.double() - want).abs() <= rounding + 2**-12 * scale).all()
+            assert_bf16_gemm(got, a, b)
     # no gradient work without autograd: same statistics
     with torch.no_grad():
-        again = module.head_loss(list(hidden.unbind(0)), weight, targets, [1.0, 0.25])
+        again = module.head_loss(list(hidden.unbind(0)), weight, targets, depth_weights)
     torch.testing.assert_close(again[1], stats)
 
 

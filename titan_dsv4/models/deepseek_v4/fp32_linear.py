@@ -7,7 +7,9 @@ bf16 product accumulated in fp32 is exact, so ``x @ W.T`` is the sum of the bf16
 pairs (the pairs whose combined weight is below fp32 rounding are dropped). A bf16 operand (activations,
 weights under bf16 mixed precision) is a single part: bf16 x bf16 is then one GEMM with an fp32 output,
 exactly what fp32 math gives. The backward products are split the same way, each to the precision of its
-result (a bf16 weight's gradient needs two parts, not three). CPUs run plain fp32.
+result: an fp32 gradient (of an fp32 weight) from three parts, a bf16 one from one — the bf16 GEMM of the
+operands rounded to bf16, as in every other backward GEMM of bf16 mixed-precision training. CPUs run plain
+fp32.
 """
 
 from __future__ import annotations
@@ -25,16 +27,18 @@ BACKWARD_CHUNK_ELEMENTS = 2**28  # output-gradient elements split into bf16 part
 
 def result_parts(dtype: torch.dtype) -> int:
     """bf16 parts a product needs to be accurate to a ``dtype`` result: fp32 needs all three; a bf16 result
-    (the weight gradient of bf16 mixed-precision weights) needs two, whose dropped terms (~2^-16) lie far
-    below its own rounding (2^-9)."""
-    return PARTS if dtype == torch.float32 else 2
+    (the gradients of bf16 activations and of bf16 mixed-precision weights) one, the operands rounded to
+    bf16: their rounding (2^-9 of each term) is of the order of the result's own, as for any bf16 GEMM. (Two
+    parts cost the LM head's backward 4 GEMMs instead of 2 for error far below the result's rounding.)"""
+    return PARTS if dtype == torch.float32 else 1
 
 
 def bf16_parts(t: torch.Tensor, parts: int = PARTS) -> list[torch.Tensor]:
     """``t`` (fp32) as bf16 tensors whose fp32 sum is ``t`` to ``parts`` x 8 bits (one part if ``t``
-    already is bf16). Each part but the last is the rest with its low 16 bits cleared — exact in bf16, and
-    the rest minus it exact in fp32. Not ``rest - rest.to(bf16).float()``: compiled, inductor drops that
-    round trip (it does not emulate precision casts) and the later parts come out zero."""
+    already is bf16). Each part is the rest rounded to nearest bf16 (so the first, the one part of a bf16
+    GEMM, is ``t`` rounded to bf16), the rest minus it exact in fp32. Rounded by integer ops on the bits, not
+    ``rest - rest.to(bf16).float()``: compiled, inductor drops that round trip (it does not emulate
+    precision casts) and the later parts come out zero."""
     if t.dtype == torch.bfloat16:
         return [t]
     out, rest = [], fp32(t)
@@ -42,7 +46,8 @@ def bf16_parts(t: torch.Tensor, parts: int = PARTS) -> list[torch.Tensor]:
         if i + 1 == parts:
             out.append(rest.to(torch.bfloat16))
             break
-        head = (rest.view(torch.int32) & -65536).view(torch.float32)
+        # + half of bf16's last place, low 16 bits cleared: round to nearest (ties away from zero)
+        head = ((rest.view(torch.int32) + 0x8000) & -65536).view(torch.float32)
         out.append(head.to(torch.bfloat16))
         rest = rest - head
     return out
@@ -57,7 +62,7 @@ def parts_mm(a_parts: list[torch.Tensor], b_parts: list[torch.Tensor], parts: in
              mm=None) -> torch.Tensor:
     """``a @ b`` (2-D, fp32 result) to ``parts`` x 8 bits from the operands' bf16 parts: the sum of the
     ``bf16_mm`` (or ``mm``) products of the pairs that weigh above the result's rounding (part i is
-    ~2^(-8 i) of its tensor), grouped into as few GEMMs as moves the fewest bytes (``_product_plan``)."""
+    at most 2^(-9 i) of its tensor), grouped into as few GEMMs as moves the fewest bytes (``_product_plan``)."""
     mm = mm or bf16_mm
     pairs = [(i, j) for i in range(len(a_parts)) for j in range(len(b_parts)) if i + j < parts]
     m, n = a_parts[0].shape[0], b_parts[0].shape[1]
@@ -114,20 +119,22 @@ class _SplitLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        """Over chunks of rows: the output gradient's bf16 parts (1.5x its fp32 size) exist for one chunk at
-        a time, and serve both products."""
+        """Over chunks of rows: the output gradient's bf16 parts (up to 1.5x its fp32 size) exist for one
+        chunk at a time, and serve both products."""
         x, weight = ctx.saved_tensors
+        x_parts = result_parts(x.dtype) if ctx.needs_input_grad[0] else 0
+        weight_parts = result_parts(weight.dtype) if ctx.needs_input_grad[1] else 0
         flat, rows_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        weight_parts = bf16_parts(weight) if ctx.needs_input_grad[0] else []
+        weight_split = bf16_parts(weight, x_parts) if x_parts else []
         grad_x, grad_w = [], None
         chunk = max(1, BACKWARD_CHUNK_ELEMENTS // flat.shape[1])
         for r0 in range(0, flat.shape[0], chunk):
-            grad_parts = bf16_parts(flat[r0:r0 + chunk])
-            if ctx.needs_input_grad[0]:
-                grad_x.append(parts_mm(grad_parts, weight_parts, result_parts(x.dtype)).to(x.dtype))
-            if ctx.needs_input_grad[1]:
-                term = parts_mm([g.t() for g in grad_parts], bf16_parts(rows_x[r0:r0 + chunk]),
-                                result_parts(weight.dtype))
+            grad_parts = bf16_parts(flat[r0:r0 + chunk], max(x_parts, weight_parts))
+            if x_parts:
+                grad_x.append(parts_mm(grad_parts, weight_split, x_parts).to(x.dtype))
+            if weight_parts:
+                term = parts_mm([g.t() for g in grad_parts], bf16_parts(rows_x[r0:r0 + chunk], weight_parts),
+                                weight_parts)
                 grad_w = term if grad_w is None else grad_w.add_(term)
         return (torch.cat(grad_x).view(x.shape) if grad_x else None,
                 grad_w.to(weight.dtype) if grad_w is not None else None)
