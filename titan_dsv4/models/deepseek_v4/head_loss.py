@@ -24,7 +24,7 @@ from .fused import compiled_on_cuda
 from .mtp import IGNORE_INDEX
 from .norm import fp32
 
-CHUNK_ELEMENTS = 2**28  # logits of one chunk of rows: 1 GiB fp32 (+ its gradient's bf16 parts, 1 GiB)
+CHUNK_ELEMENTS = 2**28  # logits of one chunk of rows: 1 GiB fp32 (+ its gradient's bf16 parts, 0.5 GiB each)
 
 
 @compiled_on_cuda
