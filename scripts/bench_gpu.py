@@ -17,7 +17,6 @@ timings of each component's forward + backward on the real shapes; their FLOP sh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -180,17 +179,6 @@ def component_flops(args, seq: int) -> dict[str, float]:
     return out
 
 
-@contextlib.contextmanager
-def torch_sinkhorn():
-    """mHC sites with the torch Sinkhorn (compiled with the rest of the site) instead of its Triton kernel."""
-    chooses = hyper_connection.takes_triton_kernels
-    hyper_connection.takes_triton_kernels = lambda x: False
-    try:
-        yield
-    finally:
-        hyper_connection.takes_triton_kernels = chooses
-
-
 def component_times(opts, device) -> dict[str, float]:
     """Seconds per step spent in each component, forward + backward, from timings on the real shapes."""
     model = build(1, device)
@@ -223,8 +211,9 @@ def component_times(opts, device) -> dict[str, float]:
                 collapsed, post, comb = site(stream)
                 return hyper_connection.HyperConnection.post(collapsed, stream, post, comb)
             times["mhc"] += fwd_bwd(mhc)
-            with torch_sinkhorn():
-                times["mhc_torch_sinkhorn_baseline"] += fwd_bwd(mhc)
+            site.sinkhorn_kernel = "torch"
+            times["mhc_torch_sinkhorn_baseline"] += fwd_bwd(mhc)
+            site.sinkhorn_kernel = "auto"
     hidden = torch.randn(b, s, h, device=device, dtype=torch.bfloat16, requires_grad=True)
 
     def fused_head_loss():

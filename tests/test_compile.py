@@ -85,16 +85,13 @@ def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(gpu_c
         torch.testing.assert_close(grads[name], grad, rtol=0.02, atol=0.02 * grad.abs().max().item(), msg=name)
 
 
-def test_blocks_with_the_triton_kernels_compile_as_one_graph(gpu_code_paths, monkeypatch):
+def test_blocks_with_the_triton_kernels_compile_as_one_graph(gpu_code_paths):
     """On CUDA a block holds both Triton kernels (fused attention, Sinkhorn) as custom ops: each block still
     traces whole, with the kernels inside its graph (run here by Triton's interpreter)."""
     pytest.importorskip("triton")
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
-    from titan_dsv4.models.deepseek_v4 import hyper_connection
-
-    monkeypatch.setattr(hyper_connection, "takes_triton_kernels", lambda x: True)
     args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=2, compress_ratios=[4, 0, 4],
                                hc_sinkhorn_iters=2)
     ids = torch.randint(0, args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -103,6 +100,7 @@ def test_blocks_with_the_triton_kernels_compile_as_one_graph(gpu_code_paths, mon
     model.init_weights(0)
     model.train().to(torch.bfloat16)  # grouped expert GEMMs are bf16
     model.set_attention_kernel("triton")
+    model.set_sinkhorn_kernel("triton")
     model.set_mtp_loss_scale(0.3)
     backend = CompileCounterWithBackend("aot_eager")
     apply_compile(model, backend=backend)

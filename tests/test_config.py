@@ -77,6 +77,7 @@ BAD_RUNS = [
     (["--activation_checkpoint.selective_ac_option", "0"],
      "`activation_checkpoint.selective_ac_option` = '0' is invalid: allowed 'op' or a positive integer"),
     (["--model.attention_kernel", "flash"], "`model.attention_kernel` = 'flash' is invalid: allowed auto, torch"),
+    (["--model.sinkhorn_kernel", "cuda"], "`model.sinkhorn_kernel` = 'cuda' is invalid: allowed auto, torch"),
     (["--job.config_file", "/nonexistent.toml"], "no such file"),
     (["--training.dataset", "text", "--training.dataset_path", "/nonexistent"], "`training.dataset_path`"),
 ]

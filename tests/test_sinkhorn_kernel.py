@@ -53,8 +53,8 @@ def test_model_with_kernel_equals_torch_path(monkeypatch):
     calls = []
     real = sinkhorn_kernel.sinkhorn
     monkeypatch.setattr(sinkhorn_kernel, "sinkhorn", lambda *a: calls.append(1) or real(*a))
-    for kernel in (False, True):
-        monkeypatch.setattr(hyper_connection, "takes_triton_kernels", lambda x: kernel)
+    for kernel in ("torch", "triton"):
+        model.set_sinkhorn_kernel(kernel)
         model.zero_grad()
         out = model(ids)
         sum(o.pow(2).mean() for o in out).backward()
@@ -71,7 +71,8 @@ def test_model_with_kernel_equals_torch_path(monkeypatch):
 
 def test_which_runs_use_the_kernel(monkeypatch):
     """Not on CPU (the exact torch path stays); on meta tensors while the planner plans a GPU run (so it
-    counts the logits the kernel keeps, not every iterate); not for streams that are not a power of two."""
+    counts the logits the kernel keeps, not every iterate); not for streams that are not a power of two;
+    not where ``[model] sinkhorn_kernel = "torch"``."""
     from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 
     calls = []
@@ -81,19 +82,19 @@ def test_which_runs_use_the_kernel(monkeypatch):
     assert not calls
     monkeypatch.setattr(RoutedExperts, "use_grouped_mm", True)  # meta tensors cannot run the per-expert loop
     sites = 2 * (FLAVORS["debugmodel"].num_hidden_layers + FLAVORS["debugmodel"].num_mtp_layers)
-    for hc_mult, expected in ((4, sites), (3, 0)):
+    for hc_mult, kernel, expected in ((4, "auto", sites), (3, "auto", 0), (4, "torch", 0)):
         calls.clear()
         with torch.device("meta"):
             planned = DeepseekV4Model(dataclasses.replace(FLAVORS["debugmodel"], hc_mult=hc_mult))
+        planned.set_sinkhorn_kernel(kernel)
         with meta_as_gpu():
             planned.to(torch.bfloat16)(ids.to("meta"))
-        assert len(calls) == expected, hc_mult
+        assert len(calls) == expected, (hc_mult, kernel)
 
 
 def test_compiles_without_graph_break(monkeypatch):
-    """An mHC site's pre step, the kernel chosen inside it, compiles to one graph (the kernel an opaque
-    custom op) with the same values and gradients."""
-    monkeypatch.setattr(hyper_connection, "takes_triton_kernels", lambda x: True)
+    """An mHC site's pre step with the kernel compiles to one graph (the kernel an opaque custom op) with
+    the same values and gradients."""
     calls = []
     real = sinkhorn_kernel._sinkhorn
     monkeypatch.setattr(sinkhorn_kernel, "_sinkhorn", lambda *a: calls.append(1) or real(*a))
@@ -105,7 +106,7 @@ def test_compiles_without_graph_break(monkeypatch):
 
     def run(fn):
         leaves = [t.clone().requires_grad_() for t in (x, site.fn, site.base, site.scale)]
-        outs = fn(*leaves, n, 2, 1e-6, 1e-6)
+        outs = fn(*leaves, n, 2, 1e-6, 1e-6, True)
         loss = sum(o.square().sum() for o in outs)
         return [*outs, *torch.autograd.grad(loss, leaves)]
 

@@ -158,6 +158,7 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
                                    experts_apart=experts_apart(setup.parallel_dims))  # as parallelize_fn does
     model.set_mtp_loss_scale(config.mtp.loss_scaling_factor)
     model.set_attention_kernel(config.model.attention_kernel)
+    model.set_sinkhorn_kernel(config.model.sinkhorn_kernel)
     if config.training.indexer_loss_coeff > 0:
         model.set_indexer_loss_scale(1.0)
     for p in model.parameters():  # FSDP frees each unit's unsharded gradient after reduce-scatter: free now

@@ -170,6 +170,7 @@ class Trainer:
         part.init_weights(self.config.training.seed)
         part.set_mtp_loss_scale(self.config.mtp.loss_scaling_factor)
         part.set_attention_kernel(self.config.model.attention_kernel)
+        part.set_sinkhorn_kernel(self.config.model.sinkhorn_kernel)
         coeff = self.config.training.indexer_loss_coeff
         if coeff > 0:  # the KL is summed per token: normalise by the global batch's token count
             part.set_indexer_loss_scale(coeff / self.tokens_per_step)

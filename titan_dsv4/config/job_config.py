@@ -25,6 +25,8 @@ class Model:
     # embedded debug tokenizer
     attention_kernel: str = "auto"  # auto: the fused Triton attention kernel on CUDA when Triton is installed
     # (CUDA builds of torch bring it), the blocked torch path elsewhere | torch: the torch path everywhere
+    sinkhorn_kernel: str = "auto"  # auto: each mHC site's Sinkhorn as one Triton kernel each way on CUDA when
+    # Triton is installed and hc_mult is a power of two, the torch Sinkhorn elsewhere | torch: everywhere
 
 
 @dataclass

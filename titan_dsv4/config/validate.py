@@ -13,7 +13,7 @@ from .job_config import JobConfig
 from .manager import ConfigError
 
 AC_MODES = ("none", "full", "selective")
-ATTENTION_KERNELS = ("auto", "torch")
+KERNEL_CHOICES = ("auto", "torch")
 RESHARD_POLICIES = ("default", "always", "never")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZER_IMPLS = ("for-loop", "foreach", "fused")
@@ -67,7 +67,8 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     _choice("optimizer.name", config.optimizer.name, ("AdamW",))
     _choice("optimizer.implementation", config.optimizer.implementation, OPTIMIZER_IMPLS)
     _choice("activation_checkpoint.mode", config.activation_checkpoint.mode, AC_MODES)
-    _choice("model.attention_kernel", config.model.attention_kernel, ATTENTION_KERNELS)
+    _choice("model.attention_kernel", config.model.attention_kernel, KERNEL_CHOICES)
+    _choice("model.sinkhorn_kernel", config.model.sinkhorn_kernel, KERNEL_CHOICES)
     option = config.activation_checkpoint.selective_ac_option
     if not (option == "op" or (option.isdigit() and int(option) >= 1)):
         raise ConfigError(f"`activation_checkpoint.selective_ac_option` = {option!r} is invalid: allowed 'op' or "

@@ -68,17 +68,18 @@ class _Sinkhorn(torch.autograd.Function):
         return grad.permute(2, 0, 1).reshape(shape), None, None
 
 
-def sinkhorn(comb_logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Softmax over the last axis, then alternate column/row normalisation (column first). On GPUs one
+def sinkhorn(comb_logits: torch.Tensor, iters: int, eps: float, kernel: bool = False) -> torch.Tensor:
+    """Softmax over the last axis, then alternate column/row normalisation (column first). ``kernel``: one
     Triton kernel each way (``sinkhorn_kernel.py``)."""
-    if takes_triton_kernels(comb_logits) and sinkhorn_kernel.supports(comb_logits):
+    if kernel:
         return sinkhorn_kernel.sinkhorn(comb_logits, iters, eps)
     return _Sinkhorn.apply(comb_logits, iters, eps)
 
 
 @compiled_on_cuda
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int, iters: int,
-           hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           hc_eps: float, norm_eps: float, triton_sinkhorn: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The mixing coefficients of one mHC site and the collapsed sub-layer input (all fp32 math)."""
     mixes = _flat_mix(x, fn, norm_eps)
     base, scale = fp32(base), fp32(scale)
@@ -86,7 +87,7 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     pre_b, post_b, comb_b = base.split([n, n, n * n])
     pre = torch.sigmoid(pre_w * scale[0] + pre_b) + hc_eps
     post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
-    comb = sinkhorn((comb_w * scale[2] + comb_b).unflatten(-1, (n, n)), iters, hc_eps)
+    comb = sinkhorn((comb_w * scale[2] + comb_b).unflatten(-1, (n, n)), iters, hc_eps, triton_sinkhorn)
     collapsed = (pre.unsqueeze(-1) * fp32(x)).sum(dim=2).to(x.dtype)
     return collapsed, post, comb
 
@@ -113,12 +114,20 @@ class HyperConnection(nn.Module):
         self.fn = nn.Parameter(torch.empty(mix, hc_mult * hidden_size, dtype=torch.float32))
         self.base = nn.Parameter(torch.empty(mix, dtype=torch.float32))
         self.scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
+        # "auto": the Triton Sinkhorn on CUDA (when installed); "torch": the torch Sinkhorn everywhere;
+        # "triton": the kernel on any device Triton runs on (CPU: under its interpreter, for tests)
+        self.sinkhorn_kernel = "auto"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The site's pre step (a module call, so FSDP gathers the weights); ``post`` is applied after the
         sub-layer. Returns ``(collapsed [B,S,H] in x.dtype, post [B,S,n] fp32, comb [B,S,n,n] fp32)``."""
         return hc_pre(x, self.fn, self.base, self.scale, self.hc_mult, self.sinkhorn_iters, self.hc_eps,
-                      self.norm_eps)
+                      self.norm_eps, self._runs_sinkhorn_kernel(x))
+
+    def _runs_sinkhorn_kernel(self, x: torch.Tensor) -> bool:
+        if self.sinkhorn_kernel == "torch" or not sinkhorn_kernel.supports(x.device, self.hc_mult):
+            return False
+        return self.sinkhorn_kernel == "triton" or takes_triton_kernels(x)
 
     post = staticmethod(hc_post)
 

@@ -12,7 +12,7 @@ from .block import Block
 from .document import default_positions, document_ids
 from .fp32_linear import fp32_linear
 from .head_loss import head_loss
-from .hyper_connection import HyperHead
+from .hyper_connection import HyperConnection, HyperHead
 from .init import canonical_fqn, init_weights
 from .mtp import MTPBlock, mtp_input_ids
 from .norm import RMSNorm
@@ -123,6 +123,12 @@ class DeepseekV4Model(nn.Module):
         ``"triton"``: the kernel on any device Triton runs on (CPU: under its interpreter, for tests)."""
         for module in self.attention_modules():
             module.kernel = kernel
+
+    def set_sinkhorn_kernel(self, kernel: str) -> None:
+        """Every mHC site's Sinkhorn, as ``set_attention_kernel``: ``"auto"`` | ``"torch"`` | ``"triton"``."""
+        for module in self.modules():
+            if isinstance(module, HyperConnection):
+                module.sinkhorn_kernel = kernel
 
     def set_mtp_loss_scale(self, scale: float) -> None:
         """lambda in ``main + lambda / D · Σ_k mtp_k``: the fused head's objective needs it in its forward."""

@@ -120,10 +120,10 @@ def _backward(ctx, grad):
 _sinkhorn.register_autograd(_backward, setup_context=_setup_context)
 
 
-def supports(comb_logits: torch.Tensor) -> bool:
-    """Triton runs here (as for the attention kernel) and ``n`` is a power of two (a Triton tile side)."""
-    n = comb_logits.shape[-1]
-    return available(comb_logits.device) and n & (n - 1) == 0
+def supports(device: torch.device, n: int) -> bool:
+    """Triton runs on ``device`` (as for the attention kernel) and ``n`` streams are a power of two (a
+    Triton tile side)."""
+    return available(device) and n & (n - 1) == 0
 
 
 def sinkhorn(comb_logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
