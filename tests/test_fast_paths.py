@@ -197,8 +197,8 @@ def test_bf16_part_products_are_fp32_accurate_in_every_grouping(monkeypatch):
     """``parts_mm`` sums the bf16 part products one GEMM per pair, in one GEMM concatenated along K, or one
     GEMM per part of either operand with the other's parts stacked: each equals the exact sum of the pairs
     (fp64) to 2^-20 of its scale (a dropped part: 2^-9). The bf16 GEMM is stood in for by the fp32 product
-    of bf16 values. At mHC's shapes (8192 tokens, 4 x 4096 streams, 24 mixes) the chosen grouping reads the streams once and
-    writes the [tokens, 4 x 4096] gradient once."""
+    of bf16 values. At mHC's shapes (8192 tokens, 4 x 4096 streams, 24 mixes) the chosen grouping reads the
+    streams once and writes the [tokens, 4 x 4096] gradient once."""
     from titan_dsv4.models.deepseek_v4 import fp32_linear as module
 
     calls = []
