@@ -91,6 +91,27 @@ def test_grouped_gemm_path_equals_the_per_expert_loop():
         torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
 
 
+def test_expert_parallel_moves_bf16_rows_both_ways(tmp_path):
+    """bf16 experts split over 2 gloo ranks: the rows go to their experts and come back as bf16 (the
+    experts' outputs are bf16 GEMM results; MoE sums them in fp32 after the combine), so the combine's
+    all-to-all moves half the bytes of fp32 rows, and its backward sends bf16 gradients. Outputs and the
+    rows' and routing weights' gradients equal one process holding every expert exactly; expert weight
+    gradients up to bf16 accumulation (one backward over all rows against one per rank)."""
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(REPO / "tests" / "expert_parallel_worker.py"),
+           str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-6000:]
+    for rank in json.loads(out.read_text()):
+        assert rank["wire"] == ["torch.bfloat16", "torch.float32", "torch.bfloat16"]  # rows, weights, back
+        assert rank["out_dtype"] == "torch.bfloat16"
+        diffs = rank["diffs"]
+        assert diffs["out"] == diffs["grad_xs"] == diffs["grad_ws"] == 0.0, diffs
+        assert all(diffs[w] < 2**-6 for w in ("w1", "w2", "w3")), diffs
+
+
 @pytest.mark.slow
 def test_bf16_mixed_precision_keeps_the_released_fp32_tensors_in_fp32(tmp_path):
     """FSDP2 gathers parameters in bf16 for compute, except the tensors the release keeps in fp32 (mHC mixes,

@@ -299,9 +299,9 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
             activations, in_flight = worst_moment(schedule_actions(setup.pipeline_plan, pp_rank),
                                                   {s: acts[s] for s in stages})
         all_to_all = 0
-        if ep > 1:  # dispatch send/receive in the compute dtype, the combine's in fp32, one MoE at a time
+        if ep > 1:  # dispatch and combine, send and receive, in the compute dtype; one MoE at a time
             tokens = _microbatch(config, setup) * config.training.seq_len * args.num_experts_per_tok
-            all_to_all = tokens * args.hidden_size * (2 * compute_bytes + 2 * 4)
+            all_to_all = tokens * args.hidden_size * 4 * compute_bytes
         ranks.append(RankPlan(pp_rank=pp_rank, stages=stages, params=4 * params, grads=4 * trainable,
                               optimizer=8 * trainable, unsharded=unsharded, activations=activations,
                               in_flight=in_flight, all_to_all=all_to_all))

@@ -5,7 +5,8 @@ computes the experts it holds on rows grouped by expert.
 
 Row order on the wire: a rank sends its rows grouped by global expert, i.e. already grouped by destination
 rank; the receiver gets ``[source rank][local expert]`` blocks and regroups them ``[local expert][source]``
-for the grouped GEMM, then undoes both steps on the way back.
+for the grouped GEMM, then undoes both steps on the way back. Rows travel in the activations' dtype both
+ways (bf16 on GPUs): the experts' outputs are bf16 GEMM results, summed in fp32 only after the combine.
 """
 
 from __future__ import annotations

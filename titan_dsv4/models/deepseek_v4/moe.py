@@ -77,7 +77,9 @@ class RoutedExperts(nn.Module):
 
     def forward(self, xs: torch.Tensor, ws: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``xs`` ``[N, H]`` rows grouped by expert, ``ws`` ``[N, 1]`` fp32 routing weights, ``counts``
-        ``[E]`` rows per expert -> fp32 ``[N, H]``; the routing weight is applied before ``w2``."""
+        ``[E]`` rows per expert -> ``[N, H]`` as ``w2``'s GEMM gives them, in ``xs``' dtype (bf16 on GPUs;
+        ``MoE`` sums them in fp32): expert parallelism's combine moves them at that width, exactly. The
+        routing weight is applied before ``w2``."""
         w1, w2, w3 = (local_tensor(w) for w in (self.w1, self.w2, self.w3))
         grouped = self.use_grouped_mm
         if grouped is None:
@@ -87,19 +89,19 @@ class RoutedExperts(nn.Module):
             gate = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offsets)
             up = torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offsets)
             act = (clamped_swiglu(gate, up, self.limit) * ws).to(xs.dtype)
-            return fp32(torch._grouped_mm(act, w2.transpose(-2, -1), offs=offsets))
+            return torch._grouped_mm(act, w2.transpose(-2, -1), offs=offsets)
         outs, sizes = [], counts.tolist()
         for e, (xe, we) in enumerate(zip(xs.split(sizes), ws.split(sizes))):
             if xe.shape[0] == 0:
                 continue
             outs.append(self.expert_ffn(xe, we, w1[e], w2[e], w3[e]))
-        return torch.cat(outs) if outs else fp32(xs.new_zeros(0, xs.shape[-1]))
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
     def expert_ffn(self, x: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                    w3: torch.Tensor) -> torch.Tensor:
-        """One expert on its rows ``x`` (routing weights ``w``, applied before ``w2``) -> fp32."""
+        """One expert on its rows ``x`` (routing weights ``w``, applied before ``w2``), in ``x``' dtype."""
         act = clamped_swiglu(x @ w1.t(), x @ w3.t(), self.limit) * w
-        return fp32(act.to(x.dtype) @ w2.t())
+        return act.to(x.dtype) @ w2.t()
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -140,5 +142,5 @@ class MoE(nn.Module):
         if self.training and not recomputing():
             self.gate.expert_load += counts
         rows = self.experts(flat[token], weights.flatten()[order].unsqueeze(-1), counts)
-        routed = fp32(torch.zeros_like(flat)).index_add_(0, token, rows)
+        routed = fp32(torch.zeros_like(flat)).index_add_(0, token, fp32(rows))
         return (routed + fp32(self.shared_experts(flat))).to(x.dtype).view(shape)
