@@ -235,7 +235,9 @@ class Indexer(nn.Module):
         scores = fp32_matmul(q.flatten(1, 2), keys.transpose(1, 2)).view(batch, q_len, self.n_heads, -1)
         scores = scores.relu() * self.head_dim**-0.5
         weights = fp32(self.weights_proj(x)) * self.n_heads**-0.5
-        scores = torch.einsum("bqhp,bqh->bqp", scores, weights)
+        # a weighted sum over heads, not an einsum: that is a batched GEMM, whose operand (the relu'd
+        # scores, the size of the per-head scores) must be written out; compiled, this fuses into one pass
+        scores = (scores * weights.unsqueeze(-1)).sum(dim=2)
         scores = scores.masked_fill(~visible, float("-inf"))
         top = topk_earliest_first(scores, min(self.topk, scores.shape[-1]))
         return top, visible.gather(-1, top), scores

@@ -130,7 +130,9 @@ class _SplitLinear(torch.autograd.Function):
         chunk = max(1, BACKWARD_CHUNK_ELEMENTS // flat.shape[1])
         for r0 in range(0, flat.shape[0], chunk):
             grad_parts = bf16_parts(flat[r0:r0 + chunk], max(x_parts, weight_parts))
-            if x_parts:
+            if x_parts == 1:  # a bf16 result: one bf16 GEMM writing bf16 (fp32 accumulation, one rounding)
+                grad_x.append(grad_parts[0] @ weight_split[0])
+            elif x_parts:
                 grad_x.append(parts_mm(grad_parts, weight_split, x_parts).to(x.dtype))
             if weight_parts:
                 term = parts_mm([g.t() for g in grad_parts], bf16_parts(rows_x[r0:r0 + chunk], weight_parts),
