@@ -44,9 +44,13 @@ CASES = {
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel") / "out.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(REPO / "tests" / "parallel_worker.py"), str(out),
-           *(f"{name}={spec}" for name, spec in CASES.items())]
+    return _run_worker("parallel_worker.py", 4, out, *(f"{name}={spec}" for name, spec in CASES.items()))
+
+
+def _run_worker(script: str, nproc: int, out, *args: str):
+    """``tests/script`` under torchrun on ``nproc`` gloo processes; what it wrote to ``out`` (JSON)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--rdzv_backend",
+           "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(REPO / "tests" / script), str(out), *args]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-6000:]
@@ -97,14 +101,7 @@ def test_expert_parallel_moves_bf16_rows_both_ways(tmp_path):
     all-to-all moves half the bytes of fp32 rows, and its backward sends bf16 gradients. Outputs and the
     rows' and routing weights' gradients equal one process holding every expert exactly; expert weight
     gradients up to bf16 accumulation (one backward over all rows against one per rank)."""
-    out = tmp_path / "out.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(REPO / "tests" / "expert_parallel_worker.py"),
-           str(out)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-6000:]
-    for rank in json.loads(out.read_text()):
+    for rank in _run_worker("expert_parallel_worker.py", 2, tmp_path / "out.json"):
         assert rank["wire"] == ["torch.bfloat16", "torch.float32", "torch.bfloat16"]  # rows, weights, back
         assert rank["out_dtype"] == "torch.bfloat16"
         diffs = rank["diffs"]
@@ -118,14 +115,7 @@ def test_bf16_mixed_precision_keeps_the_released_fp32_tensors_in_fp32(tmp_path):
     sinks, compressor position biases): every rank keeps those whole, in fp32, and their gradients are
     summed over the data-parallel ranks. 2 gloo processes against one process holding the same dtype split
     by hand, fed each rank's batch: objectives and the fp32 parameters' summed gradients agree."""
-    out = tmp_path / "out.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(REPO / "tests" / "mixed_precision_worker.py"),
-           str(out)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-6000:]
-    r = json.loads(out.read_text())
+    r = _run_worker("mixed_precision_worker.py", 2, tmp_path / "out.json")
     replicated = set(r["replicated_names"])
     assert any(n.endswith("hc_attn.fn") for n in replicated) and any(n.endswith("attn_sink") for n in replicated)
     assert any(n.endswith("compressor.ape") for n in replicated)
