@@ -1,10 +1,10 @@
 """Roofline estimate of the GPU benchmark step (``bench_gpu.py``'s model), op by op, without a GPU.
 
 The model runs forward + loss + backward on the ``meta`` device through the GPU code paths (bf16-part
-GEMMs, grouped expert GEMMs, the fused attention kernel when Triton is installed, query-blocked attention
-otherwise), and every aten op it dispatches is costed as one eager kernel: ``max(GEMM FLOPs / GEMM rate,
-bytes moved / bandwidth, kernel floor)``; the attention kernel at an assumed share of the GEMM rate, with
-its atomic traffic. Bytes are the distinct
+GEMMs, grouped expert GEMMs, the fused attention and indexer kernels when Triton is installed,
+query-blocked attention otherwise), and every aten op it dispatches is costed as one eager kernel:
+``max(GEMM FLOPs / GEMM rate, bytes moved / bandwidth, kernel floor)``; the Triton attention and indexer
+kernels at an assumed share of the GEMM rate, the attention's with its atomic traffic. Bytes are the distinct
 elements each op reads and writes; views are free. Each op is charged to the component whose code issued
 it (backward ops to the component whose forward built their autograd node).
 
@@ -51,7 +51,7 @@ FUSED_ATTENTION = {"fused_attention": 2, "fused_attention_backward": 5}  # GEMMs
 # pipelining); bench_gpu.py measures it
 FUSED_ATTENTION_EFFICIENCY = 0.4
 # kernels torch.compile leaves to libraries or our own kernels: never fused with their neighbours
-EXTERN = GEMMS | {"sort", "topk", "sinkhorn", "sinkhorn_backward"} | set(FUSED_ATTENTION)
+EXTERN = GEMMS | {"sort", "topk", "sinkhorn", "sinkhorn_backward", "index_scores"} | set(FUSED_ATTENTION)
 # ops that read only the indexed part of their first input (a gather) or write only part of it (a scatter)
 PARTIAL_FIRST_INPUT = {"index", "gather", "index_select", "embedding", "index_add", "index_add_", "scatter_add_",
                        "scatter_add", "index_put_", "_index_put_impl_", "scatter_", "scatter"}
@@ -127,6 +127,13 @@ def fused_attention_cost(name: str, args) -> tuple[float, int]:
         return flops + (2.0 * batch * seq * heads * entry_index.shape[-1] * dim if entry_mass else 0.0), 0
     programs = batch * seq * -(-heads // attention_kernel.launch_config(heads, dim, window, 0)["BLOCK_H"])
     return flops, programs * keys * dim * 4
+
+
+def index_scores_flops(args) -> float:
+    """The indexer kernel's score GEMM: every (query, head) against every entry (q, keys, ...)."""
+    q, keys = args[0], args[1]
+    batch, queries, heads, dim = q.shape
+    return 2.0 * batch * queries * heads * keys.shape[1] * dim
 
 
 def gemm_flops(name: str, args) -> float:
@@ -235,6 +242,9 @@ class CostModel(TorchDispatchMode):
         if name in FUSED_ATTENTION:
             flops, atomic_bytes = fused_attention_cost(name, args)
             written += atomic_bytes
+            timed_flops = flops / FUSED_ATTENTION_EFFICIENCY
+        elif name == "index_scores":  # a Triton kernel like the attention's, at the same assumed rate
+            flops = index_scores_flops(args)
             timed_flops = flops / FUSED_ATTENTION_EFFICIENCY
         cost = self.roofline.cost(timed_flops, written + sum(read), fp32_gemm)
         cost.flops = flops

@@ -86,8 +86,8 @@ def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(gpu_c
 
 
 def test_blocks_with_the_triton_kernels_compile_as_one_graph(gpu_code_paths):
-    """On CUDA a block holds both Triton kernels (fused attention, Sinkhorn) as custom ops: each block still
-    traces whole, with the kernels inside its graph (run here by Triton's interpreter)."""
+    """On CUDA a block holds the Triton kernels (fused attention, indexer scores, Sinkhorn) as custom ops: each
+    block still traces whole, with the kernels inside its graph (run here by Triton's interpreter)."""
     pytest.importorskip("triton")
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
@@ -112,3 +112,5 @@ def test_blocks_with_the_triton_kernels_compile_as_one_graph(gpu_code_paths):
     ops = [str(node.target) for graph in backend.graphs for node in graph.graph.nodes]
     assert ops.count("titan_dsv4.fused_attention.default") == blocks
     assert ops.count("titan_dsv4.sinkhorn.default") == 2 * blocks
+    csa = sum(m.indexer is not None for m in model.attention_modules())
+    assert csa > 0 and ops.count("titan_dsv4.index_scores.default") == csa

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention_kernel
+from . import attention_kernel, indexer_kernel
 from .args import CSA_RATIO, DeepseekV4ModelArgs
 from .fp32_linear import fp32_linear, fp32_matmul, matmul_fp32_result
 from .gpu_paths import takes_gpu_path, takes_triton_kernels
@@ -224,20 +224,24 @@ class Indexer(nn.Module):
         self.register_buffer("kl_sum", torch.zeros((), dtype=torch.float64), persistent=False)
 
     def select(self, x: torch.Tensor, qr: torch.Tensor, rotation: torch.Tensor, keys: torch.Tensor,
-               visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               visible: torch.Tensor, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For the queries ``x``/``qr``: the chosen entries ``[B, Q, k]``, whether each is visible
-        ``[B, Q, k]`` (fewer than k may be), and the fp32 index scores ``[B, Q, P]`` (-inf if not visible)."""
+        ``[B, Q, k]`` (fewer than k may be), and the fp32 index scores ``[B, Q, P]`` (-inf if not visible).
+        ``kernel``: scored by the Triton kernel (``indexer_kernel.py``), no per-head scores in memory."""
         batch, q_len, _ = x.shape
         q = self.wq_b(qr).view(batch, q_len, self.n_heads, self.head_dim)
         q = apply_rope(q, rotation)
-        # a batched product of activations, like the attention scores (op-level activation checkpointing
-        # recomputes those and keeps the projections' 2-D GEMMs)
-        scores = fp32_matmul(q.flatten(1, 2), keys.transpose(1, 2)).view(batch, q_len, self.n_heads, -1)
-        scores = scores.relu() * self.head_dim**-0.5
         weights = fp32(self.weights_proj(x)) * self.n_heads**-0.5
-        # a weighted sum over heads, not an einsum: that is a batched GEMM, whose operand (the relu'd
-        # scores, the size of the per-head scores) must be written out; compiled, this fuses into one pass
-        scores = (scores * weights.unsqueeze(-1)).sum(dim=2)
+        if kernel:
+            scores = indexer_kernel.index_scores(q, keys, weights, self.head_dim**-0.5)
+        else:
+            # a batched product of activations, like the attention scores (op-level activation checkpointing
+            # recomputes those and keeps the projections' 2-D GEMMs)
+            scores = fp32_matmul(q.flatten(1, 2), keys.transpose(1, 2)).view(batch, q_len, self.n_heads, -1)
+            scores = scores.relu() * self.head_dim**-0.5
+            # a weighted sum over heads, not an einsum: that is a batched GEMM, whose operand (the relu'd
+            # scores, the size of the per-head scores) must be written out; compiled, this fuses into one pass
+            scores = (scores * weights.unsqueeze(-1)).sum(dim=2)
         scores = scores.masked_fill(~visible, float("-inf"))
         top = topk_earliest_first(scores, min(self.topk, scores.shape[-1]))
         return top, visible.gather(-1, top), scores
@@ -348,12 +352,18 @@ class Attention(nn.Module):
             out = _AttachLoss.apply(out, kl_sum * self.indexer_loss_scale)
         return out
 
-    def _fuses(self, x: torch.Tensor) -> bool:
+    def _runs_triton(self, x: torch.Tensor) -> bool:
         if self.kernel == "torch" or not attention_kernel.available(x.device):
             return False
-        if self.kernel == "triton":
-            return True
-        return takes_triton_kernels(x) and not torch.are_deterministic_algorithms_enabled()
+        return self.kernel == "triton" or takes_triton_kernels(x)
+
+    def _fuses(self, x: torch.Tensor) -> bool:
+        """The fused core: not under torch's deterministic algorithms ("auto"), its backward adds atomically."""
+        return self._runs_triton(x) and (self.kernel == "triton" or not torch.are_deterministic_algorithms_enabled())
+
+    def _scores_index_in_triton(self, x: torch.Tensor) -> bool:
+        """The indexer's scoring kernel (deterministic: no atomics) wherever the Triton kernels run."""
+        return self._runs_triton(x) and indexer_kernel.supports(x.device, self.indexer.head_dim)
 
     def _attend_fused(self, x, qr, q, kv, entries, index_keys, ctx: AttentionContext,
                       train_indexer: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -388,7 +398,8 @@ class Attention(nn.Module):
             q1 = min(seq, q0 + chunk)
             visible = entries.visible(torch.arange(q0, q1, device=x.device), ctx.doc_ids[:, q0:q1])
             top, top_ok, chunk_scores = self.indexer.select(x.detach()[:, q0:q1], qr.detach()[:, q0:q1],
-                                                            ctx.rotation["compress"][:, q0:q1], index_keys, visible)
+                                                            ctx.rotation["compress"][:, q0:q1], index_keys, visible,
+                                                            self._scores_index_in_triton(x))
             index.append(torch.where(top_ok, top.to(torch.int32), -1))
             scores.append(chunk_scores.gather(-1, top))
         return torch.cat(index, dim=1), torch.cat(scores, dim=1)
@@ -449,7 +460,7 @@ class Attention(nn.Module):
                 rotation = blocks.pad(ctx.rotation["compress"]).flatten(1, 2)
                 top, top_ok, index_scores = self.indexer.select(
                     blocks.pad(x.detach()).flatten(1, 2), blocks.pad(qr.detach()).flatten(1, 2), rotation,
-                    index_keys, visible)
+                    index_keys, visible, self._scores_index_in_triton(x))
                 if self._gathers(entries):
                     chosen, index_scores, gathered = top_ok, index_scores.gather(-1, top), top
                 else:

@@ -41,7 +41,7 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _dot(a, b, UPCAST: tl.constexpr):
+    def bf16_dot(a, b, UPCAST: tl.constexpr):
         # the interpreter multiplies bf16 bit patterns (triton-lang/triton#11584); bf16 x bf16 products are
         # exact in fp32, so fp32 operands give the same sums. fp32 inputs stay fp32 (not TF32) on GPUs.
         if UPCAST or a.dtype == tl.float32:
@@ -84,7 +84,7 @@ if triton is not None:
     def _tile_probabilities(q, ptrs, ok, h_ok, lse, scale, UPCAST: tl.constexpr):
         """A key tile and its final probabilities ``[BLOCK_H, BLOCK_N]`` (from the softmax's log-sum-exp)."""
         k = tl.load(ptrs, mask=ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), UPCAST) * scale
+        s = bf16_dot(q, tl.trans(k), UPCAST) * scale
         return k, tl.where(ok[None, :] & h_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
 
     @triton.jit
@@ -108,13 +108,13 @@ if triton is not None:
                                     s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
             if tl.max(ok.to(tl.int32)) > 0:  # tiles before the document or of unused list slots: skipped
                 k = tl.load(ptrs, mask=ok[:, None], other=0.0)
-                s = _dot(q, tl.trans(k), UPCAST) * scale
+                s = bf16_dot(q, tl.trans(k), UPCAST) * scale
                 s = tl.where(ok[None, :], s, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, axis=1))
                 alpha = tl.exp(m - m_new)
                 p = tl.exp(s - m_new[:, None])
                 denom = denom * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + _dot(p.to(k.dtype), k, UPCAST)
+                acc = acc * alpha[:, None] + bf16_dot(p.to(k.dtype), k, UPCAST)
                 m = m_new
         # the offsets written out again (``rows_q`` kept through the loop costs 64 registers per thread on sm_90)
         tl.store(out_ptr + query + h[:, None] * s_qh + tl.arange(0, D)[None, :], acc / denom[:, None],
@@ -150,11 +150,11 @@ if triton is not None:
                                        s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
             if tl.max(ok.to(tl.int32)) > 0:
                 k, p = _tile_probabilities(q, ptrs, ok, h_ok, lse, scale, UPCAST)
-                dp = _dot(dout, tl.trans(k), UPCAST)
+                dp = bf16_dot(dout, tl.trans(k), UPCAST)
                 ds = (p * (dp - delta[:, None])).to(k.dtype)  # enters the GEMMs as bf16, as in the torch path
-                dq += _dot(ds, k, UPCAST)
+                dq += bf16_dot(ds, k, UPCAST)
                 # K == V: the key and value gradients of these rows, summed
-                dk = _dot(tl.trans(ds), q, UPCAST) * scale + _dot(tl.trans(p.to(k.dtype)), dout, UPCAST)
+                dk = bf16_dot(tl.trans(ds), q, UPCAST) * scale + bf16_dot(tl.trans(p.to(k.dtype)), dout, UPCAST)
                 if tile < N_WINDOW_TILES:
                     dptrs = dkv_ptr + b * s_kvb + rows[:, None] * s_kvs + d[None, :]
                 else:
