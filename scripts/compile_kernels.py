@@ -1,6 +1,6 @@
-"""Compile the Triton kernels (fused attention, indexer scores, Sinkhorn) for an H100/H200 (sm_90) without a GPU and report
-what ptxas gave each: registers per thread, spill stack, shared memory. Triton's wheel carries the compiler
-and ``cuobjdump``.
+"""Compile the Triton kernels (fused attention, indexer scores, Sinkhorn) for an H100/H200 (sm_90) without a
+GPU and report what ptxas gave each: registers per thread, spill stack, shared memory. Triton's wheel carries
+the compiler and ``cuobjdump``.
 
 A kernel the interpreter runs may still not compile for the GPU, or spill its 512-d tiles out of
 registers: this shows both before any GPU time is spent.
