@@ -1,5 +1,6 @@
 """The fused attention kernel (Triton, run on CPU by Triton's interpreter) against a dense masked softmax
-written out here, and inside the model against the torch path; and that it compiles for an H100."""
+written out here, and inside the model against the torch path; which runs take it and the indexer's scoring
+kernel; and that the kernels compile for an H100."""
 
 import json
 import os
@@ -98,30 +99,40 @@ def test_model_with_fused_kernel_equals_torch_path(indexer_trains):
     assert (ref_kl > 0) == indexer_trains and got_kl == pytest.approx(ref_kl, rel=1e-6)
 
 
-def test_which_runs_use_the_kernel(monkeypatch):
+def test_which_runs_use_the_kernels(monkeypatch):
     """``auto``: not on CPU (the exact torch path stays), on meta tensors while the planner plans a GPU run
-    (so it counts what the kernel keeps), not with ``[model] attention_kernel = "torch"``, not under torch's
-    deterministic algorithms (its backward adds atomically)."""
-    from titan_dsv4.models.deepseek_v4 import DeepseekV4Model, attention_kernel
+    (so it counts what the kernels keep), not with ``[model] attention_kernel = "torch"``. Under torch's
+    deterministic algorithms the attention kernel stays off (its backward adds atomically) and the indexer's
+    scoring kernel runs (it adds nothing atomically): once per CSA layer."""
+    from titan_dsv4.models.deepseek_v4 import DeepseekV4Model, attention_kernel, indexer_kernel
     from titan_dsv4.models.deepseek_v4.gpu_paths import meta_as_gpu
     from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 
-    calls = []
-    real = attention_kernel.fused_attention
-    monkeypatch.setattr(attention_kernel, "fused_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = {"attention": 0, "indexer": 0}
+
+    def counted(name, real):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(attention_kernel, "fused_attention", counted("attention", attention_kernel.fused_attention))
+    monkeypatch.setattr(indexer_kernel, "_index_scores", counted("indexer", indexer_kernel._index_scores))
     model = random_model(FLAVORS["debugmodel"])
+    layers = len(model.attention_modules())
+    csa = sum(m.indexer is not None for m in model.attention_modules())
     ids = torch.randint(0, 2048, (1, 24))
     model(ids)
-    assert not calls
+    assert calls == {"attention": 0, "indexer": 0}
     model.set_attention_kernel("triton")
     model(ids)
-    assert len(calls) == len(model.attention_modules())
+    assert calls == {"attention": layers, "indexer": csa} and csa > 0
     monkeypatch.setattr(RoutedExperts, "use_grouped_mm", True)  # meta tensors cannot run the per-expert loop
     with torch.device("meta"):
         planned = DeepseekV4Model(FLAVORS["debugmodel"]).to(torch.bfloat16)  # grouped GEMMs are bf16
-    layers = len(calls)
-    for kernel, deterministic, expected in (("auto", False, 2 * layers), ("torch", False, 2 * layers),
-                                            ("auto", True, 2 * layers)):
+    for kernel, deterministic, expected in (("auto", False, (layers, csa)), ("torch", False, (0, 0)),
+                                            ("auto", True, (0, csa))):
+        calls.update(attention=0, indexer=0)
         planned.set_attention_kernel(kernel)
         torch.use_deterministic_algorithms(deterministic)
         try:
@@ -129,7 +140,7 @@ def test_which_runs_use_the_kernel(monkeypatch):
                 planned(ids.to("meta"))
         finally:
             torch.use_deterministic_algorithms(False)
-        assert len(calls) == expected, (kernel, deterministic)
+        assert (calls["attention"], calls["indexer"]) == expected, (kernel, deterministic)
 
 
 def test_compiles_without_graph_break():

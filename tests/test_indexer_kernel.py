@@ -1,11 +1,9 @@
 """The indexer's scoring kernel (Triton, run on CPU by Triton's interpreter) against the lightning indexer's
-formula written out here in fp64, and inside the model: which runs take it, and one graph under compile."""
+formula written out here in fp64, and one graph under compile. Which runs take it: test_attention_kernel.py;
+inside the model against the torch path: there and test_compile.py."""
 
 import pytest
 import torch
-
-from hf_reference import random_model
-from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 
 pytest.importorskip("triton")
 from titan_dsv4.models.deepseek_v4 import indexer_kernel  # noqa: E402
@@ -39,40 +37,6 @@ def test_kernel_equals_the_formula_written_out(dtype, heads):
     for name, a, b in zip(("scores", "q", "keys", "weights"), got, want):
         tol = bf16_tol if dtype == torch.bfloat16 and name in ("q", "keys") else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.double(), b.detach(), **tol, msg=name)
-
-
-def test_which_runs_use_the_kernel(monkeypatch):
-    """Wherever the Triton kernels run: not on CPU ("auto"), on meta tensors while the planner plans a GPU
-    run, also under torch's deterministic algorithms (it adds nothing atomically, unlike the attention
-    core), not with ``[model] attention_kernel = "torch"``; once per CSA layer at this length."""
-    from titan_dsv4.models.deepseek_v4.gpu_paths import meta_as_gpu
-    from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
-
-    calls = []
-    real = indexer_kernel._index_scores
-    monkeypatch.setattr(indexer_kernel, "_index_scores", lambda *a: calls.append(1) or real(*a))
-    model = random_model(FLAVORS["debugmodel"])
-    csa_layers = sum(m.indexer is not None for m in model.attention_modules())
-    ids = torch.randint(0, 2048, (1, 24))
-    model(ids)
-    assert not calls and csa_layers > 0
-    model.set_attention_kernel("triton")
-    model(ids)
-    assert len(calls) == csa_layers
-    monkeypatch.setattr(RoutedExperts, "use_grouped_mm", True)  # meta tensors cannot run the per-expert loop
-    with torch.device("meta"):
-        planned = DeepseekV4Model(FLAVORS["debugmodel"]).to(torch.bfloat16)
-    for kernel, deterministic, expected in (("auto", False, csa_layers), ("auto", True, csa_layers),
-                                            ("torch", False, 0)):
-        calls.clear()
-        planned.set_attention_kernel(kernel)
-        torch.use_deterministic_algorithms(deterministic)
-        try:
-            with meta_as_gpu():
-                planned(ids.to("meta"))
-        finally:
-            torch.use_deterministic_algorithms(False)
-        assert len(calls) == expected, (kernel, deterministic)
 
 
 def test_compiles_without_graph_break():
