@@ -105,5 +105,8 @@ _index_scores.register_autograd(_backward, setup_context=_setup_context)
 
 def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
     """``[B, Q, P]`` fp32: ``Σ_h weights[b, t, h] · relu(q[b, t, h] · keys[b, p]) · scale`` for queries
-    ``q [B, Q, H, D]``, entries ``keys [B, P, D]`` (same dtype) and fp32 ``weights [B, Q, H]``."""
-    return _index_scores(q.contiguous(), keys.contiguous(), weights.float().contiguous(), scale)
+    ``q [B, Q, H, D]``, entries ``keys [B, P, D]`` and ``weights [B, Q, H]`` (fp32). Operands of different
+    dtypes meet in the wider one, as the torch path's product does."""
+    dtype = torch.promote_types(q.dtype, keys.dtype)
+    return _index_scores(q.to(dtype).contiguous(), keys.to(dtype).contiguous(), weights.float().contiguous(),
+                         scale)
