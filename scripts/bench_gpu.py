@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.components.metrics import device_peak_tflops
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
-from titan_dsv4.models.deepseek_v4 import attention_kernel, fp32_linear, gpu_paths, head_loss, hyper_connection
+from titan_dsv4.models.deepseek_v4 import (attention_kernel, fp32_linear, gpu_paths, head_loss, hyper_connection,
+                                           indexer_kernel)
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 from titan_dsv4.models.deepseek_v4.parallelize import fp32_replicated_parameters
 
@@ -292,6 +293,29 @@ def attention_kernel_tiles(opts, device) -> dict[str, float]:
     return times
 
 
+def indexer_scores_times(opts, device) -> dict[str, float]:
+    """Seconds of one CSA layer's indexer scoring (forward; + backward as while the indexer trains) by the
+    Triton kernel and by the torch formula it replaces, on the benchmark's shapes: whether the kernel earns
+    its place apart from the attention kernel (``attention_kernel = "torch"`` turns both off)."""
+    args = bench_args(0)
+    b, s, h, d = opts.batch, opts.seq, args.index_n_heads, args.index_head_dim
+    q = torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    keys = torch.randn(b, s // 4, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weights = torch.randn(b, s, h, device=device, requires_grad=True)
+    scale = d**-0.5
+
+    def torch_scores(q, keys, weights, scale):
+        scores = fp32_linear.fp32_matmul(q.flatten(1, 2), keys.transpose(1, 2)).view(b, s, h, -1)
+        return (scores.relu() * scale * weights.unsqueeze(-1)).sum(dim=2)
+
+    times = {}
+    for name, fn in (("kernel", indexer_kernel.index_scores), ("torch", torch_scores)):
+        with torch.no_grad():
+            times[f"{name}_forward"] = cuda_time(lambda: fn(q, keys, weights, scale), 2, 5)
+        times[f"{name}_forward_backward"] = cuda_time(lambda: fn(q, keys, weights, scale).sum().backward(), 2, 5)
+    return times
+
+
 def check_fast_paths_on_gpu(device) -> dict:
     """The fast paths equal the exact ones on this GPU (tiny model, fp32 for attention/mHC, bf16 experts)."""
     args = FLAVORS["debugmodel"]
@@ -395,6 +419,7 @@ def main() -> None:
     part("component_s", lambda: component_times(opts, device))
     if attention_kernel.available(device):
         part("attention_kernel_s", lambda: attention_kernel_tiles(opts, device))
+        part("indexer_scores_s", lambda: indexer_scores_times(opts, device))
     part("component_flops_per_token", lambda: component_flops(bench_args(1), opts.seq))
     part("profile", lambda: profile_top_kernels(opts, device, os.path.join(opts.out, "top_kernels.txt")))
     summary["total_s"] = round(time.perf_counter() - began, 1)
