@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.components.metrics import device_peak_tflops
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
-from titan_dsv4.models.deepseek_v4 import (attention_kernel, fp32_linear, gpu_paths, head_loss, hyper_connection,
-                                           indexer_kernel)
+from titan_dsv4.models.deepseek_v4 import (attention, attention_kernel, fp32_linear, gpu_paths, head_loss,
+                                           hyper_connection, indexer_kernel)
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 from titan_dsv4.models.deepseek_v4.parallelize import fp32_replicated_parameters
 
@@ -303,13 +303,8 @@ def indexer_scores_times(opts, device) -> dict[str, float]:
     keys = torch.randn(b, s // 4, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     weights = torch.randn(b, s, h, device=device, requires_grad=True)
     scale = d**-0.5
-
-    def torch_scores(q, keys, weights, scale):
-        scores = fp32_linear.fp32_matmul(q.flatten(1, 2), keys.transpose(1, 2)).view(b, s, h, -1)
-        return (scores.relu() * scale * weights.unsqueeze(-1)).sum(dim=2)
-
     times = {}
-    for name, fn in (("kernel", indexer_kernel.index_scores), ("torch", torch_scores)):
+    for name, fn in (("kernel", indexer_kernel.index_scores), ("torch", attention.index_scores)):
         with torch.no_grad():
             times[f"{name}_forward"] = cuda_time(lambda: fn(q, keys, weights, scale), 2, 5)
         times[f"{name}_forward_backward"] = cuda_time(lambda: fn(q, keys, weights, scale).sum().backward(), 2, 5)

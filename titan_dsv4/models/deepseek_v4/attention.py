@@ -206,6 +206,18 @@ class _AttachLoss(torch.autograd.Function):
         return grad, torch.ones(shape, dtype=dtype, device=device)
 
 
+def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
+    """The lightning indexer's ``Σ_h weights_h · relu(q_h · keys) · scale`` ``[B, Q, P]`` (fp32) in torch, for
+    ``q [B, Q, H, D]``, ``keys [B, P, D]``, ``weights [B, Q, H]``; ``indexer_kernel`` is its Triton twin."""
+    batch, queries, heads, _ = q.shape
+    # a batched product of activations, like the attention scores (op-level activation checkpointing
+    # recomputes those and keeps the projections' 2-D GEMMs)
+    scores = fp32_matmul(q.flatten(1, 2), keys.transpose(1, 2)).view(batch, queries, heads, -1)
+    # a weighted sum over heads, not an einsum: that is a batched GEMM, whose operand (the relu'd scores,
+    # the size of the per-head scores) must be written out; compiled, this fuses into one pass
+    return (scores.relu() * scale * weights.unsqueeze(-1)).sum(dim=2)
+
+
 class Indexer(nn.Module):
     """Lightning indexer: scores compressed entries per query and keeps the top ``index_topk``.
 
@@ -232,16 +244,7 @@ class Indexer(nn.Module):
         q = self.wq_b(qr).view(batch, q_len, self.n_heads, self.head_dim)
         q = apply_rope(q, rotation)
         weights = fp32(self.weights_proj(x)) * self.n_heads**-0.5
-        if kernel:
-            scores = indexer_kernel.index_scores(q, keys, weights, self.head_dim**-0.5)
-        else:
-            # a batched product of activations, like the attention scores (op-level activation checkpointing
-            # recomputes those and keeps the projections' 2-D GEMMs)
-            scores = fp32_matmul(q.flatten(1, 2), keys.transpose(1, 2)).view(batch, q_len, self.n_heads, -1)
-            scores = scores.relu() * self.head_dim**-0.5
-            # a weighted sum over heads, not an einsum: that is a batched GEMM, whose operand (the relu'd
-            # scores, the size of the per-head scores) must be written out; compiled, this fuses into one pass
-            scores = (scores * weights.unsqueeze(-1)).sum(dim=2)
+        scores = (indexer_kernel.index_scores if kernel else index_scores)(q, keys, weights, self.head_dim**-0.5)
         scores = scores.masked_fill(~visible, float("-inf"))
         top = topk_earliest_first(scores, min(self.topk, scores.shape[-1]))
         return top, visible.gather(-1, top), scores
@@ -393,13 +396,14 @@ class Attention(nn.Module):
             visible = entries.visible(torch.arange(seq, device=x.device), ctx.doc_ids)
             return torch.where(visible, torch.arange(num, device=x.device, dtype=torch.int32), -1), None
         chunk = max(1, SCORE_BUDGET // (batch * self.indexer.n_heads * num))  # the indexer's fp32 scores
+        kernel = self._scores_index_in_triton(x)
         index, scores = [], []
         for q0 in range(0, seq, chunk):
             q1 = min(seq, q0 + chunk)
             visible = entries.visible(torch.arange(q0, q1, device=x.device), ctx.doc_ids[:, q0:q1])
             top, top_ok, chunk_scores = self.indexer.select(x.detach()[:, q0:q1], qr.detach()[:, q0:q1],
                                                             ctx.rotation["compress"][:, q0:q1], index_keys, visible,
-                                                            self._scores_index_in_triton(x))
+                                                            kernel)
             index.append(torch.where(top_ok, top.to(torch.int32), -1))
             scores.append(chunk_scores.gather(-1, top))
         return torch.cat(index, dim=1), torch.cat(scores, dim=1)
