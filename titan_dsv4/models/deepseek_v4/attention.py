@@ -42,7 +42,7 @@ class AttentionContext:
     positions: torch.Tensor  # [B, S] position inside the document
     doc_ids: torch.Tensor  # [B, S]
     inv_freq: dict[str, torch.Tensor]  # "main" / "compress" -> [rope_dim / 2]
-    rotation: dict[str, torch.Tensor]  # complex RoPE rotations at ``positions``
+    rotation: dict[str, torch.Tensor]  # RoPE (cos, sin) at ``positions`` (rope.py)
 
 
 @dataclass

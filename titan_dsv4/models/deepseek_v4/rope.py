@@ -2,7 +2,7 @@
 
 Sliding-window layers (and MTP) use ``rope_theta`` without scaling; compressed layers (CSA/HCA, their
 compressors and the indexer) use ``compress_rope_theta`` with YaRN frequency interpolation and no mscale.
-Rotations are computed in fp32 (complex64) on the fly from the positions, so nothing is a buffer that a bf16 cast,
+Rotations are computed in fp32 on the fly from the positions, so nothing is a buffer that a bf16 cast,
 FSDP or a checkpoint could corrupt.
 """
 
@@ -12,6 +12,8 @@ import math
 from typing import Any
 
 import torch
+
+from .fused import compiled_on_cuda
 
 
 def rope_inv_freq(dim: int, theta: float, yarn: dict[str, Any] | None = None) -> torch.Tensor:
@@ -37,25 +39,28 @@ def rope_inv_freq(dim: int, theta: float, yarn: dict[str, Any] | None = None) ->
 
 
 def rope_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Complex unit rotations ``exp(i * position * freq)`` of shape ``[*positions.shape, dim // 2]`` (fp32)."""
+    """Unit rotations by ``position * freq`` as (cos, sin) pairs: ``[*positions.shape, dim // 2, 2]`` (fp32).
+    Real, not complex: inductor generates no code for complex tensors (a complex rotation left every
+    compiled RoPE to eager kernels, each a pass over the queries and keys)."""
     angles = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
+@compiled_on_cuda
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate the trailing ``2 * rotation.shape[-1]`` channels of ``x`` in interleaved pairs (2i, 2i+1).
+    """Rotate the trailing ``2 * rotation.shape[-2]`` channels of ``x`` in interleaved pairs (2i, 2i+1), the
+    pair as the complex number ``x[2i] + i x[2i+1]`` times ``cos + i sin``, in fp32 (or ``x``'s fp64).
 
-    ``x`` is ``[B, S, ..., D]`` and ``rotation`` ``[B, S, D_rope/2]`` (broadcast over the middle axes).
-    ``inverse`` applies the conjugate rotation, used to un-rotate attention outputs (V == K).
+    ``x`` is ``[B, S, ..., D]`` and ``rotation`` ``[B, S, D_rope/2, 2]`` (broadcast over the middle axes).
+    ``inverse`` applies the conjugate rotation, used to un-rotate attention outputs (V == K). On CUDA one
+    compiled kernel: eagerly, the fp32 arithmetic and the concatenation were a dozen passes.
     """
-    half = rotation.shape[-1]
-    rotation = rotation.reshape(*rotation.shape[:2], *([1] * (x.dim() - rotation.dim())), half)
+    half = rotation.shape[-2]
+    rotation = rotation.reshape(*rotation.shape[:2], *([1] * (x.dim() + 1 - rotation.dim())), half, 2)
+    cos, sin = rotation.unbind(-1)
     if inverse:
-        rotation = rotation.conj()
+        sin = -sin
     nope, rope = x[..., : -2 * half], x[..., -2 * half:]
-    if rope.dtype == torch.float64:
-        rotation = rotation.to(torch.complex128)  # gradient checks
-    pairs = torch.view_as_complex(rope.to(torch.promote_types(rope.dtype, torch.float32))
-                                  .unflatten(-1, (half, 2)).contiguous())
-    rotated = torch.view_as_real(pairs * rotation).flatten(-2)
+    real, imag = rope.to(torch.promote_types(rope.dtype, torch.float32)).unflatten(-1, (half, 2)).unbind(-1)
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
     return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
