@@ -55,6 +55,20 @@ def _variants(heads: int, head_dim: int, window: int, entries: int, hc_mult: int
             ("sinkhorn backward", sinkhorn_kernel._backward_kernel, mhc, sinkhorn_kernel.NUM_WARPS, "*fp32"))
 
 
+def signature(kernel, constexprs: dict, pointer: str) -> dict[str, str]:
+    """Triton's type of each argument of ``kernel`` as compiled here (``tests/test_attention_kernel.py``
+    checks the model launches the kernels with these pointer types)."""
+    out = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            out[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            out[name] = POINTER_TYPES.get(name, pointer)
+        else:
+            out[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    return out
+
+
 def compile_for_sm90(heads: int, head_dim: int, window: int, entries: int, hc_mult: int = 4,
                      index_heads: int = 64, index_head_dim: int = 128) -> dict[str, dict[str, int]]:
     """``{kernel: {"registers", "spill_bytes", "shared_bytes"}}`` of the kernels as launched for these shapes."""
@@ -62,15 +76,8 @@ def compile_for_sm90(heads: int, head_dim: int, window: int, entries: int, hc_mu
     report = {}
     for label, kernel, config, num_warps, pointer in _variants(heads, head_dim, window, entries, hc_mult,
                                                                index_heads, index_head_dim):
-        signature = {}
-        for name in kernel.arg_names:
-            if name in config:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = POINTER_TYPES.get(name, pointer)
-            else:
-                signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=config),
+        source = ASTSource(fn=kernel, signature=signature(kernel, config, pointer), constexprs=config)
+        compiled = triton.compile(source,
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(compiled.asm["cubin"])

@@ -177,3 +177,60 @@ def test_kernels_compile_for_h100_at_flash_shapes():
         assert 0 <= usage["shared_bytes"] <= 227 * 1024 and usage["registers"] > 0, name
         assert usage["spill_bytes"] == 0, name
     assert all(report[name]["shared_bytes"] > 0 for name in report if name.startswith("attention"))  # its tiles
+
+
+class _LaunchSpy:
+    """A Triton kernel that records the types of the pointers each launch passes (then launches it)."""
+
+    TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            bound = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+            self.launches.append((self.kernel, {name: self.TYPES.get(value.dtype, str(value.dtype))
+                                                for name, value in bound.items() if name.endswith("_ptr")}))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_a_bf16_model_launches_the_kernels_as_compiled_for_h100(gpu_code_paths, monkeypatch):
+    """``compile_kernels.py`` compiles each kernel for sm_90 (the test above keeps it free of spills) with the
+    pointer types a bf16 model launches it with: a launch with others compiles anew on the GPU, or fails,
+    as the attention backward did with an fp32 output gradient against bf16 keys ("Both operands must be
+    same dtype"; the interpreter upcasts every GEMM operand and could not see it). Forward and backward,
+    indexer trained, MTP included."""
+    import dataclasses
+
+    from titan_dsv4.models.deepseek_v4 import DeepseekV4Model, attention_kernel, indexer_kernel, sinkhorn_kernel
+    from titan_dsv4.components.loss import build_targets
+
+    sys.path.insert(0, SCRIPTS)
+    import compile_kernels
+
+    compiled = {}
+    for _, kernel, config, _, pointer in compile_kernels._variants(4, 64, 8, 8, 4, 4, 32):
+        types = compile_kernels.signature(kernel, config, pointer)
+        compiled[kernel] = {name: kind for name, kind in types.items() if name.endswith("_ptr")}
+    launches = []
+    for module, name in ((attention_kernel, "_forward_kernel"), (attention_kernel, "_backward_kernel"),
+                         (indexer_kernel, "_scores_kernel"), (sinkhorn_kernel, "_forward_kernel"),
+                         (sinkhorn_kernel, "_backward_kernel")):
+        monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), launches))
+    args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=2, compress_ratios=[4, 128, 4],
+                               hc_sinkhorn_iters=2)
+    ids = torch.randint(0, args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    targets = build_targets(ids.roll(-1, 1), torch.arange(24).expand(1, 24), args.num_nextn_predict_layers)
+    model = DeepseekV4Model(args)
+    model.init_weights(0)
+    model.train().to(torch.bfloat16)
+    model.set_attention_kernel("triton")
+    model.set_sinkhorn_kernel("triton")
+    model.set_mtp_loss_scale(0.3)
+    model.set_indexer_loss_scale(0.5)
+    model(ids, targets=targets)[0].backward()
+    assert {kernel for kernel, _ in launches} == set(compiled)  # every kernel ran, and no other
+    for kernel, types in launches:
+        assert types == compiled[kernel], kernel.fn.__qualname__

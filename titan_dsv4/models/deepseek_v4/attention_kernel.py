@@ -216,23 +216,20 @@ def _(q, kv, entries, entry_index, doc_ids, sink, window, entry_mass):
 
 @torch.library.custom_op("titan_dsv4::fused_attention_backward", mutates_args=())
 def _fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor,
-                              entry_index: torch.Tensor, doc_ids: torch.Tensor, out: torch.Tensor,
-                              lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                       torch.Tensor]:
-    """Gradients of ``q``, ``kv``, ``entries`` and the per-row ``delta = sum_j p_j dp_j`` (for the sink's)."""
-    grad_out = grad_out.contiguous()
-    delta = (grad_out.float() * out).sum(-1)
+                              entry_index: torch.Tensor, doc_ids: torch.Tensor, lse: torch.Tensor,
+                              delta: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``q``, ``kv`` and ``entries``; ``grad_out`` in ``q``'s dtype (the kernel's GEMM operand)."""
     grad_q = torch.empty_like(q)
     grad_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
     grad_entries = torch.zeros(entries.shape, dtype=torch.float32, device=entries.device)
-    _launch(_backward_kernel, q, kv, entries, entry_index, doc_ids, window, lse, delta, grad_out, grad_q, grad_kv,
-            grad_entries)
-    return grad_q, grad_kv.to(kv.dtype), grad_entries.to(entries.dtype), delta
+    _launch(_backward_kernel, q, kv, entries, entry_index, doc_ids, window, lse, delta, grad_out.contiguous(),
+            grad_q, grad_kv, grad_entries)
+    return grad_q, grad_kv.to(kv.dtype), grad_entries.to(entries.dtype)
 
 
 @_fused_attention_backward.register_fake
-def _(grad_out, q, kv, entries, entry_index, doc_ids, out, lse, window):
-    return torch.empty_like(q), torch.empty_like(kv), torch.empty_like(entries), torch.empty_like(lse)
+def _(grad_out, q, kv, entries, entry_index, doc_ids, lse, delta, window):
+    return torch.empty_like(q), torch.empty_like(kv), torch.empty_like(entries)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -244,9 +241,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_mass):
+    """The per-row ``delta = sum_j p_j dp_j = dO . O`` and the cast of ``dO`` to the GEMMs' dtype are torch ops
+    here, outside the opaque kernel: compiled, they fuse with the ops that made ``dO``. ``dO`` arrives fp32
+    (the output's dtype) holding bf16 values in bf16 models: the cast loses nothing, and the kernel's GEMMs
+    take operands of one dtype."""
     q, kv, entries, entry_index, doc_ids, sink, out, lse = ctx.saved_tensors
-    grad_q, grad_kv, grad_entries, delta = _fused_attention_backward(grad_out, q, kv, entries, entry_index,
-                                                                     doc_ids, out, lse, ctx.window)
+    delta = (grad_out.float() * out).sum(-1)
+    grad_q, grad_kv, grad_entries = _fused_attention_backward(grad_out.to(q.dtype), q, kv, entries, entry_index,
+                                                              doc_ids, lse, delta, ctx.window)
     # the sink's probability exp(sink - lse) only shrinks the others': d/dsink = -p_sink * delta
     grad_sink = -(torch.exp(sink.float() - lse) * delta).sum(dim=(0, 1)).to(sink.dtype)
     return grad_q, grad_kv, grad_entries, None, None, grad_sink, None, None
