@@ -202,10 +202,8 @@ def test_a_bf16_model_launches_the_kernels_as_compiled_for_h100(gpu_code_paths, 
     as the attention backward did with an fp32 output gradient against bf16 keys ("Both operands must be
     same dtype"; the interpreter upcasts every GEMM operand and could not see it). Forward and backward,
     indexer trained, MTP included."""
-    import dataclasses
-
-    from titan_dsv4.models.deepseek_v4 import DeepseekV4Model, attention_kernel, indexer_kernel, sinkhorn_kernel
-    from titan_dsv4.components.loss import build_targets
+    from titan_dsv4.models.deepseek_v4 import attention_kernel, indexer_kernel, sinkhorn_kernel
+    from triton_model import bf16_model_with_triton_kernels
 
     sys.path.insert(0, SCRIPTS)
     import compile_kernels
@@ -219,17 +217,7 @@ def test_a_bf16_model_launches_the_kernels_as_compiled_for_h100(gpu_code_paths, 
                          (indexer_kernel, "_scores_kernel"), (sinkhorn_kernel, "_forward_kernel"),
                          (sinkhorn_kernel, "_backward_kernel")):
         monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), launches))
-    args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=2, compress_ratios=[4, 128, 4],
-                               hc_sinkhorn_iters=2)
-    ids = torch.randint(0, args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
-    targets = build_targets(ids.roll(-1, 1), torch.arange(24).expand(1, 24), args.num_nextn_predict_layers)
-    model = DeepseekV4Model(args)
-    model.init_weights(0)
-    model.train().to(torch.bfloat16)
-    model.set_attention_kernel("triton")
-    model.set_sinkhorn_kernel("triton")
-    model.set_mtp_loss_scale(0.3)
-    model.set_indexer_loss_scale(0.5)
+    model, ids, targets = bf16_model_with_triton_kernels([4, 128, 4], indexer_loss_scale=0.5)
     model(ids, targets=targets)[0].backward()
     assert {kernel for kernel, _ in launches} == set(compiled)  # every kernel ran, and no other
     for kernel, types in launches:

@@ -10,6 +10,7 @@ from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model, head_loss
 from titan_dsv4.models.deepseek_v4.init import canonical_fqn
 from titan_dsv4.models.deepseek_v4.parallelize import apply_compile
+from triton_model import bf16_model_with_triton_kernels
 
 
 def test_compiled_blocks_and_loss_equal_eager(monkeypatch):
@@ -92,16 +93,8 @@ def test_blocks_with_the_triton_kernels_compile_as_one_graph(gpu_code_paths):
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
-    args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=2, compress_ratios=[4, 0, 4],
-                               hc_sinkhorn_iters=2)
-    ids = torch.randint(0, args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
-    targets = build_targets(ids.roll(-1, 1), torch.arange(24).expand(1, 24), args.num_nextn_predict_layers)
-    model = DeepseekV4Model(args)
-    model.init_weights(0)
-    model.train().to(torch.bfloat16)  # grouped expert GEMMs are bf16
-    model.set_attention_kernel("triton")
-    model.set_sinkhorn_kernel("triton")
-    model.set_mtp_loss_scale(0.3)
+    model, ids, targets = bf16_model_with_triton_kernels([4, 0, 4])
+    args = model.args
     backend = CompileCounterWithBackend("aot_eager")
     apply_compile(model, backend=backend)
     counters.clear()
