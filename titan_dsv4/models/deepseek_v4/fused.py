@@ -1,4 +1,4 @@
-"""Fusion of small fp32 element-wise chains (mHC's mixes, weights and stream mixing) on GPUs.
+"""Fusion of small fp32 element-wise chains (mHC's mixes, weights and stream mixing; RoPE) on GPUs.
 
 On CUDA such a chain is hundreds of tiny kernels per block, each reading and writing the token stream;
 ``torch.compile`` turns it into a few fused kernels with the same fp32 math. Elsewhere (the CPU oracle) and

@@ -52,8 +52,8 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor, inverse: bool = False) -
     pair as the complex number ``x[2i] + i x[2i+1]`` times ``cos + i sin``, in fp32 (or ``x``'s fp64).
 
     ``x`` is ``[B, S, ..., D]`` and ``rotation`` ``[B, S, D_rope/2, 2]`` (broadcast over the middle axes).
-    ``inverse`` applies the conjugate rotation, used to un-rotate attention outputs (V == K). On CUDA one
-    compiled kernel: eagerly, the fp32 arithmetic and the concatenation were a dozen passes.
+    ``inverse`` applies the conjugate rotation, used to un-rotate attention outputs (V == K). On CUDA it is
+    compiled into one kernel (eagerly, its fp32 arithmetic and concatenation are a dozen passes).
     """
     half = rotation.shape[-2]
     rotation = rotation.reshape(*rotation.shape[:2], *([1] * (x.dim() + 1 - rotation.dim())), half, 2)
