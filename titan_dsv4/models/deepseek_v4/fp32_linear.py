@@ -104,7 +104,11 @@ def _product_plan(m: int, k: int, n: int, pairs: list[tuple[int, int]]) -> str:
         "b": 4 * m * k * p + 2 * k * n * nb + 8 * m * n * p + 12 * m * n * (nb - 1),
         "a": 4 * k * n * p + 2 * m * k * na + 8 * m * n * p + 12 * m * n * (na - 1),
     }
-    return min(cost, key=cost.get)
+    best = "pairs"
+    for plan, nbytes in cost.items():  # not min(cost, key=cost.get): dynamo breaks the graph on it
+        if nbytes < cost[best]:
+            best = plan
+    return best
 
 
 def split_mm(a: torch.Tensor, b: torch.Tensor, parts: int = PARTS) -> torch.Tensor:
