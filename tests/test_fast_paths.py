@@ -240,3 +240,18 @@ def test_compiled_bf16_parts_keep_every_part():
     assert torch.equal(compiled, eager)
     assert torch.equal(eager.double().sum(0), t.double())
     assert (eager[1] != 0).any() and (eager[2] != 0).any()
+
+
+def test_split_products_trace_whole_with_symbolic_sizes():
+    """A block compiles its fp32 products (three bf16 parts) into one graph also once its sizes are symbolic,
+    as after any recompile: choosing the plan with ``min(dict, key=dict.get)`` broke the graph there."""
+    from titan_dsv4.models.deepseek_v4 import fp32_linear
+
+    def product(a, b):
+        return fp32_linear.parts_mm(fp32_linear.bf16_parts(a), fp32_linear.bf16_parts(b),
+                                    mm=lambda x, y: x.float() @ y.float())
+
+    compiled = torch.compile(product, backend="eager", fullgraph=True, dynamic=True)
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    torch.testing.assert_close(compiled(a, b), product(a, b))
+    torch.testing.assert_close(compiled(a, b).double(), a.double() @ b.double(), rtol=1e-6, atol=1e-6)
