@@ -50,9 +50,10 @@ def worker() -> None:
     from titan_dsv4.config.job_config import JobConfig
     from titan_dsv4.distributed.parallel_dims import ParallelDims
     from titan_dsv4.distributed.pipeline import build_pipeline, plan_pipeline
+    from titan_dsv4.distributed.utils import init_distributed
     from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 
-    dist.init_process_group("gloo")
+    init_distributed(torch.device("cpu"))
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims(dp_replicate=1, dp_shard=1, pp=world, ep=1, world_size=world)
     dims.build_mesh("cpu")

@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from launch import finish_worker
+from launch import finish_worker, run_worker
 from titan_dsv4.distributed import expert_parallel
+from titan_dsv4.distributed.utils import init_distributed
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 
 EXPERTS, HIDDEN, INTER = 4, 16, 32
@@ -49,7 +50,7 @@ def run(module: RoutedExperts, xs, ws, counts, grad_out):
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    init_distributed(torch.device("cpu"))
     rank, world = dist.get_rank(), dist.get_world_size()
     wire: list[str] = []
     moves = expert_parallel._all_to_all
@@ -81,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

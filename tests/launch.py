@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import socket
@@ -56,3 +57,17 @@ def finish_worker(out: str, results: dict | list) -> None:
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def run_worker(main) -> None:
+    """A torchrun worker's life: ``main()`` (which ends in ``finish_worker``), then exit without interpreter
+    teardown. DTensor's dispatch keeps a reference to the gloo process group (one op on a DTensor is
+    enough; clearing its sharding caches does not drop it), so the group's threads outlive
+    ``destroy_process_group`` into interpreter exit, where a rank aborted once in CI ("terminate called
+    without an active exception", the mark of native threads at teardown). A fault still prints every
+    thread's Python stack."""
+    faulthandler.enable()
+    main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-from launch import finish_worker
+from launch import finish_worker, run_worker
 from titan_dsv4.config import load_config
 from titan_dsv4.config.validate import validate
 from titan_dsv4.distributed.utils import launched_world_size
@@ -47,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from launch import finish_worker
+from launch import finish_worker, run_worker
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.config.job_config import JobConfig
 from titan_dsv4.distributed.parallel_dims import ParallelDims
-from titan_dsv4.distributed.utils import reduce_replicated_grads
+from titan_dsv4.distributed.utils import init_distributed, reduce_replicated_grads
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 from titan_dsv4.models.deepseek_v4.parallelize import apply_fsdp, fp32_replicated_parameters
 
@@ -49,7 +49,7 @@ def record_compute_dtypes(model: torch.nn.Module) -> dict[str, str]:
 
 def main() -> None:
     out = sys.argv[1]
-    dist.init_process_group("gloo")
+    init_distributed(torch.device("cpu"))
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims(dp_replicate=1, dp_shard=world, pp=1, ep=1, world_size=world)
     dims.build_mesh("cpu")
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from launch import finish_worker
+from launch import finish_worker, run_worker
 from titan_dsv4.components.dataloader import build_dataloader
 from titan_dsv4.components.load_balance import update_expert_bias
 from titan_dsv4.components.loss import build_targets, summarise_parts
@@ -25,6 +25,7 @@ from titan_dsv4.config.job_config import JobConfig
 from titan_dsv4.config.validate import validate
 from titan_dsv4.models.deepseek_v4.init import canonical_fqn
 from titan_dsv4.train import Trainer
+from titan_dsv4.distributed.utils import init_distributed
 
 KEYS = {"pp": "pipeline_parallel_degree", "dp_replicate": "data_parallel_replicate_degree",
         "dp_shard": "data_parallel_shard_degree", "ep": "expert_parallel_degree",
@@ -154,7 +155,7 @@ def run_case(options: dict[str, str]) -> dict:
 
 def main() -> None:
     out, cases = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo")
+    init_distributed(torch.device("cpu"))
     results = {}
     for case in cases:
         name, _, spec = case.partition("=")
@@ -164,4 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

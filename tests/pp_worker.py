@@ -12,12 +12,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-from launch import finish_worker
+from launch import finish_worker, run_worker
 from titan_dsv4.components.load_balance import update_expert_bias
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.config.job_config import JobConfig
 from titan_dsv4.distributed.parallel_dims import ParallelDims
 from titan_dsv4.distributed.pipeline import build_pipeline, plan_pipeline
+from titan_dsv4.distributed.utils import init_distributed
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 from titan_dsv4.models.deepseek_v4.init import canonical_fqn
 
@@ -131,7 +132,7 @@ def run_case(schedule: str, depth: int, csv: str | None, dims: ParallelDims) -> 
 
 def main() -> None:
     out, cases = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo")
+    init_distributed(torch.device("cpu"))
     world = dist.get_world_size()
     dims = ParallelDims(dp_replicate=1, dp_shard=1, pp=world, ep=1, world_size=world)
     dims.build_mesh("cpu")
@@ -147,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

@@ -125,6 +125,7 @@ def test_help_lists_every_key_with_the_value_this_command_line_gives():
         docs = field_docs(type(getattr(loaded, section.name)))
         assert all(docs.get(f.name) for f in fields), {f.name for f in fields} - set(docs)
     lines: dict[str, str] = {}  # key -> its line and the indented lines continuing it, joined
+    key = None
     for ln in text.splitlines():
         if ln.startswith("   ") and key:
             lines[key] += " " + ln.strip()

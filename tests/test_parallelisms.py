@@ -95,6 +95,12 @@ def test_grouped_gemm_path_equals_the_per_expert_loop():
         torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
 
 
+def test_shutdown_frees_the_gloo_process_group(tmp_path):
+    """After functional collectives (which import dynamo on first use; dynamo took references to every
+    process group that existed then), ``shutdown_distributed`` still leaves no gloo thread running."""
+    assert _run_worker("teardown_worker.py", 2, tmp_path / "out.json") == []
+
+
 def test_expert_parallel_moves_bf16_rows_both_ways(tmp_path):
     """bf16 experts split over 2 gloo ranks: the rows go to their experts and come back as bf16 (the
     experts' outputs are bf16 GEMM results; MoE sums them in fp32 after the combine), so the combine's

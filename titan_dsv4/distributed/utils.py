@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections import defaultdict
@@ -20,6 +21,12 @@ def init_distributed(device: torch.device) -> None:
     """gloo on CPU, nccl on CUDA; nothing for a plain single process."""
     if dist.is_initialized() or "RANK" not in os.environ:
         return
+    # Importing dynamo (functional collectives do it lazily on first use) takes ~10 references to every
+    # process group that exists by then, so destroy_process_group could not free them: their gloo threads
+    # ran on into interpreter exit, where a rank now and then aborted ("terminate called without an active
+    # exception"). Imported first, it never sees the groups.
+    importlib.import_module("torch._dynamo")
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
 
