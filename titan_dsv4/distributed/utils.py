@@ -22,9 +22,9 @@ def init_distributed(device: torch.device) -> None:
     if dist.is_initialized() or "RANK" not in os.environ:
         return
     # Importing dynamo (functional collectives do it lazily on first use) takes ~10 references to every
-    # process group that exists by then, so destroy_process_group could not free them: their gloo threads
-    # ran on into interpreter exit, where a rank now and then aborted ("terminate called without an active
-    # exception"). Imported first, it never sees the groups.
+    # process group that exists by then, so destroy_process_group could not free them and their gloo
+    # threads ran on into interpreter exit (where a test rank once aborted). Imported first, it never sees
+    # the groups.
     importlib.import_module("torch._dynamo")
 
     backend = "nccl" if device.type == "cuda" else "gloo"
