@@ -51,23 +51,30 @@ def finish_worker(out: str, results: dict | list) -> None:
     group."""
     import torch.distributed as dist
 
-    distributed = dist.is_initialized()
-    if not distributed or dist.get_rank() == 0:
+    from titan_dsv4.distributed.utils import shutdown_distributed
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results, indent=1))
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def run_worker(main) -> None:
     """A torchrun worker's life: ``main()`` (which ends in ``finish_worker``), then exit without interpreter
-    teardown. DTensor's dispatch keeps a reference to the gloo process group (one op on a DTensor is
-    enough; clearing its sharding caches does not drop it), so the group's threads outlive
-    ``destroy_process_group`` into interpreter exit, where a rank aborted once in CI ("terminate called
-    without an active exception", the mark of native threads at teardown). A fault still prints every
+    teardown. ``shutdown_distributed`` frees the process groups of plain and DTensor runs, but compiled
+    runs still hold them (dynamo's caches, among others): their gloo threads ran on into interpreter exit, where a
+    rank aborted once in CI ("terminate called without an active exception"). A fault prints every
     thread's Python stack."""
     faulthandler.enable()
     main()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's running gloo threads (Linux)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.exists():
+        return []
+    return sorted(name for name in ((tasks / t / "comm").read_text().strip() for t in os.listdir(tasks))
+                  if "gloo" in name)

@@ -1,5 +1,6 @@
 """torchrun worker: ``init_distributed`` / ``shutdown_distributed`` free the gloo process group, even after
-functional collectives (which import dynamo on first use) have run.
+functional collectives (which import dynamo on first use) and DTensor ops (whose caches keep device meshes)
+have run.
 
     torchrun --nproc_per_node 2 tests/teardown_worker.py OUT.json
 
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import torch
 from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
+from launch import gloo_threads
 from titan_dsv4.distributed.utils import init_distributed, shutdown_distributed
 
 
@@ -24,13 +28,10 @@ def exchange() -> None:
     init_distributed(torch.device("cpu"))
     rows = torch.ones(4, 3, requires_grad=True)
     all_to_all_single_autograd(rows, [2, 2], [2, 2], torch.distributed.group.WORLD).sum().backward()
+    weight = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), init_device_mesh("cpu", (2,)), [Shard(0)]))
+    (weight * 2).sum().backward()
+    weight.full_tensor()
     shutdown_distributed()
-
-
-def gloo_threads() -> list[str]:
-    tasks = Path("/proc/self/task")
-    return sorted(name for name in ((tasks / t / "comm").read_text().strip() for t in os.listdir(tasks))
-                  if "gloo" in name)
 
 
 if __name__ == "__main__":

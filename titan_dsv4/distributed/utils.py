@@ -35,6 +35,24 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()  # without it gloo teardown sometimes aborts a rank still in flight
         dist.destroy_process_group()
+        release_dtensor_caches()
+
+
+def release_dtensor_caches() -> None:
+    """Drop torch's DTensor caches that hold device meshes, and through them their process groups (the
+    redistribute planner cache is keyed by a weak reference to the mesh, but its planner holds the mesh), so
+    destroyed groups are freed and their gloo threads do not run on into interpreter exit. Private torch
+    caches (torch 2.13): one a later torch lacks has nothing to drop."""
+    from torch.distributed.tensor import _collective_utils, _redistribute
+
+    for root, path in ((_redistribute, "clear_redistribute_planner_cache"),
+                       (_redistribute, "_gen_transform_infos.cache_clear"),
+                       (_collective_utils, "MeshTopoInfo.build_from_mesh.cache_clear"),
+                       (torch._C, "_clear_DTensor_sharding_propagator_cache")):
+        for name in path.split("."):
+            root = getattr(root, name, None)
+        if root is not None:
+            root()
 
 
 def pick_device() -> torch.device:
