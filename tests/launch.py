@@ -60,8 +60,8 @@ def finish_worker(out: str, results: dict | list) -> None:
 
 def run_worker(main) -> None:
     """A torchrun worker's life: ``main()`` (which ends in ``finish_worker``), then exit without interpreter
-    teardown. ``shutdown_distributed`` frees the process groups of plain and DTensor runs, but compiled
-    runs still hold them (dynamo's caches, among others): their gloo threads ran on into interpreter exit, where a
+    teardown. ``shutdown_distributed`` frees the process groups of plain and DTensor runs, but larger runs
+    (a compiled one at least) still hold some, and their gloo threads ran on into interpreter exit, where a
     rank aborted once in CI ("terminate called without an active exception"). A fault prints every
     thread's Python stack."""
     faulthandler.enable()
