@@ -23,9 +23,9 @@ from titan_dsv4.components.load_balance import update_expert_bias
 from titan_dsv4.components.loss import build_targets, summarise_parts
 from titan_dsv4.config.job_config import JobConfig
 from titan_dsv4.config.validate import validate
+from titan_dsv4.distributed.utils import init_distributed
 from titan_dsv4.models.deepseek_v4.init import canonical_fqn
 from titan_dsv4.train import Trainer
-from titan_dsv4.distributed.utils import init_distributed
 
 KEYS = {"pp": "pipeline_parallel_degree", "dp_replicate": "data_parallel_replicate_degree",
         "dp_shard": "data_parallel_shard_degree", "ep": "expert_parallel_degree",

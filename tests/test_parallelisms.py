@@ -97,7 +97,8 @@ def test_grouped_gemm_path_equals_the_per_expert_loop():
 
 def test_shutdown_frees_the_gloo_process_group(tmp_path):
     """After functional collectives (which import dynamo on first use; dynamo took references to every
-    process group that existed then), ``shutdown_distributed`` still leaves no gloo thread running."""
+    process group that existed then) and DTensor ops (whose caches keep the device mesh, which holds its
+    groups), ``shutdown_distributed`` still leaves no gloo thread running."""
     assert _run_worker("teardown_worker.py", 2, tmp_path / "out.json") == []
 
 
