@@ -32,7 +32,7 @@ from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 from titan_dsv4.models.deepseek_v4 import (attention, attention_kernel, fp32_linear, gpu_paths, head_loss,
                                            hyper_connection, indexer_kernel)
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
-from titan_dsv4.models.deepseek_v4.parallelize import fp32_replicated_parameters
+from titan_dsv4.models.deepseek_v4.parallelize import cast_to_compute_dtypes
 
 BENCH_ARGS = dict(
     hidden_size=2048, num_hidden_layers=6, num_attention_heads=32, head_dim=512, q_lora_rank=1024,
@@ -75,9 +75,7 @@ def fast_init(model: DeepseekV4Model) -> None:
 def build(mtp: int, device: torch.device) -> DeepseekV4Model:
     with torch.device(device):
         model = DeepseekV4Model(bench_args(mtp))
-    model.to(torch.bfloat16)
-    for p in fp32_replicated_parameters(model):  # the dtypes FSDP's bf16 mixed precision computes with
-        p.data = p.data.float()
+    cast_to_compute_dtypes(model)
     fast_init(model)
     model.set_mtp_loss_scale(0.3)
     return model.train()

@@ -131,6 +131,17 @@ def fp32_replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+@torch.no_grad()
+def cast_to_compute_dtypes(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Cast ``model`` in place to the dtypes FSDP's mixed precision computes it in: parameters in ``dtype``,
+    the fp32-kept ones (``fp32_replicated_parameters``) and every buffer (expert biases and load counts) as
+    they are. For one-device runs that stand for FSDP training: the GPU benchmark, the kernel tests."""
+    keep = {id(p) for p in fp32_replicated_parameters(model)}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.data = p.data.to(dtype)
+
+
 def apply_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig, device: torch.device,
                param_dtype: torch.dtype | None = None) -> None:
     """FSDP2 per block (experts their own unit under EP), embeddings, head, root. ``param_dtype``: the
