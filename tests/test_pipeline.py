@@ -64,6 +64,7 @@ def test_pp2_training_writes_the_same_metrics_as_pp1(tmp_path):
         for key in ("loss", "total_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
         assert b["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)
+        assert b["moe_max_violation"] == pytest.approx(a["moe_max_violation"], abs=1e-6)  # from both stages
 
 
 def plan(pp=2, local_batch=4, args=None, **parallelism):

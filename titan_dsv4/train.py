@@ -28,7 +28,7 @@ from .components.checkpoint import (
 )
 from .components.dataloader import build_dataloader
 from .components.hf_checkpoint import load_hf_into, write_index, write_shards
-from .components.load_balance import update_expert_bias
+from .components.load_balance import gather_max_violations, learned_routing_moes, update_expert_bias
 from .components.loss import build_targets, summarise_parts
 from .components.metrics import MetricsLogger, device_peak_tflops, max_memory_mb
 from .components.optimizer import build_lr_scheduler, build_optimizer, unique_trainable_parameters
@@ -68,6 +68,7 @@ class Trainer:
 
         self.model_args = setup.model_args
         self.num_mtp = self.model_args.num_nextn_predict_layers
+        self.learned_routing_moes = learned_routing_moes(self.model_args)
         if self.rank == 0:
             print(f"titan_dsv4: {describe_run(config, setup, dist.get_world_size() if self.distributed else 1)}",
                   flush=True)
@@ -218,8 +219,11 @@ class Trainer:
         summary["skipped"] = not finite
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_expert_bias(self.model_parts, self.config.training.expert_bias_update_speed if finite else 0.0,
-                           self.dp_group)
+        violations = update_expert_bias(self.model_parts,
+                                        self.config.training.expert_bias_update_speed if finite else 0.0,
+                                        self.dp_group)
+        summary["moe_max_violation"] = gather_max_violations(violations, self.learned_routing_moes, self.pp_group,
+                                                             self._comm_device())
         return summary
 
     def _take_indexer_loss(self) -> float | None:

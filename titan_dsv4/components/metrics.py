@@ -5,8 +5,9 @@
 depth, [] without MTP), ``mtp_acceptance`` (greedy acceptance per depth), ``total_loss`` (the optimised
 objective), ``grad_norm``, ``lr``, ``tokens_per_sec`` (global), ``max_memory_mb`` (this rank's peak) and
 ``valid_tokens``, ``step_time_s``, ``mfu`` (null without a known device peak), ``skipped`` (a non-finite
-step whose update was skipped), ``indexer_loss`` (mean
-per-token indexer KL summed over CSA layers; null while the indexer is frozen). ``total_loss`` does not
+step whose update was skipped), ``indexer_loss`` (mean per-token indexer KL summed over CSA layers; null
+while the indexer is frozen), ``moe_max_violation`` (each learned-routing MoE's ``max load / mean load - 1``
+over the step's global batch, by name: ``components/load_balance.py``). ``total_loss`` does not
 include the indexer loss: it trains only the indexer, whose inputs are detached from the main model.
 """
 
@@ -84,9 +85,11 @@ class MetricsLogger:
             for k, (loss, acc) in enumerate(zip(record["mtp_losses"], record["mtp_acceptance"])):
                 self.tb.add_scalar(f"mtp_loss/depth_{k}", loss, record["step"])
                 self.tb.add_scalar(f"mtp_acceptance/depth_{k}", acc, record["step"])
+            for moe, violation in record.get("moe_max_violation", {}).items():
+                self.tb.add_scalar(f"moe_max_violation/{moe}", violation, record["step"])
 
     def progress_line(self, record: dict, total_steps: int | None, eta_s: float | None) -> str:
-        """``step 120/5000 (2%)  loss 3.41  mtp0 3.80 acc 41%  ...  mfu 38.2%  mem 61,203MiB  eta 3h12m``"""
+        """``step 120/5000 (2%)  loss 3.41  mtp0 3.80 acc 41%  ...  maxvio 0.12  ...  mfu 38.2%  eta 3h12m``"""
         step = f"{record['step']}/{total_steps} ({record['step'] / total_steps:.0%})" if total_steps \
             else str(record["step"])
         parts = [f"step {step}", f"loss {record['loss']:.4f}"]
@@ -94,8 +97,10 @@ class MetricsLogger:
                   for k, (loss, acc) in enumerate(zip(record["mtp_losses"], record["mtp_acceptance"]))]
         if record.get("indexer_loss") is not None:
             parts.append(f"indexer_kl {record['indexer_loss']:.4f}")
-        parts += [f"total {record['total_loss']:.4f}", f"grad_norm {record['grad_norm']:.3f}", f"lr {record['lr']:.2e}",
-                  f"tok/s {record['tokens_per_sec']:,.0f}"]
+        parts += [f"total {record['total_loss']:.4f}", f"grad_norm {record['grad_norm']:.3f}"]
+        if record.get("moe_max_violation"):  # the worst-balanced MoE
+            parts.append(f"maxvio {max(record['moe_max_violation'].values()):.2f}")
+        parts += [f"lr {record['lr']:.2e}", f"tok/s {record['tokens_per_sec']:,.0f}"]
         if record.get("mfu") is not None:
             parts.append(f"mfu {record['mfu']:.1%}")
         parts.append(f"mem {record['max_memory_mb']:,.0f}MiB")
