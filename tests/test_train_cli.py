@@ -7,7 +7,8 @@ import pytest
 from launch import run_training
 
 KEYS = {"step", "loss", "mtp_losses", "mtp_acceptance", "total_loss", "grad_norm", "lr", "tokens_per_sec",
-        "max_memory_mb", "valid_tokens", "step_time_s", "mfu", "moe_max_violation"}
+        "max_memory_mb", "max_reserved_mb", "alloc_retries", "valid_tokens", "step_time_s", "data_loading_s", "mfu",
+        "moe_max_violation"}
 SMALL = ("--training.local_batch_size", "4", "--training.seq_len", "128")
 
 
@@ -20,6 +21,8 @@ def test_short_run_writes_metrics_and_learns(tmp_path):
         assert len(r["mtp_losses"]) == 1 and len(r["mtp_acceptance"]) == 1
         assert math.isclose(r["total_loss"], r["loss"] + 0.3 * r["mtp_losses"][0], rel_tol=0.05)
         assert r["tokens_per_sec"] > 0 and r["max_memory_mb"] > 0 and r["grad_norm"] > 0
+        assert 0 < r["data_loading_s"] < r["step_time_s"]
+        assert r["max_reserved_mb"] is None and r["alloc_retries"] is None  # CUDA allocator only
         assert list(r["moe_max_violation"]) == ["layers.1", "layers.2", "layers.3", "mtp.0"]  # layer 0 hashes
         assert all(0 < v <= 8 / 2 - 1 for v in r["moe_max_violation"].values())  # 8 experts, top-2
     first = records[0]["loss"]

@@ -30,7 +30,7 @@ from .components.dataloader import build_dataloader
 from .components.hf_checkpoint import load_hf_into, write_index, write_shards
 from .components.load_balance import gather_max_violations, learned_routing_moes, update_expert_bias
 from .components.loss import build_targets, summarise_parts
-from .components.metrics import MetricsLogger, device_peak_tflops, max_memory_mb
+from .components.metrics import MetricsLogger, device_peak_tflops, memory_record
 from .components.optimizer import build_lr_scheduler, build_optimizer, unique_trainable_parameters
 from .config import ConfigError, JobConfig, config_help, load_config, print_help
 from .config.validate import RunSetup, validate
@@ -182,7 +182,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
+        loading = time.perf_counter()
         batches = [next(self.dataloader) for _ in range(self.setup.grad_accum_steps)]
+        loading = time.perf_counter() - loading
         targets = [build_targets(b.labels, b.positions, self.num_mtp) for b in batches]
         valid = torch.tensor(sum(int((t[..., 0] != IGNORE_INDEX).sum()) for t in targets), dtype=torch.float32)
         global_valid = all_reduce_sum(valid.to(self._comm_device()), self.dp_group).to(self.device)
@@ -205,7 +207,8 @@ class Trainer:
             dist.all_reduce(parts)
         summary = summarise_parts(parts.cpu(), self.num_mtp, self.config.mtp.loss_scaling_factor)
         lr = self.lr_scheduler.get_last_lr()[0]
-        summary.update(grad_norm=float(grad_norm), lr=lr, indexer_loss=self._take_indexer_loss(), skipped=False)
+        summary.update(grad_norm=float(grad_norm), lr=lr, indexer_loss=self._take_indexer_loss(), skipped=False,
+                       data_loading_s=loading)
 
         finite = all(map(math.isfinite, (summary["total_loss"], summary["grad_norm"])))  # same on every rank
         if not finite and not self.config.training.skip_nonfinite_steps:
@@ -264,7 +267,7 @@ class Trainer:
                     tokens_per_sec = self.tokens_per_step / elapsed
                     mfu = flops_per_token * tokens_per_sec / (world * peak * 1e12) if peak else None
                     record = {"step": self.step, **summary, "tokens_per_sec": tokens_per_sec,
-                              "step_time_s": elapsed, "max_memory_mb": max_memory_mb(self.device), "mfu": mfu}
+                              "step_time_s": elapsed, **memory_record(self.device), "mfu": mfu}
                     per_step = (time.perf_counter() - run_start) / (self.step - first_step)
                     self.metrics.log(record, cfg.training.steps, per_step * (cfg.training.steps - self.step))
                 if self._preempted():

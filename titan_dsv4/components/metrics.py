@@ -7,7 +7,8 @@ objective), ``grad_norm``, ``lr``, ``tokens_per_sec`` (global), ``max_memory_mb`
 ``valid_tokens``, ``step_time_s``, ``mfu`` (null without a known device peak), ``skipped`` (a non-finite
 step whose update was skipped), ``indexer_loss`` (mean per-token indexer KL summed over CSA layers; null
 while the indexer is frozen), ``moe_max_violation`` (each learned-routing MoE's ``max load / mean load - 1``
-over the step's global batch, by name: ``components/load_balance.py``). ``total_loss`` does not
+over the step's global batch, by name: ``components/load_balance.py``), ``data_loading_s`` (this rank's
+wait for its batches), ``max_reserved_mb`` and ``alloc_retries`` (CUDA allocator; null elsewhere). ``total_loss`` does not
 include the indexer loss: it trains only the indexer, whose inputs are detached from the main model.
 """
 
@@ -39,10 +40,17 @@ def device_peak_tflops(device: torch.device, override: float | None = None) -> f
     return None
 
 
-def max_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def memory_record(device: torch.device) -> dict:
+    """This rank's peak memory so far: ``max_memory_mb`` (CUDA allocator's peak allocated bytes, or the
+    process's max RSS on CPU); on CUDA also ``max_reserved_mb`` (what the caching allocator held from the
+    driver) and ``alloc_retries`` (times it freed its cache and retried an allocation: each one a stall of
+    every stream, the sign of memory too full or fragmented to run at speed), null elsewhere."""
+    if device.type != "cuda":
+        return {"max_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+                "max_reserved_mb": None, "alloc_retries": None}
+    return {"max_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "max_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+            "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0)}
 
 
 class MetricsLogger:
@@ -104,6 +112,8 @@ class MetricsLogger:
         if record.get("mfu") is not None:
             parts.append(f"mfu {record['mfu']:.1%}")
         parts.append(f"mem {record['max_memory_mb']:,.0f}MiB")
+        if record.get("alloc_retries"):
+            parts.append(f"alloc_retries {record['alloc_retries']}")
         if record.get("skipped"):
             parts.append("SKIPPED (non-finite)")
         if eta_s is not None:
