@@ -80,6 +80,10 @@ BAD_RUNS = [
     (["--model.sinkhorn_kernel", "cuda"], "`model.sinkhorn_kernel` = 'cuda' is invalid: allowed auto, torch"),
     (["--job.config_file", "/nonexistent.toml"], "no such file"),
     (["--training.dataset", "text", "--training.dataset_path", "/nonexistent"], "`training.dataset_path`"),
+    (["--validation.enable", "--validation.steps", "0"], "`validation.steps` = 0 is invalid"),
+    (["--validation.enable", "--validation.dataset", "text"], "`validation.dataset_path` = None is invalid"),
+    (["--validation.enable", "--validation.steps", "1000"],  # 60 held-out documents: 5 batches of 8 x 256
+     "`validation.dataset` = 'pydocs' (steps = 1000): the dataset holds 5 full global batches of 8 x 256"),
 ]
 
 
@@ -124,21 +128,24 @@ def test_help_lists_every_key_with_the_value_this_command_line_gives():
         assert keys == [f.name for f in fields], section.name
         docs = field_docs(type(getattr(loaded, section.name)))
         assert all(docs.get(f.name) for f in fields), {f.name for f in fields} - set(docs)
-    lines: dict[str, str] = {}  # key -> its line and the indented lines continuing it, joined
-    key = None
+    lines: dict[str, str] = {}  # section.key -> its line and the indented lines continuing it, joined
+    section = key = None
     for ln in text.splitlines():
-        if ln.startswith("   ") and key:
+        if ln.startswith("[") and ln.endswith("]"):
+            section = ln[1:-1]
+        elif ln.startswith("   ") and key:
             lines[key] += " " + ln.strip()
         else:
-            key = ln.split(" = ", 1)[0].strip() if ln.startswith("  ") else None
+            key = f"{section}." + ln.split(" = ", 1)[0].strip() if ln.startswith("  ") else None
             if key:
                 lines[key] = ln
-    assert lines["steps"].startswith("  steps = 7 ") and lines["steps"].endswith(
-        f"[default: {JobConfig().training.steps}]"), lines["steps"]
-    assert lines["pipeline_parallel_degree"].startswith(
+    assert lines["training.steps"].startswith("  steps = 7 ") and lines["training.steps"].endswith(
+        f"[default: {JobConfig().training.steps}]"), lines["training.steps"]
+    assert lines["validation.steps"].startswith("  steps = -1 ")  # another section's key of the same name
+    assert lines["parallelism.pipeline_parallel_degree"].startswith(
         f"  pipeline_parallel_degree = {loaded.parallelism.pipeline_parallel_degree} ")
-    assert lines["flavor"].startswith(f'  flavor = "{loaded.model.flavor}"')
-    assert lines["config_file"].startswith(f'  config_file = "{config_file}"')
+    assert lines["model.flavor"].startswith(f'  flavor = "{loaded.model.flavor}"')
+    assert lines["job.config_file"].startswith(f'  config_file = "{config_file}"')
 
 
 def test_help_still_names_a_bad_key_and_the_planner_has_it_too():

@@ -1,8 +1,11 @@
-"""Packing, positions, document-boundary labels, sharding and resumable state."""
+"""Packing, positions, document-boundary labels, sharding, resumable state and the validation split."""
 
 import torch
 
-from titan_dsv4.components.dataloader import DataLoader, PackedSequences, build_dataloader, pydocs_corpus
+import pytest
+
+from titan_dsv4.components.dataloader import (DataLoader, PackedSequences, build_dataloader, pydocs_corpus,
+                                             pydocs_split, read_batches)
 from titan_dsv4.components.tokenizer import Tokenizer
 
 
@@ -64,3 +67,28 @@ def test_embedded_corpus_is_real_text():
     assert tok.vocab_size == 2048 and (tok.bos_id, tok.eos_id) == (0, 1)
     ids = tok.encode("Return the number of items in the list.")
     assert tok.decode(ids) == "Return the number of items in the list." and len(ids) < 15
+
+
+def test_the_embedded_validation_split_is_held_out():
+    train, validation = pydocs_split("train"), pydocs_split("validation")
+    assert sorted(train + validation) == sorted(pydocs_corpus())
+    assert not set(train) & set(validation) and 50 <= len(validation) <= len(train) // 15
+    loader = build_dataloader("pydocs", None, Tokenizer(), 32, 2, 0, 1, split="validation")
+    first_tokens = next(loader).input_ids[0, 1:6].tolist()  # after the first document's BOS
+    assert first_tokens == Tokenizer().encode(validation[0])[:5]
+
+
+def test_validation_reads_one_pass_of_full_global_batches():
+    """-1: every global batch that does not run past the last document, the same on every data-parallel
+    rank (each rank's rows are its slice of it); a count the data cannot fill is an error."""
+    tok = CharTokenizer()
+    docs = [f"doc {i} " * 3 for i in range(10)]  # 10 x (18 + BOS + EOS) = 200 tokens
+    stream = len(docs) * 20
+    single = read_batches(DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 4, 0, 1), -1)
+    assert len(single) == (stream - 1) // (16 * 4)  # sequence i needs tokens up to i * 16 + 16
+    ranks = [read_batches(DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 2, r, 2), -1) for r in range(2)]
+    for whole, *parts in zip(single, *ranks, strict=True):
+        assert torch.equal(whole.input_ids, torch.cat([p.input_ids for p in parts]))
+    assert len(read_batches(DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 4, 0, 1), 1)) == 1
+    with pytest.raises(ValueError, match="holds 3 full global batches of 4 x 16 tokens, 4 needed"):
+        read_batches(DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 4, 0, 1), 4)

@@ -54,17 +54,27 @@ def test_pp4_schedules(tmp_path):
 
 
 @pytest.mark.slow
-def test_pp2_training_writes_the_same_metrics_as_pp1(tmp_path):
-    common = ("--training.steps", "5", "--training.seq_len", "128", "--training.local_batch_size", "4",
-              "--parallelism.pipeline_parallel_microbatch_size", "1")
+@pytest.mark.parametrize("schedule", ["Interleaved1F1B", "ZBVZeroBubble"])
+def test_pp2_training_writes_the_same_metrics_as_pp1(tmp_path, schedule):
+    """Training and validation (forward only through the stages, every microbatch) alike; ZBV's rank 0
+    holds the first and the last stage."""
+    common = ("--training.steps", "4", "--training.seq_len", "128", "--training.local_batch_size", "4",
+              "--parallelism.pipeline_parallel_microbatch_size", "1", "--validation.enable",
+              "--validation.freq", "2", "--validation.steps", "2")
     single = run_training(tmp_path / "pp1", *common)
     piped = run_training(tmp_path / "pp2", *common, "--parallelism.pipeline_parallel_degree", "2",
-                         "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B", nproc=2)
+                         "--parallelism.pipeline_parallel_schedule", schedule, nproc=2)
+    assert sum(r["validation"] is not None for r in single) == 2
     for a, b in zip(single, piped, strict=True):
         for key in ("loss", "total_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
         assert b["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)
         assert b["moe_max_violation"] == pytest.approx(a["moe_max_violation"], abs=1e-6)  # from both stages
+        assert (a["validation"] is None) == (b["validation"] is None)
+        if a["validation"]:
+            assert b["validation"]["valid_tokens"] == a["validation"]["valid_tokens"]
+            for key in ("loss", "mtp_losses", "mtp_acceptance"):
+                assert b["validation"][key] == pytest.approx(a["validation"][key], rel=1e-5), key
 
 
 def plan(pp=2, local_batch=4, args=None, **parallelism):

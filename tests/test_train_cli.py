@@ -37,7 +37,8 @@ def test_mtp_can_be_disabled(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_fsdp_equals_single_process(tmp_path):
-    steps = ("--training.steps", "3", "--training.seq_len", "128")
+    steps = ("--training.steps", "3", "--training.seq_len", "128", "--validation.enable", "--validation.freq", "3",
+             "--validation.steps", "2")
     single = run_training(tmp_path / "one", *steps, "--training.local_batch_size", "4")
     fsdp = run_training(tmp_path / "two", *steps, "--training.local_batch_size", "2", nproc=2)
     for a, b in zip(single, fsdp, strict=True):
@@ -46,6 +47,10 @@ def test_two_process_fsdp_equals_single_process(tmp_path):
         assert b["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)
         assert b["valid_tokens"] == a["valid_tokens"]
         assert b["moe_max_violation"] == pytest.approx(a["moe_max_violation"], abs=1e-6)  # loads summed over ranks
+    validation = single[-1]["validation"], fsdp[-1]["validation"]  # each rank its half of every batch
+    assert validation[1]["valid_tokens"] == validation[0]["valid_tokens"]
+    for key in ("loss", "mtp_losses", "mtp_acceptance"):
+        assert validation[1][key] == pytest.approx(validation[0][key], rel=1e-5), key
 
 
 def test_the_run_names_itself_first(tmp_path):
@@ -69,3 +74,40 @@ def test_the_run_names_itself_first(tmp_path):
     assert first == (f"titan_dsv4: DeepSeek-V4 debug model with MTP: debugmodel, {_count(params)} parameters "
                      f"({_count(model.args.num_active_params())} active), MTP depth 1; 1 process: DP 1; "
                      "activation checkpointing selective (op), compile off; 1 step of 4 x 128 tokens"), first
+
+
+def test_validation_loss_is_the_trained_models_loss_on_the_held_out_batches(tmp_path):
+    """The last step's validation record against the exported weights: plain fp32 logits (eval mode: the
+    main head; train mode: every MTP depth) and torch's cross-entropy on the held-out batches."""
+    import torch
+    import torch.nn.functional as F
+
+    import titan_dsv4
+    from titan_dsv4.components.dataloader import build_dataloader, read_batches
+    from titan_dsv4.components.loss import build_targets
+    from titan_dsv4.components.tokenizer import Tokenizer
+
+    records = run_training(tmp_path, *SMALL, "--training.steps", "3", "--validation.enable",
+                           "--validation.freq", "2", "--validation.steps", "3", "--checkpoint.enable",
+                           "--checkpoint.last_save_in_hf", "--checkpoint.export_dtype", "float32")
+    assert [r["validation"] is not None for r in records] == [False, True, True]  # every 2 steps and the last
+    model = titan_dsv4.from_pretrained(tmp_path / "checkpoint" / "step-3-hf", dtype=torch.float32)
+    sums, hits = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in read_batches(build_dataloader("pydocs", None, Tokenizer(), 128, 4, 0, 1, "validation"), 3):
+            targets = build_targets(batch.labels, batch.positions, 1)
+            main = model.eval()(batch.input_ids, batch.positions)
+            _, depth0 = model.train()(batch.input_ids, batch.positions)
+            for d, logits in enumerate((main, depth0)):
+                t = targets[..., d].flatten()
+                sums[d] += F.cross_entropy(logits.flatten(0, 1), t, ignore_index=-100, reduction="sum").double()
+                valid = t != -100
+                counts[d] += valid.sum()
+                hits[d] += (logits.flatten(0, 1).argmax(-1) == t)[valid].sum()
+    validation = records[-1]["validation"]
+    assert validation["valid_tokens"] == int(counts[0])
+    assert validation["loss"] == pytest.approx(float(sums[0] / counts[0]), rel=1e-5)
+    assert validation["mtp_losses"] == pytest.approx([float(sums[1] / counts[1])], rel=1e-5)
+    assert validation["mtp_acceptance"] == pytest.approx([float(hits[1] / counts[1])], abs=1e-9)
+    assert records[1]["validation"]["loss"] != validation["loss"]  # the model changed in between

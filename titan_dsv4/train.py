@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .components.checkpoint import (
@@ -26,7 +27,7 @@ from .components.checkpoint import (
     load_model_only,
     model_state,
 )
-from .components.dataloader import build_dataloader
+from .components.dataloader import build_dataloader, read_batches
 from .components.hf_checkpoint import load_hf_into, write_index, write_shards
 from .components.load_balance import gather_max_violations, learned_routing_moes, update_expert_bias
 from .components.loss import build_targets, summarise_parts
@@ -69,6 +70,7 @@ class Trainer:
         self.model_args = setup.model_args
         self.num_mtp = self.model_args.num_nextn_predict_layers
         self.learned_routing_moes = learned_routing_moes(self.model_args)
+        self.validation_batches = self._read_validation_batches() if config.validation.enable else []
         if self.rank == 0:
             print(f"titan_dsv4: {describe_run(config, setup, dist.get_world_size() if self.distributed else 1)}",
                   flush=True)
@@ -199,13 +201,7 @@ class Trainer:
         reduce_replicated_grads(self.norm_params, self.dp_group)
         grad_norm = clip_grad_norm_(self.norm_params, self.config.training.max_norm, self.pp_group)
         n_calls = len(batches) * (self.pipeline.plan.n_microbatches if self.pipeline else 1)
-        parts = self.loss_fn.take_parts(last=n_calls)
-        if parts is None:
-            parts = torch.zeros(2 + 3 * self.num_mtp, dtype=torch.float64)
-        if self.distributed:  # last-stage ranks hold the parts; others add zeros
-            parts = parts.to(self._comm_device())
-            dist.all_reduce(parts)
-        summary = summarise_parts(parts.cpu(), self.num_mtp, self.config.mtp.loss_scaling_factor)
+        summary = self._summarise_losses(self.loss_fn.take_parts(last=n_calls))
         lr = self.lr_scheduler.get_last_lr()[0]
         summary.update(grad_norm=float(grad_norm), lr=lr, indexer_loss=self._take_indexer_loss(), skipped=False,
                        data_loading_s=loading)
@@ -228,6 +224,51 @@ class Trainer:
         summary["moe_max_violation"] = gather_max_violations(violations, self.learned_routing_moes, self.pp_group,
                                                              self._comm_device())
         return summary
+
+    def _summarise_losses(self, parts: torch.Tensor | None) -> dict:
+        """The logged losses from this rank's loss parts, summed over all ranks (last-stage ranks hold them;
+        others add zeros)."""
+        if parts is None:
+            parts = torch.zeros(2 + 3 * self.num_mtp, dtype=torch.float64)
+        if self.distributed:
+            parts = parts.to(self._comm_device())
+            dist.all_reduce(parts)
+        return summarise_parts(parts.cpu(), self.num_mtp, self.config.mtp.loss_scaling_factor)
+
+    def _read_validation_batches(self) -> list:
+        """This rank's share of the validation batches, read and tokenized once: every validation reuses
+        them, so its values compare across steps."""
+        v, t = self.config.validation, self.config.training
+        dims = self.parallel_dims
+        loader = build_dataloader(v.dataset, v.dataset_path, self.setup.tokenizer, t.seq_len, t.local_batch_size,
+                                  dims.dp_rank(), dims.dp, split="validation")
+        try:
+            return read_batches(loader, v.steps)
+        except ValueError as e:
+            raise ConfigError(f"`validation.dataset` = {v.dataset!r} (steps = {v.steps}): {e}") from None
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Main and per-depth MTP loss and acceptance on the validation batches; the model in eval mode (it
+        counts no expert loads and trains no indexer)."""
+        for part in self.model_parts:
+            part.eval()
+        try:
+            for batch in self.validation_batches:
+                target = build_targets(batch.labels, batch.positions, self.num_mtp)
+                ids, pos, target = (x.to(self.device) for x in (batch.input_ids, batch.positions, target))
+                if self.pipeline is not None:
+                    self.pipeline.forward_only(ids, pos, target, self.loss_fn)
+                else:
+                    self.loss_fn(self.model_parts[0](ids, pos, targets=target), target)
+        finally:
+            for part in self.model_parts:
+                part.train()
+                for module in part.modules():  # what forward left gathered (FSDP under PP keeps it)
+                    if isinstance(module, FSDPModule):
+                        module.reshard()
+        summary = self._summarise_losses(self.loss_fn.take_parts())
+        return {key: summary[key] for key in ("loss", "mtp_losses", "mtp_acceptance", "valid_tokens")}
 
     def _take_indexer_loss(self) -> float | None:
         """Mean per-token indexer KL of this step, summed over CSA layers (None while the indexer is frozen)."""
@@ -263,7 +304,10 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 if self.step == first_step + 1 and cfg.compile.enable:
                     self._report_graph_breaks()
-                if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
+                last = self.step == cfg.training.steps
+                validate = cfg.validation.enable and (self.step % cfg.validation.freq == 0 or last)
+                summary["validation"] = self.validate() if validate else None
+                if self.step % cfg.metrics.log_freq == 0 or last or validate:
                     tokens_per_sec = self.tokens_per_step / elapsed
                     mfu = flops_per_token * tokens_per_sec / (world * peak * 1e12) if peak else None
                     record = {"step": self.step, **summary, "tokens_per_sec": tokens_per_sec,

@@ -55,6 +55,17 @@ def pydocs_corpus() -> list[str]:
     return docs
 
 
+HELD_OUT_EVERY = 20  # pydocs: every 20th document is the validation split (60 of 1.2k), never trained on
+
+
+def pydocs_split(split: str) -> list[str]:
+    """The embedded corpus's ``"train"`` or ``"validation"`` documents (disjoint; together all of them)."""
+    docs = pydocs_corpus()
+    if split == "validation":
+        return docs[::HELD_OUT_EVERY]
+    return [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY]
+
+
 def text_documents(path: str | Path) -> Iterator[str]:
     """Documents from a file or folder: ``.txt`` (one document per file), ``.jsonl`` (``text`` field per
     line), ``.parquet`` (``text`` column, needs pyarrow)."""
@@ -170,12 +181,30 @@ class DataLoader:
 
 
 def build_dataloader(dataset: str, dataset_path: str | None, tokenizer: Tokenizer, seq_len: int,
-                     local_batch_size: int, dp_rank: int, dp_degree: int) -> DataLoader:
+                     local_batch_size: int, dp_rank: int, dp_degree: int, split: str = "train") -> DataLoader:
+    """``split`` picks the embedded corpus's part (``pydocs_split``); a ``text`` dataset is what its path
+    holds."""
     if dataset == "pydocs":
-        docs = pydocs_corpus()
+        docs = pydocs_split(split)
         documents_fn = lambda: iter(docs)  # noqa: E731
     elif dataset == "text":
         documents_fn = lambda: text_documents(dataset_path)  # noqa: E731
     else:
         raise ValueError(f"`training.dataset` = {dataset!r} is invalid: allowed pydocs, text")
     return DataLoader(PackedSequences(documents_fn, tokenizer, seq_len), local_batch_size, dp_rank, dp_degree)
+
+
+def read_batches(loader: DataLoader, steps: int) -> list[Batch]:
+    """The first ``steps`` batches of ``loader``, or with ``steps = -1`` every full global batch of one pass
+    over its documents (all data-parallel ranks read the whole stream, so they agree where it ends)."""
+    batches: list[Batch] = []
+    while steps < 0 or len(batches) < steps:
+        batch = next(loader)
+        if loader.sequences.epoch > 0:  # the batch ran past the last document
+            break
+        batches.append(batch)
+    global_batch = loader.local_batch_size * loader.dp_degree
+    if not batches or 0 < len(batches) < steps:
+        raise ValueError(f"the dataset holds {len(batches)} full global batches of {global_batch} x "
+                         f"{loader.sequences.seq_len} tokens, {steps if steps > 0 else 'at least 1'} needed")
+    return batches

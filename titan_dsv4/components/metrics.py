@@ -86,23 +86,35 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(self.progress_line(record, total_steps, eta_s), flush=True)
+        if record.get("validation"):
+            print(self.validation_line(record["step"], record["validation"]), flush=True)
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, record["step"])
-            for k, (loss, acc) in enumerate(zip(record["mtp_losses"], record["mtp_acceptance"])):
-                self.tb.add_scalar(f"mtp_loss/depth_{k}", loss, record["step"])
-                self.tb.add_scalar(f"mtp_acceptance/depth_{k}", acc, record["step"])
+            self._tb_depths("", record, record["step"])
+            if record.get("validation"):
+                self.tb.add_scalar("validation/loss", record["validation"]["loss"], record["step"])
+                self._tb_depths("validation/", record["validation"], record["step"])
             for moe, violation in record.get("moe_max_violation", {}).items():
                 self.tb.add_scalar(f"moe_max_violation/{moe}", violation, record["step"])
+
+    def _tb_depths(self, prefix: str, losses: dict, step: int) -> None:
+        for k, (loss, acc) in enumerate(zip(losses["mtp_losses"], losses["mtp_acceptance"])):
+            self.tb.add_scalar(f"{prefix}mtp_loss/depth_{k}", loss, step)
+            self.tb.add_scalar(f"{prefix}mtp_acceptance/depth_{k}", acc, step)
+
+    def validation_line(self, step: int, losses: dict) -> str:
+        """``validation at step 100  loss 3.52  mtp0 3.91 acc 40%  (262,144 tokens)``"""
+        parts = [f"validation at step {step}", *_loss_parts(losses), f"({losses['valid_tokens']:,} tokens)"]
+        line = "  ".join(parts)
+        return f"\033[33m{line}\033[0m" if self.color else line
 
     def progress_line(self, record: dict, total_steps: int | None, eta_s: float | None) -> str:
         """``step 120/5000 (2%)  loss 3.41  mtp0 3.80 acc 41%  ...  maxvio 0.12  ...  mfu 38.2%  eta 3h12m``"""
         step = f"{record['step']}/{total_steps} ({record['step'] / total_steps:.0%})" if total_steps \
             else str(record["step"])
-        parts = [f"step {step}", f"loss {record['loss']:.4f}"]
-        parts += [f"mtp{k} {loss:.4f} acc {acc:.0%}"
-                  for k, (loss, acc) in enumerate(zip(record["mtp_losses"], record["mtp_acceptance"]))]
+        parts = [f"step {step}", *_loss_parts(record)]
         if record.get("indexer_loss") is not None:
             parts.append(f"indexer_kl {record['indexer_loss']:.4f}")
         parts += [f"total {record['total_loss']:.4f}", f"grad_norm {record['grad_norm']:.3f}"]
@@ -124,6 +136,13 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _loss_parts(losses: dict) -> list[str]:
+    """``loss 3.41``, then ``mtp0 3.80 acc 41%`` per depth."""
+    return [f"loss {losses['loss']:.4f}"] + [
+        f"mtp{k} {loss:.4f} acc {acc:.0%}" for k, (loss, acc) in enumerate(zip(losses["mtp_losses"],
+                                                                               losses["mtp_acceptance"]))]
 
 
 def format_duration(seconds: float) -> str:

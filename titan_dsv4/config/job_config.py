@@ -132,6 +132,18 @@ class Metrics:
 
 
 @dataclass
+class Validation:
+    enable: bool = False  # held-out loss (main, every MTP depth, acceptance) every `freq` steps and at the end
+    # pydocs: the embedded corpus's held-out documents (training never reads them) | text: dataset_path
+    dataset: str = "pydocs"
+    dataset_path: str | None = None  # .txt / .jsonl / .parquet file or folder (dataset = "text")
+    freq: int = 10  # steps between validations
+    # global batches per validation (training's local_batch_size and seq_len; the same batches every time);
+    # -1: every full global batch of one pass over the dataset
+    steps: int = -1
+
+
+@dataclass
 class MTP:
     num_layers: int | None = None  # None: the model's num_nextn_predict_layers; 0 disables MTP
     loss_scaling_factor: float = 0.3  # lambda in main + lambda/D * sum(mtp)
@@ -149,4 +161,5 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
     metrics: Metrics = field(default_factory=Metrics)
+    validation: Validation = field(default_factory=Validation)
     mtp: MTP = field(default_factory=MTP)

@@ -76,7 +76,6 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     _choice("parallelism.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, RESHARD_POLICIES)
     _choice("training.mixed_precision_param", t.mixed_precision_param, DTYPES)
     _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, DTYPES)
-    _choice("training.dataset", t.dataset, ("pydocs", "text"))
     _choice("checkpoint.async_mode", config.checkpoint.async_mode, ("disabled", "async"))
     if p.pipeline_parallel_degree > 1 and not p.pipeline_parallel_schedule_csv:
         from ..distributed.pipeline import SCHEDULES
@@ -89,9 +88,18 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                 sorted({"eager", "aot_eager", *torch._dynamo.list_backends()}))
     if config.optimizer.implementation == "fused" and not torch.cuda.is_available():
         raise ConfigError("`optimizer.implementation` = 'fused' needs CUDA: use foreach on CPU")
-    if t.dataset == "text":
-        if not t.dataset_path or not Path(t.dataset_path).exists():
-            raise ConfigError(f"`training.dataset_path` = {t.dataset_path!r} is invalid: dataset 'text' needs an "
+    sources = [("training", t.dataset, t.dataset_path)]
+    if config.validation.enable:
+        v = config.validation
+        _at_least("validation.freq", v.freq, 1)
+        if v.steps == 0 or v.steps < -1:
+            raise ConfigError(f"`validation.steps` = {v.steps} is invalid: a number of batches >= 1, or -1 for "
+                              "one pass over the dataset")
+        sources.append(("validation", v.dataset, v.dataset_path))
+    for section, dataset, path in sources:
+        _choice(f"{section}.dataset", dataset, ("pydocs", "text"))
+        if dataset == "text" and (not path or not Path(path).exists()):
+            raise ConfigError(f"`{section}.dataset_path` = {path!r} is invalid: dataset 'text' needs an "
                               "existing .txt/.jsonl/.parquet file or folder")
 
     try:

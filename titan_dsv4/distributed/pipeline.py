@@ -232,6 +232,7 @@ class PipelineParts:
     has_first_stage: bool
     has_last_stage: bool
     ties: TiedParameters
+    stream_meta: torch.Tensor  # what crosses a stage boundary (meta device; microbatch-sized)
 
     def step(self, input_ids, positions, targets, global_valid_tokens) -> None:
         # targets reach the last stage's forward (its head runs fused with the cross-entropy) and the loss
@@ -241,6 +242,32 @@ class PipelineParts:
             kwargs.update(target=targets, losses=[])
         args = (input_ids,) if self.has_first_stage else ()
         self.schedule.step(*args, return_outputs=False, **kwargs)
+
+    @torch.no_grad()
+    def forward_only(self, input_ids, positions, targets, loss_fn) -> None:
+        """Validation: each microbatch through the stages in order, forward only, the last stage's output to
+        ``loss_fn``. Not through the schedule: the schedules run from action lists (ZBVZeroBubble,
+        DualPipeV, InterleavedZeroBubble, CSV) run their backward actions in ``schedule.eval`` too (torch
+        2.13: "can't steal_bwd_input if this stage doesn't have backward"). Without overlap, so ranks wait
+        on one another; microbatches as in training, so memory stays within training's."""
+        plan, group = self.plan, self.stages[0].group
+        here = self.stages[0].group_rank
+        mine = {stage.stage_index: stage for stage in self.stages}
+        for start in range(0, input_ids.shape[0], plan.microbatch_size):
+            ids, pos, tgt = (t[start:start + plan.microbatch_size] for t in (input_ids, positions, targets))
+            x = ids
+            for index in range(plan.num_stages):
+                holder, previous = plan.rank_of_stage(index), plan.rank_of_stage(max(index - 1, 0))
+                if holder != previous and holder == here:
+                    meta = self.stream_meta
+                    x = torch.empty((len(ids), *meta.shape[1:]), dtype=meta.dtype, device=mine[index].device)
+                    dist.recv(x, group=group, group_src=previous)
+                elif holder != previous and previous == here:
+                    dist.send(x.contiguous(), group=group, group_dst=holder)
+                if holder == here:
+                    x = mine[index].submod(x, positions=pos, input_ids=ids, targets=tgt)
+            if self.has_last_stage:
+                loss_fn(x, tgt)
 
 
 class TiedParameters:
@@ -411,4 +438,6 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_rank: int, pp_group:
     ties.add(plan, model, parts, stage_ids, mesh_ranks)
     return PipelineParts(plan=plan, model_parts=parts, stages=stages, schedule=schedule,
                          has_first_stage=0 in stage_ids, has_last_stage=plan.num_stages - 1 in stage_ids,
-                         ties=ties)
+                         ties=ties, stream_meta=model.pipeline_stage_metas(
+                             stage_index=1, num_stages=plan.num_stages, microbatch_size=plan.microbatch_size,
+                             seq_len=seq_len, dtype=dtype)[0][0])

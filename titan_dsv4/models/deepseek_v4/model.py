@@ -54,7 +54,8 @@ class DeepseekV4Model(nn.Module):
         the tuple ``(logits, mtp_logits_0, ..., mtp_logits_{D-1})`` where depth k's logits at position t
         predict token t+k+2. With ``targets`` ``[B, S, 1 + D]`` (``build_targets``) the head runs fused with
         its cross-entropy (``head_loss.py``) and returns ``(objective, stats)``: ``CE_sum(main) + mtp_loss_scale
-        / D · Σ_k CE_sum(k)`` and, per depth, (CE sum, valid targets, argmax hits) ``[1 + D, 3]``.
+        / D · Σ_k CE_sum(k)`` and, per depth, (CE sum, valid targets, argmax hits) ``[1 + D, 3]`` — in eval
+        mode too (validation: every depth's loss, no expert-load counting, no indexer training).
         """
         if not tokens.is_floating_point():  # token ids: this is the first stage
             input_ids = tokens
@@ -69,7 +70,7 @@ class DeepseekV4Model(nn.Module):
         if self.head is None:
             return x
         hiddens = [self.norm(self.hc_head(x))]
-        if self.training and len(self.mtp):
+        if (self.training or targets is not None) and len(self.mtp):
             if input_ids is None:
                 raise ValueError("MTP needs the token ids (pass input_ids)")
             embed = self.mtp_embed if self.mtp_embed is not None else self.embed
