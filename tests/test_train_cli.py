@@ -111,3 +111,15 @@ def test_validation_loss_is_the_trained_models_loss_on_the_held_out_batches(tmp_
     assert validation["mtp_losses"] == pytest.approx([float(sums[1] / counts[1])], rel=1e-5)
     assert validation["mtp_acceptance"] == pytest.approx([float(hits[1] / counts[1])], abs=1e-9)
     assert records[1]["validation"]["loss"] != validation["loss"]  # the model changed in between
+
+
+def test_validation_leaves_training_untouched(tmp_path):
+    """A run that validates every step trains exactly as one that never does: eval mode counts no expert
+    loads (the balancing bias), adds nothing to the indexer's KL (trained here) and draws no random numbers."""
+    common = (*SMALL, "--training.steps", "3", "--training.indexer_loss_coeff", "0.5")
+    plain = run_training(tmp_path / "plain", *common, "--validation.enable", "false")
+    validated = run_training(tmp_path / "validated", *common, "--validation.freq", "1", "--validation.steps", "1")
+    assert all(r["validation"] for r in validated) and not any(r["validation"] for r in plain)
+    for a, b in zip(plain, validated, strict=True):
+        for key in ("loss", "mtp_losses", "grad_norm", "indexer_loss", "moe_max_violation"):
+            assert b[key] == a[key], key
