@@ -245,29 +245,39 @@ class PipelineParts:
 
     @torch.no_grad()
     def forward_only(self, input_ids, positions, targets, loss_fn) -> None:
-        """Validation: each microbatch through the stages in order, forward only, the last stage's output to
-        ``loss_fn``. Not through the schedule: the schedules run from action lists (ZBVZeroBubble,
-        DualPipeV, InterleavedZeroBubble, CSV) run their backward actions in ``schedule.eval`` too (torch
-        2.13: "can't steal_bwd_input if this stage doesn't have backward"). Without overlap, so ranks wait
-        on one another; microbatches as in training, so memory stays within training's."""
+        """Validation: every microbatch forward through the stages, the last stage's outputs to ``loss_fn``.
+
+        Not ``schedule.eval``: the V-shaped schedules (ZBVZeroBubble, DualPipeV) run backward actions in it
+        (torch 2.13: "can't steal_bwd_input if this stage doesn't have backward"). Each rank runs its stages
+        in ascending order, each over all microbatches, receiving blocking and sending without waiting, so
+        the ranks work as a wavefront (the pipeline fills once) and no two wait on each other: a rank's
+        input comes from a lower stage, which its holder runs no later in its own order. At most all
+        microbatches' boundary tensors wait to be received at once, less than a training step keeps."""
         plan, group = self.plan, self.stages[0].group
-        here = self.stages[0].group_rank
-        mine = {stage.stage_index: stage for stage in self.stages}
-        for start in range(0, input_ids.shape[0], plan.microbatch_size):
-            ids, pos, tgt = (t[start:start + plan.microbatch_size] for t in (input_ids, positions, targets))
-            x = ids
-            for index in range(plan.num_stages):
-                holder, previous = plan.rank_of_stage(index), plan.rank_of_stage(max(index - 1, 0))
-                if holder != previous and holder == here:
-                    meta = self.stream_meta
-                    x = torch.empty((len(ids), *meta.shape[1:]), dtype=meta.dtype, device=mine[index].device)
-                    dist.recv(x, group=group, group_src=previous)
-                elif holder != previous and previous == here:
-                    dist.send(x.contiguous(), group=group, group_dst=holder)
-                if holder == here:
-                    x = mine[index].submod(x, positions=pos, input_ids=ids, targets=tgt)
-            if self.has_last_stage:
-                loss_fn(x, tgt)
+        here, size = self.stages[0].group_rank, plan.microbatch_size
+        microbatches = [tuple(t[start:start + size] for t in (input_ids, positions, targets))
+                        for start in range(0, input_ids.shape[0], size)]
+        kept, sends = {}, []
+        for stage in sorted(self.stages, key=lambda s: s.stage_index):
+            index = stage.stage_index
+            for m, (ids, pos, tgt) in enumerate(microbatches):
+                if index == 0:
+                    x = ids
+                elif plan.rank_of_stage(index - 1) == here:
+                    x = kept.pop((index - 1, m))
+                else:
+                    x = torch.empty((len(ids), *self.stream_meta.shape[1:]), dtype=self.stream_meta.dtype,
+                                    device=stage.device)
+                    dist.recv(x, group=group, group_src=plan.rank_of_stage(index - 1))
+                y = stage.submod(x, positions=pos, input_ids=ids, targets=tgt)
+                if index == plan.num_stages - 1:
+                    loss_fn(y, tgt)
+                elif plan.rank_of_stage(index + 1) == here:
+                    kept[(index, m)] = y
+                else:
+                    sends.append(dist.isend(y.contiguous(), group=group, group_dst=plan.rank_of_stage(index + 1)))
+        for work in sends:
+            work.wait()
 
 
 class TiedParameters:
