@@ -93,6 +93,9 @@ def apply_compile(model: nn.Module, backend: str = "inductor", experts_apart: bo
     # The statistics buffers' updates (running_stats.py) are the only side effects in a block; a checkpointed
     # block must not replay them while recomputing, so compiled checkpointing may skip them there.
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    # One graph per kind of block (attention type x routing x MTP: ~6 for the released models), and again
+    # for validation (eval mode, no gradients): past the default limit of 8, dynamo would run the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for container in block_containers(model):
         for name, block in list(container.items()):
             if experts_apart:
