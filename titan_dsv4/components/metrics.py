@@ -8,8 +8,9 @@ objective), ``grad_norm``, ``lr``, ``tokens_per_sec`` (global), ``max_memory_mb`
 step whose update was skipped), ``indexer_loss`` (mean per-token indexer KL summed over CSA layers; null
 while the indexer is frozen), ``moe_max_violation`` (each learned-routing MoE's ``max load / mean load - 1``
 over the step's global batch, by name: ``components/load_balance.py``), ``data_loading_s`` (this rank's
-wait for its batches), ``max_reserved_mb`` and ``alloc_retries`` (CUDA allocator; null elsewhere). ``total_loss`` does not
-include the indexer loss: it trains only the indexer, whose inputs are detached from the main model.
+wait for its batches), ``max_reserved_mb`` and ``alloc_retries`` (CUDA allocator; null elsewhere),
+``validation`` (null, or the held-out losses of a validation step). ``total_loss`` does not include the
+indexer loss: it trains only the indexer, whose inputs are detached from the main model.
 """
 
 from __future__ import annotations
