@@ -62,7 +62,7 @@ def gather_max_violations(violations: dict[str, torch.Tensor], names: list[str],
     """Every MoE's max violation, in model order, from the pipeline stage that holds it (data-parallel
     ranks already agree: their loads were summed)."""
     values = torch.zeros(len(names), dtype=torch.float32, device=device)
-    for i, name in enumerate(names):
-        if name in violations:
-            values[i] = violations[name]
+    held = [i for i, name in enumerate(names) if name in violations]
+    if held:  # one copy for all of this stage's MoEs, not one per MoE
+        values[held] = torch.stack([violations[names[i]] for i in held]).to(values)
     return dict(zip(names, all_reduce_sum(values, pp_group).tolist()))

@@ -424,6 +424,8 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_rank: int, pp_group:
         inputs_meta, outputs_meta = model.pipeline_stage_metas(
             stage_index=stage_index, num_stages=plan.num_stages, microbatch_size=plan.microbatch_size,
             seq_len=seq_len, dtype=dtype)
+        # what crosses a boundary: a last stage's input, any other stage's output
+        stream_meta = (inputs_meta if stage_index == plan.num_stages - 1 else outputs_meta)[0]
         holds_replica = any(u in plan.fqns_per_stage[stage_index] for u in getattr(model, "pipeline_replicas", {}))
         stages.append(PipelineStage(part, stage_index, plan.num_stages, device, input_args=inputs_meta,
                                     output_args=outputs_meta, group=pp_group,
@@ -448,6 +450,4 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_rank: int, pp_group:
     ties.add(plan, model, parts, stage_ids, mesh_ranks)
     return PipelineParts(plan=plan, model_parts=parts, stages=stages, schedule=schedule,
                          has_first_stage=0 in stage_ids, has_last_stage=plan.num_stages - 1 in stage_ids,
-                         ties=ties, stream_meta=model.pipeline_stage_metas(
-                             stage_index=1, num_stages=plan.num_stages, microbatch_size=plan.microbatch_size,
-                             seq_len=seq_len, dtype=dtype)[0][0])
+                         ties=ties, stream_meta=stream_meta)
