@@ -4,8 +4,8 @@ import torch
 
 import pytest
 
-from titan_dsv4.components.dataloader import (DataLoader, PackedSequences, build_dataloader, pydocs_corpus,
-                                             pydocs_split, read_batches)
+from titan_dsv4.components.dataloader import (DataError, DataLoader, PackedSequences, build_dataloader,
+                                             pydocs_corpus, pydocs_split, read_batches, text_documents)
 from titan_dsv4.components.tokenizer import Tokenizer
 
 
@@ -92,3 +92,30 @@ def test_validation_reads_one_pass_of_full_global_batches():
     assert len(read_batches(DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 4, 0, 1), 1)) == 1
     with pytest.raises(ValueError, match="holds 3 full global batches of 4 x 16 tokens, 4 needed"):
         read_batches(DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 4, 0, 1), 4)
+
+
+def test_text_dataset_reads_txt_and_jsonl_files_in_path_order(tmp_path):
+    """A folder's .txt (whole file) and .jsonl (``text`` per non-blank line) documents, files in sorted path
+    order at any depth; other files are not documents. A single file is a dataset too."""
+    (tmp_path / "b.jsonl").write_text('{"text": "second", "id": 1}\n\n{"text": "third \\u00e9"}\n')
+    (tmp_path / "a.txt").write_text("first\nline two")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.txt").write_text("fourth")
+    (tmp_path / "README.md").write_text("not a document")
+    assert list(text_documents(tmp_path)) == ["first\nline two", "second", "third \u00e9", "fourth"]
+    assert list(text_documents(tmp_path / "b.jsonl")) == ["second", "third \u00e9"]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("d.jsonl", b'{"text": "ok"}\n{"content": "x"}\n', r"d.jsonl:2: a jsonl record needs a string 'text' field "
+                                                        r"\(found \['content'\]\)"),
+    ("d.jsonl", b'{"text": null}\n', r"d.jsonl:1: a jsonl record needs a string 'text' field"),
+    ("d.jsonl", b'["text"]\n', r"d.jsonl:1: a jsonl record needs a string 'text' field \(found list\)"),
+    ("d.jsonl", b'{"text": "ok"}\n\n{"text": "unterminated}\n', r"d.jsonl:3: not a JSON line"),
+    ("d.txt", b"caf\xe9 au lait", r"d.txt: not UTF-8 text \(invalid continuation byte at byte 3\)"),
+])
+def test_unreadable_documents_name_their_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        list(text_documents(tmp_path))
+

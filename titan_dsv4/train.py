@@ -70,6 +70,7 @@ class Trainer:
         self.model_args = setup.model_args
         self.num_mtp = self.model_args.num_nextn_predict_layers
         self.learned_routing_moes = learned_routing_moes(self.model_args)
+        self._check_training_data()
         self.validation_batches = self._read_validation_batches() if config.validation.enable else []
         if self.rank == 0:
             print(f"titan_dsv4: {describe_run(config, setup, dist.get_world_size() if self.distributed else 1)}",
@@ -235,6 +236,16 @@ class Trainer:
             dist.all_reduce(parts)
         return summarise_parts(parts.cpu(), self.num_mtp, self.config.mtp.loss_scaling_factor)
 
+    def _check_training_data(self) -> None:
+        """Read the corpus's first sequence now, so data the reader cannot parse (a wrong jsonl field, say) is
+        a config error before any model is built; a file broken further in fails when reached, naming it."""
+        t = self.config.training
+        loader = build_dataloader(t.dataset, t.dataset_path, self.setup.tokenizer, t.seq_len, 1, 0, 1)
+        try:
+            loader.sequences.next_sequence()
+        except ValueError as e:
+            raise ConfigError(f"{_data_source('training', t.dataset, t.dataset_path)}: {e}") from None
+
     def _read_validation_batches(self) -> list:
         """This rank's share of the validation batches, read and tokenized once: every validation reuses
         them, so its values compare across steps."""
@@ -245,7 +256,8 @@ class Trainer:
         try:
             return read_batches(loader, v.steps)
         except ValueError as e:
-            raise ConfigError(f"`validation.dataset` = {v.dataset!r} (steps = {v.steps}): {e}") from None
+            raise ConfigError(f"{_data_source('validation', v.dataset, v.dataset_path)} (steps = {v.steps}): "
+                              f"{e}") from None
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -408,6 +420,11 @@ def describe_run(config: JobConfig, setup: RunSetup, world: int) -> str:
             f"{world} process{'es' if world > 1 else ''}: {layout}; activation checkpointing {checkpointing}, "
             f"compile {compiled}; {t.steps} step{'s' if t.steps > 1 else ''} of {setup.global_batch_size} x "
             f"{t.seq_len} tokens")
+
+
+def _data_source(section: str, dataset: str, path: str | None) -> str:
+    """The key and value that name a dataset in an error: its path for files, else its name."""
+    return f"`{section}.dataset_path` = {path!r}" if dataset == "text" else f"`{section}.dataset` = {dataset!r}"
 
 
 def _count(n: int) -> str:

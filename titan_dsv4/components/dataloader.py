@@ -66,29 +66,68 @@ def pydocs_split(split: str) -> list[str]:
     return [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY]
 
 
-def text_documents(path: str | Path) -> Iterator[str]:
-    """Documents from a file or folder: ``.txt`` (one document per file), ``.jsonl`` (``text`` field per
-    line), ``.parquet`` (``text`` column, needs pyarrow)."""
+DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+class DataError(ValueError):
+    """A document file that cannot be read as the dataset format says; the message names file and line."""
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The document files of ``path`` (itself, or a folder's ``.txt``/``.jsonl``/``.parquet`` files at any
+    depth, in sorted order; other files such as a README are not documents)."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
+    if not path.is_dir():
+        return [path] if path.suffix in DATA_SUFFIXES else []
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+
+
+def text_documents(path: str | Path) -> Iterator[str]:
+    """Documents from :func:`data_files`: ``.txt`` (one document per file), ``.jsonl`` (a string ``text``
+    field per line), ``.parquet`` (a string ``text`` column, needs pyarrow)."""
+    for file in data_files(path):
         if file.suffix == ".txt":
-            yield file.read_text(encoding="utf-8")
-        elif file.suffix == ".jsonl":
-            with file.open(encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if line.strip():
-                        record = json.loads(line)
-                        if "text" not in record:
-                            raise ValueError(f"{file}:{line_no}: jsonl record has no 'text' field")
-                        yield record["text"]
-        elif file.suffix == ".parquet":
             try:
-                import pyarrow.parquet as pq
-            except ImportError as e:
-                raise ImportError("reading .parquet needs pyarrow: pip install 'titan_dsv4[data]'") from e
-            for batch in pq.ParquetFile(file).iter_batches(columns=["text"]):
-                yield from batch.column(0).to_pylist()
+                yield file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        elif file.suffix == ".jsonl":
+            yield from _jsonl_texts(file)
+        else:
+            yield from _parquet_texts(file)
+
+
+def _jsonl_texts(file: Path) -> Iterator[str]:
+    with file.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                raise DataError(f"{file}:{line_no}: not a JSON line ({e})") from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise DataError(f"{file}:{line_no}: a jsonl record needs a string 'text' field (found {fields})")
+            yield text
+
+
+def _parquet_texts(file: Path) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError("reading .parquet needs pyarrow: pip install 'titan_dsv4[data]'") from e
+    parquet = pq.ParquetFile(file)
+    if "text" not in parquet.schema_arrow.names:
+        raise DataError(f"{file}: a parquet file needs a 'text' column (found {parquet.schema_arrow.names})")
+    row = 0
+    for batch in parquet.iter_batches(columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                raise DataError(f"{file}: row {row}: 'text' is {text!r}, not a string")
+            row += 1
+            yield text
 
 
 # ---------------------------------------------------------------------- packing

@@ -3,12 +3,14 @@ model weight or data exists. Every failure is a one-line :class:`ConfigError`.""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..components.dataloader import DATA_SUFFIXES, data_files
 from .job_config import JobConfig
 from .manager import ConfigError
 
@@ -98,9 +100,8 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
         sources.append(("validation", v.dataset, v.dataset_path))
     for section, dataset, path in sources:
         _choice(f"{section}.dataset", dataset, ("pydocs", "text"))
-        if dataset == "text" and (not path or not Path(path).exists()):
-            raise ConfigError(f"`{section}.dataset_path` = {path!r} is invalid: dataset 'text' needs an "
-                              "existing .txt/.jsonl/.parquet file or folder")
+        if dataset == "text":
+            _check_text_dataset(f"{section}.dataset_path", path)
 
     try:
         spec = get_train_spec(config.model.name)
@@ -189,3 +190,14 @@ def _check_checkpointing_fits_the_schedule(config: JobConfig, plan) -> None:
                           f"{plan.schedule}: it splits each backward into input and weight passes, and torch's "
                           "selective checkpointing allows one; use mode 'full', selective_ac_option 'N', or a "
                           "schedule without W actions (1F1B, GPipe, Interleaved1F1B, LoopedBFS)")
+
+
+def _check_text_dataset(key: str, path: str | None) -> None:
+    """The path holds document files this reader can open (their contents are checked when read)."""
+    files = data_files(path) if path and Path(path).exists() else []
+    if not files:
+        raise ConfigError(f"`{key}` = {path!r} is invalid: dataset 'text' needs an existing "
+                          f"{'/'.join(DATA_SUFFIXES)} file or a folder holding some")
+    if any(f.suffix == ".parquet" for f in files) and importlib.util.find_spec("pyarrow") is None:
+        raise ConfigError(f"`{key}` = {path!r} holds .parquet files: reading them needs pyarrow "
+                          "(pip install 'titan_dsv4[data]')")
