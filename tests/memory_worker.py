@@ -42,6 +42,7 @@ def main() -> None:
     if trainer.distributed:
         results = [None] * dist.get_world_size()
         dist.all_gather_object(results, {"pp_rank": pp_rank, "peak": peak})
+    trainer.dataloader.close()
     trainer.metrics.close()
     finish_worker(out, results)
 

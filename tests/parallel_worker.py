@@ -144,6 +144,7 @@ def run_case(options: dict[str, str]) -> dict:
     dist.all_reduce(result, op=dist.ReduceOp.MAX)
     worsts = [None] * dist.get_world_size()
     dist.all_gather_object(worsts, worst)
+    trainer.dataloader.close()
     trainer.metrics.close()
     return {"loss_rel_err": float(result[0]), "grad_rel_err": float(result[1]), "norm_rel_err": float(result[2]),
             "expert_bias_err": float(result[3]), "expert_bias_moved": float(result[4]),

@@ -1,11 +1,19 @@
 """Packing, positions, document-boundary labels, sharding, resumable state and the validation split."""
 
+import itertools
+import json
+import random
+import threading
+
 import torch
 
 import pytest
 
-from titan_dsv4.components.dataloader import (DataError, DataLoader, PackedSequences, build_dataloader,
-                                             pydocs_corpus, pydocs_split, read_batches, text_documents)
+from titan_dsv4.components import dataloader
+from titan_dsv4.components.dataloader import (DataError, DataLoader, PackedSequences,
+                                             build_dataloader, pydocs_corpus, pydocs_split, read_batches,
+                                             text_documents)
+from titan_dsv4.models.deepseek_v4.mtp import IGNORE_INDEX
 from titan_dsv4.components.tokenizer import Tokenizer
 
 
@@ -14,6 +22,9 @@ class CharTokenizer:
 
     def encode(self, text):
         return [ord(c) for c in text]
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
 
 
 def test_packing_positions_and_labels():
@@ -29,22 +40,90 @@ def test_packing_positions_and_labels():
     assert labels.tolist() == [101, 102, 103, 104, 1, -100]
     ids, _, pos = seqs.next_sequence()
     assert ids.tolist() == [0, 105, 106, 1, 0, 97] and pos.tolist() == [0, 1, 2, 3, 0, 1]  # wraps to epoch 1
-    assert seqs.epoch == 1
+    assert seqs.state_dict()["epoch"] == 1
 
 
-def test_state_restore_gives_the_same_next_batches():
-    tok = Tokenizer()
-    loader = build_dataloader("pydocs", None, tok, 64, 4, 0, 1)
-    for _ in range(5):
-        next(loader)
-    state = loader.state_dict()
-    expected = [next(loader) for _ in range(3)]
-    fresh = build_dataloader("pydocs", None, tok, 64, 4, 0, 1)
-    fresh.load_state_dict(state)
-    for want in expected:
-        got = next(fresh)
-        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.positions, want.positions)
-        assert torch.equal(got.labels, want.labels)
+def reference_windows(docs, tok, seq_len, count):
+    """The module docstring's definition, in plain lists: every epoch's ``[BOS] tokens [EOS]`` documents
+    concatenated; sequence i is ``stream[i*S : i*S + S + 1]`` with in-document positions."""
+    stream, positions = [], []
+    while len(stream) < count * seq_len + 1:
+        for d in docs:
+            doc = [tok.bos_id, *tok.encode(d), tok.eos_id]
+            stream += doc
+            positions += range(len(doc))
+    return [(stream[i * seq_len:(i + 1) * seq_len + 1], positions[i * seq_len:(i + 1) * seq_len + 1])
+            for i in range(count)]
+
+
+def assert_batches_follow(loader, windows, local_batch_size):
+    for first in range(0, len(windows), local_batch_size):
+        batch = next(loader)
+        for row, (ids, pos) in enumerate(windows[first:first + local_batch_size]):
+            labels = [IGNORE_INDEX if p == 0 else t for t, p in zip(ids[1:], pos[1:])]
+            assert batch.input_ids[row].tolist() == ids[:-1] and batch.positions[row].tolist() == pos[:-1]
+            assert batch.labels[row].tolist() == labels
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_batches_are_windows_of_the_document_stream_and_resume_anywhere(prefetch, monkeypatch):
+    """Against the plain-list reference over three epochs of documents of every length (empty, longer than a
+    sequence, longer than a tokenize-ahead chunk): the batches, and a fresh loader restored from the state at
+    each of several points (before any batch, mid-document, across an epoch) continuing exactly."""
+    monkeypatch.setattr(dataloader, "TOKENIZE_AHEAD_CHARS", 60)
+    rng = random.Random(0)
+    docs = ["".join(chr(97 + rng.randrange(26)) for _ in range(rng.choice([0, 1, 5, 13, 40, 90])))
+            for _ in range(101)]
+    tok, seq_len, local = CharTokenizer(), 16, 3
+    count = 3 * sum(len(d) + 2 for d in docs) // seq_len // local * local
+    windows = reference_windows(docs, tok, seq_len, count + local * 4)
+
+    def loader():
+        return DataLoader(PackedSequences(lambda: iter(docs), tok, seq_len), local, 0, 1, prefetch=prefetch)
+
+    whole = loader()
+    for at in range(0, count // local):
+        if at % 17 == 0:
+            resumed = loader()
+            resumed.load_state_dict(whole.state_dict())
+            assert_batches_follow(resumed, windows[at * local:(at + 4) * local], local)
+            resumed.close()
+        assert_batches_follow(whole, windows[at * local:(at + 1) * local], local)
+    assert whole.state_dict()["epoch"] == 2
+    whole.close()
+
+
+def test_prefetching_hands_out_the_same_batches_state_and_errors(tmp_path, monkeypatch):
+    """A background thread reading ahead changes nothing visible: the same batches, the state of the batches
+    handed out (not of those read ahead), the same after ``close``, and a broken document raises at the same
+    batch (of loaders started alike: the tokenizer's look-ahead may meet it up to a chunk early); the thread
+    ends at ``close``."""
+    monkeypatch.setattr(dataloader, "TOKENIZE_AHEAD_CHARS", 500)
+    lines = [json.dumps({"text": f"document {i} " * (i % 7 + 1)}) for i in range(300)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines[:200] + ['{"txt": "broken"}'] + lines[200:]) + "\n")
+    sync, ahead = (build_dataloader("text", str(tmp_path), Tokenizer(), 32, 2, 0, 1, prefetch=n) for n in (0, 4))
+    consumed = 0
+    for _ in range(3):
+        for _ in range(5):
+            want, got = next(sync), next(ahead)
+            assert torch.equal(want.input_ids, got.input_ids) and torch.equal(want.labels, got.labels)
+        consumed += 5
+        for key, value in sync.state_dict().items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(ahead.state_dict()[key])), (consumed, key)
+        ahead.close()  # rewinds to what was handed out; the next batch starts the thread again
+        assert not [t for t in threading.enumerate() if t.name == "titan_dsv4-dataloader"]
+    failures = []
+    for loader in (build_dataloader("text", str(tmp_path), Tokenizer(), 32, 2, 0, 1, prefetch=n) for n in (0, 4)):
+        for index in itertools.count():
+            try:
+                next(loader)
+            except DataError as e:
+                failures.append((index, str(e)))
+                break
+        loader.close()
+    assert failures[0] == failures[1] and failures[0][1].endswith("d.jsonl:201: a jsonl record needs a string "
+                                                                  "'text' field (found ['txt'])")
+    assert not [t for t in threading.enumerate() if t.name == "titan_dsv4-dataloader"]
 
 
 def test_data_parallel_ranks_split_the_same_global_batch():

@@ -78,9 +78,9 @@ class Trainer:
         self.loss_fn = setup.spec.build_loss_fn(config, self.model_args)
         self.dp_group = dims.dp_group() if self.distributed else None
         self.pp_group = dims.mesh["pp"].get_group() if self.distributed and dims.pp_enabled else None
-        self.dataloader = build_dataloader(
+        self.dataloader = build_dataloader(  # the next step's batches are read while this one computes
             config.training.dataset, config.training.dataset_path, setup.tokenizer, config.training.seq_len,
-            config.training.local_batch_size, dims.dp_rank(), dims.dp)
+            config.training.local_batch_size, dims.dp_rank(), dims.dp, prefetch=setup.grad_accum_steps)
 
         model = setup.meta_model
         if model is None:
@@ -402,6 +402,7 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        self.dataloader.close()
         self.metrics.close()
         shutdown_distributed()
 
