@@ -17,6 +17,11 @@ from titan_dsv4.models.deepseek_v4.mtp import IGNORE_INDEX
 from titan_dsv4.components.tokenizer import Tokenizer
 
 
+def from_list(docs):
+    """A ``documents_fn`` over a list."""
+    return lambda start: iter(docs[start:])
+
+
 class CharTokenizer:
     bos_id, eos_id = 0, 1
 
@@ -29,7 +34,7 @@ class CharTokenizer:
 
 def test_packing_positions_and_labels():
     docs = ["abc", "defgh", "ij"]  # tokens: [0 a b c 1] [0 d e f g h 1] [0 i j 1]
-    seqs = PackedSequences(lambda: iter(docs), CharTokenizer(), seq_len=6)
+    seqs = PackedSequences(from_list(docs), CharTokenizer(), seq_len=6)
     ids, labels, pos = seqs.next_sequence()
     assert ids.tolist() == [0, 97, 98, 99, 1, 0]
     assert pos.tolist() == [0, 1, 2, 3, 4, 0]
@@ -79,7 +84,7 @@ def test_batches_are_windows_of_the_document_stream_and_resume_anywhere(prefetch
     windows = reference_windows(docs, tok, seq_len, count + local * 4)
 
     def loader():
-        return DataLoader(PackedSequences(lambda: iter(docs), tok, seq_len), local, 0, 1, prefetch=prefetch)
+        return DataLoader(PackedSequences(from_list(docs), tok, seq_len), local, 0, 1, prefetch=prefetch)
 
     whole = loader()
     for at in range(0, count // local):
@@ -129,8 +134,8 @@ def test_prefetching_hands_out_the_same_batches_state_and_errors(tmp_path, monke
 def test_data_parallel_ranks_split_the_same_global_batch():
     tok = CharTokenizer()
     docs = [f"document number {i} " * (i % 5 + 1) for i in range(40)]
-    single = DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 4, 0, 1)
-    ranks = [DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 2, r, 2) for r in range(2)]
+    single = DataLoader(PackedSequences(from_list(docs), tok, 16), 4, 0, 1)
+    ranks = [DataLoader(PackedSequences(from_list(docs), tok, 16), 2, r, 2) for r in range(2)]
     for _ in range(3):
         whole = next(single).input_ids
         parts = torch.cat([next(r).input_ids for r in ranks])
@@ -163,26 +168,56 @@ def test_validation_reads_one_pass_of_full_global_batches():
     tok = CharTokenizer()
     docs = [f"doc {i} " * 3 for i in range(10)]  # 10 x (18 + BOS + EOS) = 200 tokens
     stream = len(docs) * 20
-    single = read_batches(DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 4, 0, 1), -1)
+    single = read_batches(DataLoader(PackedSequences(from_list(docs), tok, 16), 4, 0, 1), -1)
     assert len(single) == (stream - 1) // (16 * 4)  # sequence i needs tokens up to i * 16 + 16
-    ranks = [read_batches(DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 2, r, 2), -1) for r in range(2)]
+    ranks = [read_batches(DataLoader(PackedSequences(from_list(docs), tok, 16), 2, r, 2), -1) for r in range(2)]
     for whole, *parts in zip(single, *ranks, strict=True):
         assert torch.equal(whole.input_ids, torch.cat([p.input_ids for p in parts]))
-    assert len(read_batches(DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 4, 0, 1), 1)) == 1
+    assert len(read_batches(DataLoader(PackedSequences(from_list(docs), tok, 16), 4, 0, 1), 1)) == 1
     with pytest.raises(ValueError, match="holds 3 full global batches of 4 x 16 tokens, 4 needed"):
-        read_batches(DataLoader(PackedSequences(lambda: iter(docs), tok, 16), 4, 0, 1), 4)
+        read_batches(DataLoader(PackedSequences(from_list(docs), tok, 16), 4, 0, 1), 4)
 
 
-def test_text_dataset_reads_txt_and_jsonl_files_in_path_order(tmp_path):
-    """A folder's .txt (whole file) and .jsonl (``text`` per non-blank line) documents, files in sorted path
-    order at any depth; other files are not documents. A single file is a dataset too."""
+def test_text_dataset_reads_txt_jsonl_and_parquet_files_in_path_order(tmp_path):
+    """A folder's .txt (whole file), .jsonl (``text`` per non-blank line) and .parquet (``text`` column, as
+    pyarrow writes it, in several row groups) documents, files in sorted path order at any depth; other files
+    are not documents. A single file is a dataset too. From document ``start`` on, the earlier ones are
+    counted, not parsed: the broken line before ``start`` goes unread, as a resumed run passes it."""
+    pq = pytest.importorskip("pyarrow.parquet")
     (tmp_path / "b.jsonl").write_text('{"text": "second", "id": 1}\n\n{"text": "third \\u00e9"}\n')
     (tmp_path / "a.txt").write_text("first\nline two")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.txt").write_text("fourth")
+    parquet_texts = [f"row {i} of the table" for i in range(7)]
+    pq.write_table(pyarrow_table({"id": list(range(7)), "text": parquet_texts}), tmp_path / "sub" / "d.parquet",
+                   row_group_size=3)
+    (tmp_path / "sub" / "e.jsonl").write_text('{"text": "after the table"}\n')
     (tmp_path / "README.md").write_text("not a document")
-    assert list(text_documents(tmp_path)) == ["first\nline two", "second", "third \u00e9", "fourth"]
+    everything = ["first\nline two", "second", "third \u00e9", "fourth", *parquet_texts, "after the table"]
+    assert list(text_documents(tmp_path)) == everything
+    for start in range(len(everything) + 2):
+        assert list(text_documents(tmp_path, start)) == everything[start:], start
     assert list(text_documents(tmp_path / "b.jsonl")) == ["second", "third \u00e9"]
+    (tmp_path / "b.jsonl").write_text('{"text": "second"}\nnot json\n{"text": "third \\u00e9"}\n')
+    assert list(text_documents(tmp_path, 3)) == everything[2:]  # the broken line held document 2's place
+    with pytest.raises(DataError, match="b.jsonl:2: not a JSON line"):
+        list(text_documents(tmp_path, 2))
+
+
+def pyarrow_table(columns):
+    import pyarrow
+
+    return pyarrow.table(columns)
+
+
+def test_unreadable_parquet_documents_name_their_file_and_row(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pyarrow_table({"content": ["a"]}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"a.parquet: a parquet file needs a 'text' column \(found \['content'\]\)"):
+        list(text_documents(tmp_path / "a.parquet"))
+    pq.write_table(pyarrow_table({"text": ["x", "y", None]}), tmp_path / "b.parquet", row_group_size=2)
+    with pytest.raises(DataError, match=r"b.parquet: row 2: 'text' is None, not a string"):
+        list(text_documents(tmp_path / "b.parquet", 1))
 
 
 @pytest.mark.parametrize("name,content,message", [

@@ -24,7 +24,7 @@ import sysconfig
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,25 +87,35 @@ def data_files(path: str | Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
 
 
-def text_documents(path: str | Path) -> Iterator[str]:
-    """Documents from :func:`data_files`: ``.txt`` (one document per file), ``.jsonl`` (a string ``text``
-    field per line), ``.parquet`` (a string ``text`` column, needs pyarrow)."""
+def text_documents(path: str | Path, start: int = 0) -> Iterator[str]:
+    """Documents ``start``, ``start + 1``, ... of :func:`data_files`: ``.txt`` (one document per file),
+    ``.jsonl`` (a string ``text`` field per non-blank line), ``.parquet`` (a string ``text`` column, needs
+    pyarrow). The documents before ``start`` are counted, not read or parsed, so a resumed run gets to its
+    place fast."""
+    skip = start
     for file in data_files(path):
         if file.suffix == ".txt":
+            if skip:
+                skip -= 1
+                continue
             try:
                 yield file.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         elif file.suffix == ".jsonl":
-            yield from _jsonl_texts(file)
+            skip = yield from _jsonl_texts(file, skip)
         else:
-            yield from _parquet_texts(file)
+            skip = yield from _parquet_texts(file, skip)
 
 
-def _jsonl_texts(file: Path) -> Iterator[str]:
+def _jsonl_texts(file: Path, skip: int) -> Generator[str, None, int]:
+    """The file's texts after its first ``skip``; returns how many of ``skip`` it did not hold."""
     with file.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
+                continue
+            if skip:
+                skip -= 1
                 continue
             try:
                 record = json.loads(raw)
@@ -116,9 +126,12 @@ def _jsonl_texts(file: Path) -> Iterator[str]:
                 fields = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(f"{file}:{line_no}: a jsonl record needs a string 'text' field (found {fields})")
             yield text
+    return skip
 
 
-def _parquet_texts(file: Path) -> Iterator[str]:
+def _parquet_texts(file: Path, skip: int) -> Generator[str, None, int]:
+    """The file's texts after its first ``skip`` (whole row groups skipped unread); returns how many of
+    ``skip`` it did not hold."""
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
@@ -126,13 +139,21 @@ def _parquet_texts(file: Path) -> Iterator[str]:
     parquet = pq.ParquetFile(file)
     if "text" not in parquet.schema_arrow.names:
         raise DataError(f"{file}: a parquet file needs a 'text' column (found {parquet.schema_arrow.names})")
-    row = 0
-    for batch in parquet.iter_batches(columns=["text"]):
+    row, first = 0, 0
+    while first < parquet.num_row_groups and row + parquet.metadata.row_group(first).num_rows <= skip:
+        row += parquet.metadata.row_group(first).num_rows
+        first += 1
+    if first == parquet.num_row_groups:
+        return skip - row
+    for batch in parquet.iter_batches(columns=["text"], row_groups=range(first, parquet.num_row_groups)):
         for text in batch.column(0).to_pylist():
-            if not isinstance(text, str):
-                raise DataError(f"{file}: row {row}: 'text' is {text!r}, not a string")
             row += 1
+            if row <= skip:
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{file}: row {row - 1}: 'text' is {text!r}, not a string")
             yield text
+    return 0
 
 
 # ---------------------------------------------------------------------- packing
@@ -156,7 +177,8 @@ class PackedSequences:
     slices of it.
     """
 
-    def __init__(self, documents_fn, tokenizer: Tokenizer, seq_len: int):
+    def __init__(self, documents_fn: Callable[[int], Iterable[str]], tokenizer: Tokenizer, seq_len: int):
+        """``documents_fn(start)``: the epoch's documents from index ``start`` on."""
         self.documents_fn, self.tokenizer, self.seq_len = documents_fn, tokenizer, seq_len
         self.produced = 0
         self._tokens = self._positions = torch.zeros(0, dtype=torch.long)  # the buffer; the stream from _cursor
@@ -190,7 +212,7 @@ class PackedSequences:
         """Tokenize the next documents (the next epoch's first ones at the end of an epoch) into the buffer."""
         for _ in range(2):
             if self._reader is None:  # resuming: skip the epoch's earlier documents without tokenizing them
-                self._reader = itertools.islice(enumerate(self.documents_fn()), self._read_index, None)
+                self._reader = enumerate(self.documents_fn(self._read_index), self._read_index)
             indexed, chars = [], 0
             for index, text in self._reader:
                 indexed.append((index, text))
@@ -336,9 +358,9 @@ def build_dataloader(dataset: str, dataset_path: str | None, tokenizer: Tokenize
     holds. ``prefetch``: batches read ahead in a background thread."""
     if dataset == "pydocs":
         docs = pydocs_split(split)
-        documents_fn = lambda: iter(docs)  # noqa: E731
+        documents_fn = lambda start: iter(docs[start:])  # noqa: E731
     elif dataset == "text":
-        documents_fn = lambda: text_documents(dataset_path)  # noqa: E731
+        documents_fn = lambda start: text_documents(dataset_path, start)  # noqa: E731
     else:
         raise ValueError(f"`training.dataset` = {dataset!r} is invalid: allowed pydocs, text")
     return DataLoader(PackedSequences(documents_fn, tokenizer, seq_len), local_batch_size, dp_rank, dp_degree,
