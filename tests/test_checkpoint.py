@@ -1,7 +1,9 @@
 """DCP checkpoints through the real CLI: kill -9 anywhere (training, writing, committing) and re-running the
 same command continues exactly; another parallel layout continues the same run; preemption signals save
-and exit; non-finite steps stop or are skipped; broken checkpoints are named."""
+and exit; non-finite steps stop or are skipped; broken checkpoints are named; a broken document met mid-run
+saves and stops."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -10,6 +12,8 @@ import time
 import pytest
 
 from launch import REPO, read_metrics, run_training, training_command
+
+from titan_dsv4.components.dataloader import pydocs_split
 
 BASE = ("--training.steps", "6", "--training.seq_len", "128", "--checkpoint.enable",
         "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0", "--lr_scheduler.warmup_steps", "2")
@@ -135,6 +139,34 @@ def test_non_finite_loss_stops_with_the_step_or_is_skipped(tmp_path):
     assert "non-finite loss or gradient norm at step 2" in result.stderr
     records = run_training(tmp_path / "skip", *explode, "--training.skip_nonfinite_steps")
     assert [r["skipped"] for r in records] == [False, True, True]
+
+
+@pytest.mark.slow
+def test_a_broken_document_mid_run_stops_after_a_save_and_the_mended_rerun_continues(tmp_path):
+    """Every rank meets a broken record while reading the same step's batches, before computing it: the run
+    saves the last completed step and exits 4 naming the file and line; with the record mended, re-running
+    the same command continues exactly as a run on the mended corpus from the start."""
+    lines = [json.dumps({"text": text}) for text in pydocs_split("train")[:60]]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "d.jsonl").write_text("\n".join(lines[:12] + ['{"txt": "broken"}'] + lines[13:]) + "\n")
+    text_data = ("--training.dataset", "text", "--training.dataset_path", str(corpus), "--checkpoint.interval",
+                 "3")
+    lookahead = (str(REPO / "tests" / "small_lookahead_train.py"),)
+    cmd, env = training_command(tmp_path / "run", *BASE, *LOCAL_4, *text_data, module=lookahead)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 4, result.stderr[-3000:]
+    failed = int(result.stderr.split("data error reading step ")[1].split(":")[0])
+    assert failed == 5 and f": {corpus / 'd.jsonl'}:13: a jsonl record needs a string 'text' field" in result.stderr
+    assert "step 4 is checkpointed" in result.stderr
+    assert complete(tmp_path / "run") == ["step-3", "step-4"]  # step 4's save is the stop's (interval 3)
+
+    (corpus / "d.jsonl").write_text("\n".join(lines) + "\n")
+    for dump in ("run", "mended"):
+        cmd, env = training_command(tmp_path / dump, *BASE, *LOCAL_4, *text_data, module=lookahead)
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(read_metrics(tmp_path / "run"), read_metrics(tmp_path / "mended"))
 
 
 def _broken_copy(source, dump, breaker):

@@ -27,7 +27,7 @@ from .components.checkpoint import (
     load_model_only,
     model_state,
 )
-from .components.dataloader import build_dataloader, read_batches
+from .components.dataloader import DataError, build_dataloader, read_batches
 from .components.hf_checkpoint import load_hf_into, write_index, write_shards
 from .components.load_balance import gather_max_violations, learned_routing_moes, update_expert_bias
 from .components.loss import build_targets, summarise_parts
@@ -311,7 +311,14 @@ class Trainer:
         try:
             while self.step < cfg.training.steps:
                 start = time.perf_counter()
-                summary = self.train_step()
+                try:
+                    summary = self.train_step()
+                except DataError:  # every rank reads the whole stream: all meet it here, before any compute
+                    if self.checkpointer is not None:
+                        if self.step > first_step and self.step % cfg.checkpoint.interval:
+                            self.save_checkpoint()
+                        self.checkpointer.wait()
+                    raise
                 self.step += 1
                 elapsed = time.perf_counter() - start
                 if self.step == first_step + 1 and cfg.compile.enable:
@@ -463,6 +470,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"titan_dsv4: stopping: {e}", file=sys.stderr, flush=True)
         trainer.close()
         return 3
+    except DataError as e:
+        if trainer.rank == 0:
+            saved = (f"; step {trainer.step} is checkpointed: mend the data and rerun the same command to resume"
+                     if trainer.checkpointer is not None and trainer.step > 0 else "")
+            print(f"titan_dsv4: data error reading step {trainer.step + 1}: {e}{saved}", file=sys.stderr,
+                  flush=True)
+        trainer.close()
+        return 4
     if finished and config.checkpoint.last_save_in_hf:
         trainer.export_hf()
     trainer.close()

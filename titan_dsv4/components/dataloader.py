@@ -222,7 +222,7 @@ class PackedSequences:
             if indexed:
                 break
             if self._read_index == 0:
-                raise ValueError("the dataset has no documents")
+                raise DataError("the dataset has no documents")
             self._read_epoch, self._read_index, self._reader = self._read_epoch + 1, 0, None
         indices, texts = zip(*indexed)
         flat: list[int] = []
