@@ -10,6 +10,8 @@ else
   NGPU="${NGPU:-2}"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))}"
 fi
+# Each rank tokenizes its next batches on a thread pool: give it the rank's share of the cores.
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(( $(nproc) / NGPU > 1 ? $(nproc) / NGPU : 1 ))}"
 cd "$ROOT"
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" \
   -m titan_dsv4.train --job.config_file "$CONFIG_FILE" "$@"

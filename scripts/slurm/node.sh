@@ -21,6 +21,8 @@ export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+# Each rank tokenizes its next batches on a thread pool: give it the rank's share of the node's cores.
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(( $(nproc) / NPROC > 1 ? $(nproc) / NPROC : 1 ))}"
 
 cmd=("$PYTHON" -m torch.distributed.run
   --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node "$NPROC"
