@@ -107,7 +107,8 @@ def test_unreadable_text_data_exits_2_before_any_model_is_built(tmp_path, sectio
     (tmp_path / "wrong").mkdir()
     (tmp_path / "wrong" / "d.jsonl").write_text('{"content": "' + "word " * 400 + '"}\n')
     enable = ["--validation.enable"] if section == "validation" else []
-    for folder, message in [("empty", "is invalid: dataset 'text' needs an existing .txt/.jsonl/.parquet file"),
+    for folder, message in [("empty", "is invalid: dataset 'text' needs an existing .txt/.jsonl/.jsonl.gz/"
+                                      ".jsonl.zst/.parquet file"),
                             ("wrong", f"{tmp_path / 'wrong' / 'd.jsonl'}:1: a jsonl record needs a string 'text'")]:
         path = str(tmp_path / folder)
         result = run_cli("--job.config_file", str(REPO / "train_configs/debug_model.toml"),

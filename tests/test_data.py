@@ -1,5 +1,6 @@
 """Packing, positions, document-boundary labels, sharding, resumable state and the validation split."""
 
+import gzip
 import itertools
 import json
 import random
@@ -179,10 +180,11 @@ def test_validation_reads_one_pass_of_full_global_batches():
 
 
 def test_text_dataset_reads_txt_jsonl_and_parquet_files_in_path_order(tmp_path):
-    """A folder's .txt (whole file), .jsonl (``text`` per non-blank line) and .parquet (``text`` column, as
-    pyarrow writes it, in several row groups) documents, files in sorted path order at any depth; other files
-    are not documents. A single file is a dataset too. From document ``start`` on, the earlier ones are
-    counted, not parsed: the broken line before ``start`` goes unread, as a resumed run passes it."""
+    """A folder's .txt (whole file), .jsonl (``text`` per non-blank line; gzip- and zstandard-compressed too)
+    and .parquet (``text`` column, as pyarrow writes it, in several row groups) documents, files in sorted
+    path order at any depth; other files are not documents. A single file is a dataset too. From document
+    ``start`` on, the earlier ones are counted, not parsed: the broken line before ``start`` goes unread, as a
+    resumed run passes it."""
     pq = pytest.importorskip("pyarrow.parquet")
     (tmp_path / "b.jsonl").write_text('{"text": "second", "id": 1}\n\n{"text": "third \\u00e9"}\n')
     (tmp_path / "a.txt").write_text("first\nline two")
@@ -192,8 +194,13 @@ def test_text_dataset_reads_txt_jsonl_and_parquet_files_in_path_order(tmp_path):
     pq.write_table(pyarrow_table({"id": list(range(7)), "text": parquet_texts}), tmp_path / "sub" / "d.parquet",
                    row_group_size=3)
     (tmp_path / "sub" / "e.jsonl").write_text('{"text": "after the table"}\n')
+    (tmp_path / "sub" / "f.jsonl.gz").write_bytes(gzip.compress(b'{"text": "gzip"}\n\n{"text": "gzip 2"}\n'))
+    zstd = pytest.importorskip("zstandard").ZstdCompressor()  # two frames, as a chunked writer leaves
+    (tmp_path / "sub" / "g.jsonl.zst").write_bytes(zstd.compress(b'{"text": "zstd"}\n') +
+                                                   zstd.compress(b'{"text": "zstd 2"}\n'))
     (tmp_path / "README.md").write_text("not a document")
-    everything = ["first\nline two", "second", "third \u00e9", "fourth", *parquet_texts, "after the table"]
+    everything = ["first\nline two", "second", "third \u00e9", "fourth", *parquet_texts, "after the table",
+                  "gzip", "gzip 2", "zstd", "zstd 2"]
     assert list(text_documents(tmp_path)) == everything
     for start in range(len(everything) + 2):
         assert list(text_documents(tmp_path, start)) == everything[start:], start

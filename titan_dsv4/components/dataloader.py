@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import array
 import ast
+import gzip
+import io
 import itertools
 import json
 import os
@@ -27,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -71,7 +74,13 @@ def pydocs_split(split: str) -> list[str]:
     return [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY]
 
 
-DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
+DATA_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+OPTIONAL_READERS = {".parquet": "pyarrow", ".jsonl.zst": "zstandard"}  # suffix: the package reading it
+
+
+def data_suffix(path: Path) -> str | None:
+    """Which of :data:`DATA_SUFFIXES` the file's name ends in, if any."""
+    return next((suffix for suffix in DATA_SUFFIXES if path.name.endswith(suffix)), None)
 
 
 class DataError(ValueError):
@@ -83,18 +92,19 @@ def data_files(path: str | Path) -> list[Path]:
     depth, in sorted order; other files such as a README are not documents)."""
     path = Path(path)
     if not path.is_dir():
-        return [path] if path.suffix in DATA_SUFFIXES else []
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+        return [path] if data_suffix(path) else []
+    return sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p))
 
 
 def text_documents(path: str | Path, start: int = 0) -> Iterator[str]:
     """Documents ``start``, ``start + 1``, ... of :func:`data_files`: ``.txt`` (one document per file),
-    ``.jsonl`` (a string ``text`` field per non-blank line), ``.parquet`` (a string ``text`` column, needs
-    pyarrow). The documents before ``start`` are counted, not read or parsed, so a resumed run gets to its
-    place fast."""
+    ``.jsonl`` (a string ``text`` field per non-blank line; also gzip- or zstandard-compressed, ``.jsonl.gz``
+    and ``.jsonl.zst``, the latter needing zstandard), ``.parquet`` (a string ``text`` column, needs pyarrow).
+    The documents before ``start`` are counted, not parsed, so a resumed run gets to its place fast."""
     skip = start
     for file in data_files(path):
-        if file.suffix == ".txt":
+        suffix = data_suffix(file)
+        if suffix == ".txt":
             if skip:
                 skip -= 1
                 continue
@@ -102,15 +112,15 @@ def text_documents(path: str | Path, start: int = 0) -> Iterator[str]:
                 yield file.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        elif file.suffix == ".jsonl":
-            skip = yield from _jsonl_texts(file, skip)
-        else:
+        elif suffix == ".parquet":
             skip = yield from _parquet_texts(file, skip)
+        else:
+            skip = yield from _jsonl_texts(file, skip)
 
 
 def _jsonl_texts(file: Path, skip: int) -> Generator[str, None, int]:
     """The file's texts after its first ``skip``; returns how many of ``skip`` it did not hold."""
-    with file.open("rb") as f:
+    with _open_lines(file) as f:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -127,6 +137,18 @@ def _jsonl_texts(file: Path, skip: int) -> Generator[str, None, int]:
                 raise DataError(f"{file}:{line_no}: a jsonl record needs a string 'text' field (found {fields})")
             yield text
     return skip
+
+
+def _open_lines(file: Path) -> BinaryIO:
+    """The file's bytes, decompressed by its suffix, readable line by line."""
+    if file.name.endswith(".gz"):
+        return gzip.open(file, "rb")
+    if file.name.endswith(".zst"):
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(file.open("rb"), read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader)
+    return file.open("rb")
 
 
 def _parquet_texts(file: Path, skip: int) -> Generator[str, None, int]:

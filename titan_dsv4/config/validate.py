@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..components.dataloader import DATA_SUFFIXES, data_files
+from ..components.dataloader import DATA_SUFFIXES, OPTIONAL_READERS, data_files, data_suffix
 from .job_config import JobConfig
 from .manager import ConfigError
 
@@ -198,6 +198,7 @@ def _check_text_dataset(key: str, path: str | None) -> None:
     if not files:
         raise ConfigError(f"`{key}` = {path!r} is invalid: dataset 'text' needs an existing "
                           f"{'/'.join(DATA_SUFFIXES)} file or a folder holding some")
-    if any(f.suffix == ".parquet" for f in files) and importlib.util.find_spec("pyarrow") is None:
-        raise ConfigError(f"`{key}` = {path!r} holds .parquet files: reading them needs pyarrow "
-                          "(pip install 'titan_dsv4[data]')")
+    for suffix, package in OPTIONAL_READERS.items():
+        if any(data_suffix(f) == suffix for f in files) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"`{key}` = {path!r} holds {suffix} files: reading them needs {package} "
+                              "(pip install 'titan_dsv4[data]')")
