@@ -88,7 +88,7 @@ class DataError(ValueError):
 
 
 def data_files(path: str | Path) -> list[Path]:
-    """The document files of ``path`` (itself, or a folder's ``.txt``/``.jsonl``/``.parquet`` files at any
+    """The document files of ``path`` (itself, or a folder's files with a :data:`DATA_SUFFIXES` suffix at any
     depth, in sorted order; other files such as a README are not documents)."""
     path = Path(path)
     if not path.is_dir():
