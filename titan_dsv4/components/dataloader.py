@@ -186,7 +186,10 @@ class Batch:
     positions: torch.Tensor  # [B, S]
 
 
-TOKENIZE_AHEAD_CHARS = 1_000_000  # text tokenized per ``encode_batch`` call (all cores, off the GIL): ~250k tokens
+# Text tokenized per ``encode_batch`` call (all cores, off the GIL): from 64k characters at the start (a run
+# starts without tokenizing more than it needs) doubling to 1M (~250k tokens, enough documents to keep all cores
+# busy).
+FIRST_TOKENIZE_CHARS, TOKENIZE_AHEAD_CHARS = 1 << 16, 1_000_000
 
 
 class PackedSequences:
@@ -194,9 +197,9 @@ class PackedSequences:
 
     State is ``(epoch, next document index, unread tokens, sequences produced)``, where the unread tokens are
     the rest of the document the next sequence starts in; restoring it continues exactly, skipping earlier
-    documents of the epoch without tokenizing them. Documents are read and tokenized ``TOKENIZE_AHEAD_CHARS``
-    of text at a time into a token buffer (a look-ahead the state does not depend on), and sequences are
-    slices of it.
+    documents of the epoch without tokenizing them. Documents are read and tokenized up to
+    ``TOKENIZE_AHEAD_CHARS`` of text at a time into a token buffer (a look-ahead the state does not depend
+    on), and sequences are slices of it.
     """
 
     def __init__(self, documents_fn: Callable[[int], Iterable[str]], tokenizer: Tokenizer, seq_len: int):
@@ -208,6 +211,7 @@ class PackedSequences:
         self._buffered_docs: deque[tuple[int, int, int]] = deque()  # (epoch, index, end in the buffer)
         self._read_epoch, self._read_index = 0, 0  # the next document to read
         self._reader: Iterator[tuple[int, str]] | None = None
+        self._chunk_chars = FIRST_TOKENIZE_CHARS
 
     def _current_doc(self) -> tuple[int, int, int]:
         """(epoch, index, end) of the document holding the cursor; the reader's position before any."""
@@ -239,13 +243,14 @@ class PackedSequences:
             for index, text in self._reader:
                 indexed.append((index, text))
                 chars += len(text)
-                if chars >= TOKENIZE_AHEAD_CHARS:
+                if chars >= min(self._chunk_chars, TOKENIZE_AHEAD_CHARS):
                     break
             if indexed:
                 break
             if self._read_index == 0:
                 raise DataError("the dataset has no documents")
             self._read_epoch, self._read_index, self._reader = self._read_epoch + 1, 0, None
+        self._chunk_chars = min(2 * self._chunk_chars, TOKENIZE_AHEAD_CHARS)
         indices, texts = zip(*indexed)
         flat: list[int] = []
         lengths = []
