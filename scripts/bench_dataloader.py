@@ -7,7 +7,7 @@ Every data-parallel rank reads and tokenizes the whole global batch (so any layo
 This measures, in one run, on the embedded corpus and tokenizer unless given others:
 
 1. reading throughput (tokens/s of packed batches): documents tokenized one ``encode`` call at a time (how
-   the loader read before) against ``encode_batch`` of ``TOKENIZE_AHEAD_CHARS`` of text (all cores, off the GIL);
+   the loader read before) against ``encode_batch`` of up to ``TOKENIZE_AHEAD_CHARS`` of text (all cores, off the GIL);
 2. the wait per step for its batch while the main thread runs a stand-in training step (``--step-ms`` of
    fp32 matmuls, which release the GIL as the real step's kernels do): reading in step (``prefetch = 0``)
    against the trainer's read-ahead thread (``prefetch = 1``).
