@@ -14,8 +14,8 @@ from titan_dsv4.components import dataloader
 from titan_dsv4.components.dataloader import (DataError, DataLoader, PackedSequences,
                                              build_dataloader, pydocs_corpus, pydocs_split, read_batches,
                                              text_documents)
-from titan_dsv4.models.deepseek_v4.mtp import IGNORE_INDEX
 from titan_dsv4.components.tokenizer import Tokenizer
+from titan_dsv4.models.deepseek_v4.mtp import IGNORE_INDEX
 
 
 def from_list(docs):
@@ -185,13 +185,13 @@ def test_text_dataset_reads_txt_jsonl_and_parquet_files_in_path_order(tmp_path):
     path order at any depth; other files are not documents. A single file is a dataset too. From document
     ``start`` on, the earlier ones are counted, not parsed: the broken line before ``start`` goes unread, as a
     resumed run passes it."""
-    pq = pytest.importorskip("pyarrow.parquet")
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     (tmp_path / "b.jsonl").write_text('{"text": "second", "id": 1}\n\n{"text": "third \\u00e9"}\n')
     (tmp_path / "a.txt").write_text("first\nline two")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.txt").write_text("fourth")
     parquet_texts = [f"row {i} of the table" for i in range(7)]
-    pq.write_table(pyarrow_table({"id": list(range(7)), "text": parquet_texts}), tmp_path / "sub" / "d.parquet",
+    pq.write_table(pa.table({"id": list(range(7)), "text": parquet_texts}), tmp_path / "sub" / "d.parquet",
                    row_group_size=3)
     (tmp_path / "sub" / "e.jsonl").write_text('{"text": "after the table"}\n')
     (tmp_path / "sub" / "f.jsonl.gz").write_bytes(gzip.compress(b'{"text": "gzip"}\n\n{"text": "gzip 2"}\n'))
@@ -211,18 +211,12 @@ def test_text_dataset_reads_txt_jsonl_and_parquet_files_in_path_order(tmp_path):
         list(text_documents(tmp_path, 2))
 
 
-def pyarrow_table(columns):
-    import pyarrow
-
-    return pyarrow.table(columns)
-
-
 def test_unreadable_parquet_documents_name_their_file_and_row(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
-    pq.write_table(pyarrow_table({"content": ["a"]}), tmp_path / "a.parquet")
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"content": ["a"]}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match=r"a.parquet: a parquet file needs a 'text' column \(found \['content'\]\)"):
         list(text_documents(tmp_path / "a.parquet"))
-    pq.write_table(pyarrow_table({"text": ["x", "y", None]}), tmp_path / "b.parquet", row_group_size=2)
+    pq.write_table(pa.table({"text": ["x", "y", None]}), tmp_path / "b.parquet", row_group_size=2)
     with pytest.raises(DataError, match=r"b.parquet: row 2: 'text' is None, not a string"):
         list(text_documents(tmp_path / "b.parquet", 1))
 
