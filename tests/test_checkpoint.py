@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+from torch.distributed.checkpoint import FileSystemReader
 
 from launch import REPO, read_metrics, run_training, training_command
 
@@ -128,6 +129,26 @@ def test_a_checkpoint_continues_under_other_layouts(tmp_path, uninterrupted):
     resume_from(uninterrupted[0], 2, "fsdp2", *LOCAL_2, nproc=2)
     # into PP=2: the MTP stage's embedding replica takes the weights and AdamW moments of `embed`
     resume_from(uninterrupted[0], 4, "into_pp2", *LOCAL_4, "--parallelism.pipeline_parallel_degree", "2", nproc=2)
+
+
+@pytest.mark.slow
+def test_muon_trains_the_same_under_fsdp_ep_and_pp_and_resumes_across_them(tmp_path):
+    """Muon gathers FSDP-sharded matrices, orthogonalizes experts where EP and FSDP put them, and checkpoints
+    its momentum as AdamW its moments: FSDP=2 equals one process; its step-2 checkpoint continues under EP=2,
+    and one process's under PP=2, both equal to the single-process run."""
+    muon = ("--optimizer.name", "Muon", "--optimizer.lr", "0.02")
+    fp32 = 2e-5
+    single = run_training(tmp_path / "single", *BASE, *LOCAL_4, *muon)
+    saved = FileSystemReader(str(tmp_path / "single" / "checkpoint" / "step-2")).read_metadata().state_dict_metadata
+    assert "optimizer.layers.0.attn.wq_a.weight.momentum_buffer" in saved
+    assert "optimizer.layers.0.ffn.experts.w1.momentum_buffer" in saved
+    assert "optimizer.embed.weight.exp_avg" in saved and "optimizer.embed.weight.momentum_buffer" not in saved
+    fsdp = run_training(tmp_path / "fsdp2", *BASE, *LOCAL_2, *muon, nproc=2)
+    assert_same_run(fsdp, single, rel=fp32)
+    for source, name, layout in (("fsdp2", "ep2", (*LOCAL_2, "--parallelism.expert_parallel_degree", "2")),
+                                 ("single", "pp2", (*LOCAL_4, "--parallelism.pipeline_parallel_degree", "2"))):
+        shutil.copytree(tmp_path / source / "checkpoint" / "step-2", tmp_path / name / "checkpoint" / "step-2")
+        assert_same_run(run_training(tmp_path / name, *BASE, *layout, *muon, nproc=2), single[2:], rel=fp32)
 
 
 def test_non_finite_loss_stops_with_the_step_or_is_skipped(tmp_path):

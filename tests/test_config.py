@@ -78,6 +78,8 @@ BAD_RUNS = [
      "`activation_checkpoint.selective_ac_option` = '0' is invalid: allowed 'op' or a positive integer"),
     (["--model.attention_kernel", "flash"], "`model.attention_kernel` = 'flash' is invalid: allowed auto, torch"),
     (["--model.sinkhorn_kernel", "cuda"], "`model.sinkhorn_kernel` = 'cuda' is invalid: allowed auto, torch"),
+    (["--optimizer.name", "Lion"], "`optimizer.name` = 'Lion' is invalid: allowed AdamW, Muon"),
+    (["--optimizer.muon_momentum", "1"], "`optimizer.muon_momentum` = 1.0 is invalid: must be in [0, 1)"),
     (["--job.config_file", "/nonexistent.toml"], "no such file"),
     (["--training.dataset", "text", "--training.dataset_path", "/nonexistent"], "`training.dataset_path`"),
     (["--validation.enable", "--validation.steps", "0"], "`validation.steps` = 0 is invalid"),

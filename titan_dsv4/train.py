@@ -102,7 +102,8 @@ class Trainer:
         followers = self.pipeline.ties.followers if self.pipeline else set()
         params = [p for p in unique_trainable_parameters(self.model_parts) if id(p) not in local_followers]
         self.norm_params = [p for p in params if id(p) not in followers]  # replicas count once
-        self.optimizer = build_optimizer(params, config.optimizer)
+        matrices = {id(p): n for part in self.model_parts for p, n in part.matrix_parameters()}
+        self.optimizer = build_optimizer(params, config.optimizer, matrices)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.training.steps, config.lr_scheduler)
         self.metrics = MetricsLogger(config.job.dump_folder, enabled=self.rank == 0,
                                      tensorboard_folder=config.metrics.save_tb_folder

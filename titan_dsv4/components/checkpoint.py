@@ -2,9 +2,10 @@
 
 A checkpoint is ``{dump_folder}/{checkpoint.folder}/step-{N}/``: DCP files holding the model under its
 FQNs (the same keys as the converter's model-only checkpoints; the MTP embedding replica is not stored, it
-is refreshed from ``embed``), the AdamW moments as ``optimizer.{fqn}.{exp_avg,exp_avg_sq,step}``, and
-``trainer_state.pt`` (step, LR schedule, data position, RNG) written by rank 0. Sharded tensors are saved
-as DTensors with their global shapes, so any PP / FSDP / EP layout can load any checkpoint.
+is refreshed from ``embed``), the optimizer state as ``optimizer.{fqn}.{key}`` (AdamW: ``exp_avg``,
+``exp_avg_sq``, ``step``; Muon: ``momentum_buffer``), and ``trainer_state.pt`` (step, LR schedule, data
+position, RNG) written by rank 0. Sharded tensors are saved as DTensors with their global shapes, so any
+PP / FSDP / EP layout can load any checkpoint.
 
 Atomicity: everything is written into ``step-{N}.partial/`` and renamed to ``step-{N}`` by rank 0 only after
 every rank's data, DCP's metadata and the trainer state are on disk. A save killed at any point (or failing
@@ -30,6 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..models.deepseek_v4.init import canonical_fqn
 from ..models.deepseek_v4.pipeline import replica_source
 from .hf_checkpoint import checkpoint_tensors
+from .optimizer import empty_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
@@ -140,27 +142,26 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ state
     def _saved_optimizer_entries(self) -> dict[str, torch.Tensor]:
-        """``optimizer.{fqn}.{key}`` -> the live AdamW state (replicas' stored once, under the source)."""
+        """``optimizer.{fqn}.{key}`` -> the live optimizer state (replicas' stored once, under the source)."""
         return {f"{OPTIMIZER_PREFIX}{self.names[id(p)]}.{key}": value
                 for group in self.optimizer.param_groups for p in group["params"] if id(p) not in self.followers
                 for key, value in self.optimizer.state.get(p, {}).items()}
 
     def _optimizer_entries_to_load(self, available: set[str]) -> dict[str, torch.Tensor]:
-        """Freshly allocated AdamW state for every parameter the checkpoint has state for (a replica reads
-        its source's), keyed as saved."""
+        """Freshly allocated optimizer state for every parameter the checkpoint has all of its state for (a
+        replica reads its source's), keyed as saved. A parameter whose state has other keys (written by the
+        other optimizer) starts from zero."""
         entries = {}
         for group in self.optimizer.param_groups:
-            on_device = group.get("fused") or group.get("capturable")
             for p in group["params"]:
                 name = self.names[id(p)]
                 source = replica_source(name, self.replicas) if id(p) in self.followers else name
-                if f"{OPTIMIZER_PREFIX}{source}.step" not in available:
+                state = empty_state(group, p)
+                keys = {key: f"{OPTIMIZER_PREFIX}{source}.{key}" for key in state}
+                if not set(keys.values()) <= available:
                     continue
-                state = self.optimizer.state[p] = {
-                    "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
-                    "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-                for key, value in state.items():
-                    entries[f"{OPTIMIZER_PREFIX}{source}.{key}"] = value
+                self.optimizer.state[p] = state
+                entries.update({keys[key]: value for key, value in state.items()})
         return entries
 
     # ------------------------------------------------------------------ save
@@ -239,8 +240,8 @@ class CheckpointManager:
         check_compatible(path, metadata, {k: v for k, v in optimizer.items() if not k.endswith(".step")})
         fresh = sum(len(g["params"]) for g in self.optimizer.param_groups) - len(self.optimizer.state)
         if fresh and self.rank == 0:  # e.g. the indexer was frozen when it was written, or a final weights-only save
-            print(f"titan_dsv4: {path} has no optimizer state for {fresh} trainable tensors: their AdamW "
-                  "moments start from zero", flush=True)
+            print(f"titan_dsv4: {path} has no optimizer state for {fresh} trainable tensors: their "
+                  f"{self.optimizer.__class__.__name__} state starts from zero", flush=True)
         _load({**model, **optimizer}, path)
         try:
             return torch.load(path / TRAINER_STATE, weights_only=True)

@@ -31,13 +31,17 @@ class Model:
 
 @dataclass
 class Optimizer:
-    name: str = "AdamW"  # AdamW
-    lr: float = 8e-4  # peak learning rate (after warmup)
-    beta1: float = 0.9  # first-moment decay
-    beta2: float = 0.95  # second-moment decay
-    eps: float = 1e-8  # added to the second moment's root
-    weight_decay: float = 0.1  # decoupled (AdamW), on every parameter as in torchtitan
-    implementation: str = "foreach"  # for-loop | foreach | fused (fused needs CUDA)
+    # AdamW | Muon (DeepSeek-V4's optimizer: Muon with hybrid Newton-Schulz for the matrices, AdamW for the
+    # embeddings, LM head, norms, sinks, mHC biases and gates, compressor position biases)
+    name: str = "AdamW"
+    lr: float = 8e-4  # peak learning rate (after warmup); Muon shares it (its update RMS matches AdamW's)
+    beta1: float = 0.9  # first-moment decay (AdamW)
+    beta2: float = 0.95  # second-moment decay (AdamW)
+    eps: float = 1e-8  # added to the second moment's root (AdamW)
+    weight_decay: float = 0.1  # decoupled, on every parameter as in torchtitan (AdamW and Muon)
+    implementation: str = "foreach"  # for-loop | foreach | fused (fused needs CUDA); AdamW's kernels
+    muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
+    muon_update_rms: float = 0.18  # RMS of Muon's update per matrix before the lr (DeepSeek-V4: 0.18)
 
 
 @dataclass

@@ -66,7 +66,13 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     if not 0.0 <= lr.min_lr_factor <= 1.0:
         raise ConfigError(f"`lr_scheduler.min_lr_factor` = {lr.min_lr_factor} is invalid: must be in [0, 1]")
     _choice("lr_scheduler.decay_type", lr.decay_type, DECAY_TYPES)
-    _choice("optimizer.name", config.optimizer.name, ("AdamW",))
+    _choice("optimizer.name", config.optimizer.name, ("AdamW", "Muon"))
+    if not 0.0 <= config.optimizer.muon_momentum < 1.0:
+        raise ConfigError(f"`optimizer.muon_momentum` = {config.optimizer.muon_momentum!r} is invalid: must be in "
+                          "[0, 1)")
+    if not config.optimizer.muon_update_rms > 0.0:
+        raise ConfigError(f"`optimizer.muon_update_rms` = {config.optimizer.muon_update_rms!r} is invalid: must be "
+                          "> 0")
     _choice("optimizer.implementation", config.optimizer.implementation, OPTIMIZER_IMPLS)
     _choice("activation_checkpoint.mode", config.activation_checkpoint.mode, AC_MODES)
     _choice("model.attention_kernel", config.model.attention_kernel, KERNEL_CHOICES)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .args import DeepseekV4ModelArgs
-from .attention import Attention, AttentionContext
+from .attention import Attention, AttentionContext, Compressor
 from .block import Block
 from .document import default_positions, document_ids
 from .fp32_linear import fp32_linear
@@ -142,3 +142,15 @@ class DeepseekV4Model(nn.Module):
 
     def indexer_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if ".attn.indexer." in f".{canonical_fqn(name)}"]
+
+    def matrix_parameters(self) -> list[tuple[nn.Parameter, int]]:
+        """The weights DeepSeek-V4 trains with Muon, each with the number of independent matrices stacked
+        along its dim 0: every matrix but the embeddings, the LM head and the compressors' position biases
+        (they, the RMSNorm weights, sinks and mHC static biases and gates train with AdamW). A routed-experts
+        tensor ``[E, out, in]`` is E matrices, a grouped output projection ``wo_a`` one per group."""
+        vectors_like = [m.weight for m in (self.embed, self.mtp_embed, self.head) if m is not None]
+        vectors_like += [m.ape for m in self.modules() if isinstance(m, Compressor)]
+        groups = {id(m.wo_a.weight): m.o_groups for m in self.attention_modules()}
+        skip = {id(p) for p in vectors_like}
+        return [(p, p.shape[0] if p.ndim == 3 else groups.get(id(p), 1))
+                for p in self.parameters() if p.ndim >= 2 and id(p) not in skip]
