@@ -1,4 +1,5 @@
-"""AdamW (or Muon for the matrices) over every model part, and torchtitan's warmup -> stable -> decay learning-rate schedule."""
+"""AdamW (or Muon for the matrices) over every model part, and torchtitan's warmup -> stable -> decay
+learning-rate schedule."""
 
 from __future__ import annotations
 
