@@ -132,10 +132,10 @@ def test_a_checkpoint_continues_under_other_layouts(tmp_path, uninterrupted):
 
 
 @pytest.mark.slow
-def test_muon_trains_the_same_under_fsdp_ep_and_pp_and_resumes_across_them(tmp_path):
+def test_muon_trains_the_same_under_fsdp_ep_and_pp_and_resumes_across_them(tmp_path, uninterrupted):
     """Muon gathers FSDP-sharded matrices, orthogonalizes experts where EP and FSDP put them, and checkpoints
     its momentum as AdamW its moments: FSDP=2 equals one process; its step-2 checkpoint continues under EP=2,
-    and one process's under PP=2, both equal to the single-process run."""
+    and one process's under PP=2, both equal to the single-process run. An AdamW run continues with Muon."""
     muon = ("--optimizer.name", "Muon", "--optimizer.lr", "0.02")
     fp32 = 2e-5
     single = run_training(tmp_path / "single", *BASE, *LOCAL_4, *muon)
@@ -149,6 +149,9 @@ def test_muon_trains_the_same_under_fsdp_ep_and_pp_and_resumes_across_them(tmp_p
                                  ("single", "pp2", (*LOCAL_4, "--parallelism.pipeline_parallel_degree", "2"))):
         shutil.copytree(tmp_path / source / "checkpoint" / "step-2", tmp_path / name / "checkpoint" / "step-2")
         assert_same_run(run_training(tmp_path / name, *BASE, *layout, *muon, nproc=2), single[2:], rel=fp32)
+    shutil.copytree(uninterrupted[0] / "checkpoint" / "step-4", tmp_path / "switch" / "checkpoint" / "step-4")
+    switched = run_training(tmp_path / "switch", *BASE, *LOCAL_4, "--optimizer.name", "Muon")
+    assert [(r["step"], r["lr"]) for r in switched] == [(r["step"], r["lr"]) for r in uninterrupted[1][4:]]
 
 
 def test_non_finite_loss_stops_with_the_step_or_is_skipped(tmp_path):

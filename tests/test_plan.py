@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import DEBUG_TOML, REPO, free_port
 from titan_dsv4.config import load_config
+from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 from titan_dsv4.plan import StageActivations, main, plan_memory, worst_moment
 
 LAYOUTS = {  # name: (processes, overrides)
@@ -54,6 +56,18 @@ def test_plan_within_15_percent_of_measured_peak(tmp_path, layout):
     for rank in peaks:
         predicted = plan[rank["pp_rank"]].total
         assert abs(predicted / rank["peak"] - 1) <= 0.15, (layout, rank, predicted)
+
+
+def test_muon_keeps_one_momentum_per_matrix_element_and_adamw_two():
+    base = ["--job.config_file", DEBUG_TOML, "--parallelism.pipeline_parallel_degree", "1"]
+    adamw = plan_memory(load_config(base), 1, device="cpu")[0]
+    muon = plan_memory(load_config([*base, "--optimizer.name", "Muon"]), 1, device="cpu")[0]
+    with torch.device("meta"):
+        model = DeepseekV4Model(FLAVORS[load_config(base).model.flavor])
+    frozen = {id(p) for p in model.indexer_parameters()}  # no indexer loss: the indexer is not trained
+    matrices = sum(p.numel() for p, _ in model.matrix_parameters() if id(p) not in frozen)
+    assert adamw.optimizer == 2 * adamw.grads and adamw.optimizer - muon.optimizer == 4 * matrices > 0
+    assert muon.total == adamw.total - 4 * matrices
 
 
 def test_in_flight_microbatches_follow_the_schedule():

@@ -3,11 +3,12 @@
     python -m titan_dsv4.plan --job.config_file X.toml [--section.key value ...] [--ngpu N] \\
         [--gpu-memory-gib 80] [--device cuda|cpu]
 
-For every pipeline rank: model state (parameters, gradients and AdamW moments, counted from the shard each
-rank keeps: FSDP's padded dim-0 shards, EP's expert rows), FSDP's unsharded compute copies (the whole stage
-under PP, where parameters stay gathered between forward and backward; two units otherwise), activations
-and the backward's transient peak per microbatch, times the microbatches in flight at the worst moment of
-the configured torch schedule (simulated from its own action list), and expert-parallel all-to-all buffers.
+For every pipeline rank: model state (parameters, gradients and AdamW moments or Muon momenta, counted from
+the shard each rank keeps: FSDP's padded dim-0 shards, EP's expert rows), FSDP's unsharded compute copies
+(the whole stage under PP, where parameters stay gathered between forward and backward; two units
+otherwise), activations and the backward's transient peak per microbatch, times the microbatches in flight
+at the worst moment of the configured torch schedule (simulated from its own action list), and
+expert-parallel all-to-all buffers.
 
 Activations are not a formula: each stage runs one microbatch forward and backward on the ``meta`` device
 (shapes only, no memory, seconds even for Pro) with activation checkpointing applied as configured, while a
@@ -230,14 +231,16 @@ def without_cluster_files(config: JobConfig) -> JobConfig:
 
 
 def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool,
-                 stateless: tuple[str, ...]) -> tuple[int, int, int, int]:
-    """Elements of a stage's parameters: this rank's shards, the trainable part of them (gradients and AdamW
-    moments), gathered (FSDP's unsharded copies), and the largest FSDP unit gathered. The fp32 tensors FSDP
-    leaves out are whole on every rank and used in place."""
+                 stateless: tuple[str, ...], muon: bool) -> tuple[int, int, int, int, int]:
+    """Elements of a stage's parameters: this rank's shards, the trainable part of them (gradients), the
+    optimizer's state (two AdamW moments per element, or one Muon momentum for ``matrix_parameters``),
+    gathered (FSDP's unsharded copies), and the largest FSDP unit gathered. The fp32 tensors FSDP leaves out
+    are whole on every rank and used in place."""
     from .models.deepseek_v4.parallelize import fp32_replicated_parameters
 
     replicated = {id(p) for p in fp32_replicated_parameters(part)}
-    params = trainable = gathered = 0
+    one_state = {id(p) for p, _ in part.matrix_parameters()} if muon else set()
+    params = trainable = optimizer = gathered = 0
     units: dict[str, int] = {}
     for name, p in part.named_parameters():
         experts = name.endswith(EXPERT_WEIGHTS)
@@ -250,10 +253,11 @@ def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool,
         frozen = frozen_indexer and ".attn.indexer." in f".{name}"
         if not (frozen or name.startswith(stateless)):
             trainable += local
+            optimizer += local * (1 if id(p) in one_state else 2)
         gathered += numel
         unit = ".".join(name.split(".")[:2]) if name.startswith(("layers.", "mtp.")) else name.split(".")[0]
         units[unit] = units.get(unit, 0) + numel
-    return params, trainable, gathered, max(units.values(), default=0)
+    return params, trainable, optimizer, gathered, max(units.values(), default=0)
 
 
 def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> list[RankPlan]:
@@ -276,7 +280,8 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
     acts, state = {}, {}
     for stage, fqns in enumerate(stage_fqns):
         part = prune_to_stage(model, fqns) if fqns is not None else copy.deepcopy(model)
-        state[stage] = _stage_state(part, shard, ep, frozen_indexer, replicas if plan and plan.style == "v" else ())
+        state[stage] = _stage_state(part, shard, ep, frozen_indexer, replicas if plan and plan.style == "v" else (),
+                                    config.optimizer.name == "Muon")
         acts[stage] = measure_stage(part, setup, config, stage == 0, stage == len(stage_fqns) - 1, dtype,
                                     gpu=device == "cuda")
 
@@ -285,8 +290,9 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
         stages = plan.stage_ids(pp_rank) if plan else [0]
         params = sum(state[s][0] for s in stages)
         trainable = sum(state[s][1] for s in stages)
-        gathered = sum(state[s][2] for s in stages)
-        unit = max(state[s][3] for s in stages)
+        optimizer = sum(state[s][2] for s in stages)
+        gathered = sum(state[s][3] for s in stages)
+        unit = max(state[s][4] for s in stages)
         if not fsdp:
             unsharded = 0
         elif plan is not None and config.parallelism.fsdp_reshard_after_forward != "always":
@@ -303,7 +309,7 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
             tokens = _microbatch(config, setup) * config.training.seq_len * args.num_experts_per_tok
             all_to_all = tokens * args.hidden_size * 4 * compute_bytes
         ranks.append(RankPlan(pp_rank=pp_rank, stages=stages, params=4 * params, grads=4 * trainable,
-                              optimizer=8 * trainable, unsharded=unsharded, activations=activations,
+                              optimizer=4 * optimizer, unsharded=unsharded, activations=activations,
                               in_flight=in_flight, all_to_all=all_to_all))
     return ranks
 
@@ -325,7 +331,7 @@ def report(config: JobConfig, ranks: list[RankPlan], world_size: int, device: st
              f"({p.pipeline_parallel_schedule}), EP={p.expert_parallel_degree}, AC={config.activation_checkpoint.mode}, "
              f"local batch {config.training.local_batch_size} x seq {config.training.seq_len}, "
              f"microbatch {p.pipeline_parallel_microbatch_size}, on {device}; {unit} per rank",
-             f"{'pp rank':>7} {'stages':>7} {'params':>8} {'grads':>8} {'adam':>8} {'fsdp':>8} {'activ.':>8} "
+             f"{'pp rank':>7} {'stages':>7} {'params':>8} {'grads':>8} {config.optimizer.name[:4].lower():>8} {'fsdp':>8} {'activ.':>8} "
              f"{'a2a':>7} {'total':>8}  microbatches in flight at the peak (stage: n)"]
     for r in ranks:
         parts = (r.params, r.grads, r.optimizer, r.unsharded, r.activations, r.all_to_all, r.total)

@@ -150,8 +150,12 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+        scheduler = self.lr_scheduler
+        scheduler.load_state_dict(state["lr_scheduler"])
+        # all groups share one schedule; a checkpoint of the other optimizer has another number of groups
+        groups = len(self.optimizer.param_groups)
+        scheduler.base_lrs, scheduler._last_lr = scheduler.base_lrs[:1] * groups, scheduler.get_last_lr()[:1] * groups
+        for group, lr in zip(self.optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
         self.dataloader.load_state_dict(state["dataloader"])
         torch.set_rng_state(state["rng"])
