@@ -2,13 +2,18 @@
 optimizer's steps against a reference written from the update rule with exact SVDs (AdamW's part against
 torch's AdamW), and which DeepSeek-V4 weights it trains. Distributed runs: test_checkpoint.py."""
 
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+from launch import REPO, free_port
 from titan_dsv4.components.muon import hybrid_newton_schulz
 from titan_dsv4.components.optimizer import build_optimizer
 from titan_dsv4.config.job_config import Optimizer as OptimizerConfig
@@ -100,3 +105,17 @@ def test_deepseek_v4_trains_its_matrices_with_muon_and_the_rest_with_adamw():
     assert muon["mtp.N.attn.wo_a.weight"] == muon["layers.N.attn.wo_a.weight"] == args.o_groups > 1
     assert {muon[k] for k in muon if "experts." not in k and "wo_a" not in k} == {1}
     assert {"layers.N.hc_attn.fn", "mtp.N.e_proj.weight", "layers.N.ffn.gate.weight"} <= set(muon)
+
+
+def test_sharded_updates_are_orthogonalized_as_whole_matrices(tmp_path):
+    """tests/muon_worker.py on 4 gloo ranks: every rank's part of every update equals the same rows of the
+    single-process result (uneven and empty row shards, HSDP replicas, groups, experts, whole weights)."""
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(REPO / "tests" / "muon_worker.py"), str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-6000:]
+    errors = json.loads(out.read_text())
+    assert len(errors) == 4 and all(len(rank) == 7 for rank in errors)
+    assert max(max(rank) for rank in errors) < 1e-6, errors

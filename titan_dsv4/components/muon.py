@@ -11,9 +11,10 @@ p'(1) = 0). An orthogonal ``n x m`` matrix has RMS ``1 / sqrt(max(n, m))``, so `
 AdamW's typical update, which lets Muon reuse AdamW's learning rate and weight decay (0.18 in DeepSeek-V4).
 
 Sharding: the Newton-Schulz iteration needs whole matrices. A routed-experts tensor is sharded by expert
-(EP and FSDP both split dim 0), so each rank orthogonalizes the experts it holds. Any other FSDP-sharded
-weight is all-gathered, orthogonalized on every rank of its group, and each rank keeps its rows. Weights
-kept whole (the mHC projections) are the same on every rank after their gradient all-reduce.
+(EP and FSDP both split dim 0), so each rank orthogonalizes the experts it holds. The other FSDP-sharded
+weights are dealt out over their FSDP group: each is orthogonalized once, by one rank, which an all-to-all
+gives every rank's rows of it and another all-to-all takes the result's rows back from (in bf16 on GPUs).
+Weights kept whole (the mHC projections) are the same on every rank after their gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..distributed.utils import local_shard
 
@@ -59,36 +60,91 @@ class Muon(torch.optim.AdamW):
             self.param_groups = groups
         for group in groups:
             if group.get("muon"):
-                for p, count in zip(group["params"], group["matrices"]):
-                    if p.grad is not None:
-                        self._update(p, count, group)
+                self._muon_step(group)
         return loss
 
-    def _update(self, p: torch.Tensor, count: int, group: dict) -> None:
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        grad, buf, param = local_shard(p.grad), local_shard(state["momentum_buffer"]), local_shard(p)
-        buf.mul_(group["momentum"]).add_(grad)
-        direction = _orthogonalized(p, grad.add(buf, alpha=group["momentum"]), count)
-        n, m = _matrix_shape(p, count)
-        param.mul_(1.0 - group["lr"] * group["weight_decay"])
-        param.add_(direction.to(param.dtype), alpha=-group["lr"] * group["update_rms"] * math.sqrt(max(n, m)))
+    def _muon_step(self, group: dict) -> None:
+        mu, updates = group["momentum"], []
+        for p, count in zip(group["params"], group["matrices"]):
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            grad, buf = local_shard(p.grad), local_shard(state["momentum_buffer"])
+            buf.mul_(mu).add_(grad)
+            updates.append((p, count, grad.add(buf, alpha=mu)))
+        for (p, count, _), direction in zip(updates, orthogonalized(updates)):
+            n, m = _matrix_shape(p, count)
+            param = local_shard(p)
+            param.mul_(1.0 - group["lr"] * group["weight_decay"])
+            param.add_(direction.to(param.dtype), alpha=-group["lr"] * group["update_rms"] * math.sqrt(max(n, m)))
 
 
-def _orthogonalized(p: torch.Tensor, local: torch.Tensor, count: int) -> torch.Tensor:
-    """``hybrid_newton_schulz`` of this rank's part ``local`` of the update of ``p``, returned as this rank's
-    part (bf16 tensor-core GEMMs on GPUs, fp32 elsewhere)."""
-    dtype = torch.bfloat16 if local.is_cuda else torch.float32
-    if p.ndim == 3 or not isinstance(p, DTensor):  # whole matrices here: stacked experts, or a weight kept whole
-        return hybrid_newton_schulz(local.to(dtype).reshape(-1, *_matrix_shape(p, count))).view_as(local)
-    if any(not (isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0)) for pl in p.placements):
-        raise ValueError(f"Muon: only dim-0 (FSDP) sharding is supported, not {p.placements}")
-    full = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                              stride=p.stride()).full_tensor()
-    full = hybrid_newton_schulz(full.to(dtype).view(count, -1, full.shape[-1])).view(full.shape)
-    rows, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    return full[offset[0]:offset[0] + rows[0]]
+Update = tuple[torch.Tensor, int, torch.Tensor]  # parameter, matrices stacked along dim 0, this rank's part
+
+
+def orthogonalized(updates: list[Update]) -> list[torch.Tensor]:
+    """``hybrid_newton_schulz`` of every update, each returned as this rank's part (bf16 tensor-core GEMMs on
+    GPUs, fp32 elsewhere). Whole matrices here (stacked experts, weights kept whole) are done in place; the
+    rows of FSDP-sharded ones are dealt out, largest first, in rounds of one matrix per rank of the group."""
+    out: list[torch.Tensor | None] = [None] * len(updates)
+    rounds: dict[int, tuple[dist.ProcessGroup, list[int]]] = {}
+    for i, (p, count, local) in enumerate(updates):
+        if p.ndim == 3 or not isinstance(p, DTensor):
+            whole = local.to(_ns_dtype(local)).reshape(-1, *_matrix_shape(p, count))
+            out[i] = hybrid_newton_schulz(whole).view_as(local)
+        else:
+            group = _row_group(p)
+            rounds.setdefault(id(group), (group, []))[1].append(i)
+    for group, indices in rounds.values():
+        indices.sort(key=lambda i: -updates[i][0].numel())  # stable: the same order on every rank
+        for first in range(0, len(indices), group.size()):
+            chunk = indices[first:first + group.size()]
+            for i, result in zip(chunk, _orthogonalized_round([updates[i] for i in chunk], group)):
+                out[i] = result
+    return out
+
+
+def _orthogonalized_round(updates: list[Update], group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """Rank j of ``group`` orthogonalizes ``updates[j]``: one all-to-all brings it every rank's rows of it,
+    another returns each rank its rows of the result."""
+    size, me, dtype = group.size(), group.rank(), _ns_dtype(updates[0][2])
+    rows = [[_shard_rows(p.shape[0], size, r) for r in range(size)] for p, _, _ in updates]
+    widths = [p.shape[-1] for p, _, _ in updates]
+    pad = [0] * (size - len(updates))
+    to_owners = [rows[j][me] * widths[j] for j in range(len(updates))] + pad
+    owned = me < len(updates)
+    from_ranks = [rows[me][r] * widths[me] for r in range(size)] if owned else [0] * size
+    sent = torch.cat([local.to(dtype).reshape(-1) for _, _, local in updates])
+    whole = sent.new_empty(sum(from_ranks))
+    dist.all_to_all_single(whole, sent, from_ranks, to_owners, group=group)
+    result = whole
+    if owned:  # the ranks' rows in rank order are the matrix's rows in order (FSDP's dim-0 chunks)
+        p, count, _ = updates[me]
+        result = hybrid_newton_schulz(whole.view(count, -1, widths[me])).reshape(-1)
+    back = sent.new_empty(sum(to_owners))
+    dist.all_to_all_single(back, result, to_owners, from_ranks, group=group)
+    return [piece.view(rows[j][me], widths[j]) for j, piece in enumerate(back.split(to_owners[:len(updates)]))]
+
+
+def _row_group(p: DTensor) -> dist.ProcessGroup:
+    """The process group over which ``p``'s rows are sharded (FSDP's; HSDP's replicas repeat the work)."""
+    sharded = [dim for dim, placement in enumerate(p.placements) if not isinstance(placement, Replicate)]
+    if len(sharded) != 1 or p.placements[sharded[0]] != Shard(0):
+        raise ValueError(f"Muon: a matrix must be whole or sharded by rows over one mesh dimension (FSDP), "
+                         f"not {p.placements}")
+    return p.device_mesh.get_group(sharded[0])
+
+
+def _shard_rows(n: int, shards: int, rank: int) -> int:
+    """Rows of an ``n``-row tensor on ``rank`` of ``shards`` (``torch.chunk``'s split, as FSDP2 and DTensor)."""
+    size = -(-n // shards)
+    return max(0, min(size, n - rank * size))
+
+
+def _ns_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.bfloat16 if t.is_cuda else torch.float32
 
 
 def _matrix_shape(p: torch.Tensor, count: int) -> tuple[int, int]:
