@@ -327,11 +327,12 @@ def report(config: JobConfig, ranks: list[RankPlan], world_size: int, device: st
     p = config.parallelism
     worst = max(ranks, key=lambda r: r.total)
     unit, scale = ("GiB", GIB) if worst.total >= GIB else ("MiB", 2**20)
+    optimizer = config.optimizer.name[:4].lower()  # adam | muon
     lines = [f"{config.model.flavor}: {world_size} ranks, PP={p.pipeline_parallel_degree} "
-             f"({p.pipeline_parallel_schedule}), EP={p.expert_parallel_degree}, AC={config.activation_checkpoint.mode}, "
-             f"local batch {config.training.local_batch_size} x seq {config.training.seq_len}, "
-             f"microbatch {p.pipeline_parallel_microbatch_size}, on {device}; {unit} per rank",
-             f"{'pp rank':>7} {'stages':>7} {'params':>8} {'grads':>8} {config.optimizer.name[:4].lower():>8} {'fsdp':>8} {'activ.':>8} "
+             f"({p.pipeline_parallel_schedule}), EP={p.expert_parallel_degree}, "
+             f"AC={config.activation_checkpoint.mode}, local batch {config.training.local_batch_size} x seq "
+             f"{config.training.seq_len}, microbatch {p.pipeline_parallel_microbatch_size}, on {device}; {unit} per rank",
+             f"{'pp rank':>7} {'stages':>7} {'params':>8} {'grads':>8} {optimizer:>8} {'fsdp':>8} {'activ.':>8} "
              f"{'a2a':>7} {'total':>8}  microbatches in flight at the peak (stage: n)"]
     for r in ranks:
         parts = (r.params, r.grads, r.optimizer, r.unsharded, r.activations, r.all_to_all, r.total)
