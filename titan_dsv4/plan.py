@@ -331,7 +331,8 @@ def report(config: JobConfig, ranks: list[RankPlan], world_size: int, device: st
     lines = [f"{config.model.flavor}: {world_size} ranks, PP={p.pipeline_parallel_degree} "
              f"({p.pipeline_parallel_schedule}), EP={p.expert_parallel_degree}, "
              f"AC={config.activation_checkpoint.mode}, local batch {config.training.local_batch_size} x seq "
-             f"{config.training.seq_len}, microbatch {p.pipeline_parallel_microbatch_size}, on {device}; {unit} per rank",
+             f"{config.training.seq_len}, microbatch {p.pipeline_parallel_microbatch_size}, on {device}; "
+             f"{unit} per rank",
              f"{'pp rank':>7} {'stages':>7} {'params':>8} {'grads':>8} {optimizer:>8} {'fsdp':>8} {'activ.':>8} "
              f"{'a2a':>7} {'total':>8}  microbatches in flight at the peak (stage: n)"]
     for r in ranks:
