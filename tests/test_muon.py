@@ -12,9 +12,10 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from launch import REPO, free_port
-from titan_dsv4.components.muon import hybrid_newton_schulz
+from titan_dsv4.components.muon import hybrid_newton_schulz, newton_schulz_flops
 from titan_dsv4.components.optimizer import build_optimizer
 from titan_dsv4.config.job_config import Optimizer as OptimizerConfig
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
@@ -119,3 +120,11 @@ def test_sharded_updates_are_orthogonalized_as_whole_matrices(tmp_path):
     errors = json.loads(out.read_text())
     assert len(errors) == 4 and all(len(rank) == 7 for rank in errors)
     assert max(max(rank) for rank in errors) < 1e-6, errors
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_newton_schulz_flops_are_what_torch_counts(shape):
+    """The planner's Muon cost (``newton_schulz_flops``) against torch's FLOP counter on the real iteration."""
+    with FlopCounterMode(display=False) as counter:
+        hybrid_newton_schulz(torch.randn(shape))
+    assert newton_schulz_flops(*shape) == counter.get_total_flops()

@@ -68,6 +68,11 @@ def test_muon_keeps_one_momentum_per_matrix_element_and_adamw_two():
     matrices = sum(p.numel() for p, _ in model.matrix_parameters() if id(p) not in frozen)
     assert adamw.optimizer == 2 * adamw.grads and adamw.optimizer - muon.optimizer == 4 * matrices > 0
     assert muon.total == adamw.total - 4 * matrices
+    # one process orthogonalizes every trained matrix: per matrix n x m (n <= m), 10 x (4 n^2 m + 2 n^3)
+    shapes = [(count, *sorted((p.shape[-2], p.shape[-1]) if p.ndim == 3 else (p.shape[0] // count, p.shape[1])))
+              for p, count in model.matrix_parameters() if id(p) not in frozen]
+    assert muon.newton_schulz_flops == sum(c * 10 * (4 * n * n * m + 2 * n ** 3) for c, n, m in shapes)
+    assert adamw.newton_schulz_flops == 0 and muon.model_flops == adamw.model_flops > 0
 
 
 def test_in_flight_microbatches_follow_the_schedule():

@@ -104,6 +104,8 @@ class RankPlan:
     activations: int  # at the schedule's worst moment
     in_flight: dict[int, int]  # stage -> microbatches held at that moment
     all_to_all: int
+    newton_schulz_flops: float = 0.0  # Muon's orthogonalizations per step
+    model_flops: float = 0.0  # per step: the model's training FLOPs over all ranks / world size
 
     @property
     def total(self) -> int:
@@ -260,6 +262,22 @@ def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool,
     return params, trainable, optimizer, gathered, max(units.values(), default=0)
 
 
+def _newton_schulz_flops(part: nn.Module, shard: int, frozen_indexer: bool) -> float:
+    """Muon's Newton-Schulz FLOPs per step on one rank of this stage: experts and FSDP-sharded weights are
+    split over the ``shard`` ranks (each orthogonalizes its own experts, or the weights dealt to it), the
+    weights kept whole are done on every rank."""
+    from .components.muon import matrix_shape, newton_schulz_flops
+    from .models.deepseek_v4.parallelize import fp32_replicated_parameters
+
+    whole = {id(p) for p in fp32_replicated_parameters(part)}
+    frozen = {id(p) for p in part.indexer_parameters()} if frozen_indexer else set()
+    flops = 0.0
+    for p, count in part.matrix_parameters():
+        if id(p) not in frozen:
+            flops += count * newton_schulz_flops(*matrix_shape(p, count)) / (1 if id(p) in whole else shard)
+    return flops
+
+
 def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> list[RankPlan]:
     setup = validate(without_cluster_files(config), world_size)
     dims, args = setup.parallel_dims, setup.model_args
@@ -277,14 +295,19 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
     stage_fqns = plan.fqns_per_stage if plan else [None]
     replicas = tuple(getattr(model, "pipeline_replicas", {}))  # on the source's rank (V): no own state
 
-    acts, state = {}, {}
+    acts, state, newton_schulz = {}, {}, {}
+    muon = config.optimizer.name == "Muon"
     for stage, fqns in enumerate(stage_fqns):
         part = prune_to_stage(model, fqns) if fqns is not None else copy.deepcopy(model)
+        newton_schulz[stage] = _newton_schulz_flops(part, shard, frozen_indexer) if muon else 0.0
         state[stage] = _stage_state(part, shard, ep, frozen_indexer, replicas if plan and plan.style == "v" else (),
                                     config.optimizer.name == "Muon")
         acts[stage] = measure_stage(part, setup, config, stage == 0, stage == len(stage_fqns) - 1, dtype,
                                     gpu=device == "cuda")
 
+    tokens = setup.global_batch_size * config.training.seq_len
+    model_flops = args.training_flops_per_token(config.training.seq_len, indexer_trained=not frozen_indexer) \
+        * tokens / world_size
     ranks = []
     for pp_rank in range(plan.pp if plan else 1):
         stages = plan.stage_ids(pp_rank) if plan else [0]
@@ -310,7 +333,8 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
             all_to_all = tokens * args.hidden_size * 4 * compute_bytes
         ranks.append(RankPlan(pp_rank=pp_rank, stages=stages, params=4 * params, grads=4 * trainable,
                               optimizer=4 * optimizer, unsharded=unsharded, activations=activations,
-                              in_flight=in_flight, all_to_all=all_to_all))
+                              in_flight=in_flight, all_to_all=all_to_all,
+                              newton_schulz_flops=sum(newton_schulz[s] for s in stages), model_flops=model_flops))
     return ranks
 
 
@@ -342,6 +366,11 @@ def report(config: JobConfig, ranks: list[RankPlan], world_size: int, device: st
                      + f"  {r.in_flight}")
     if device == "cuda":
         lines.append(f"worst rank (pp {worst.pp_rank}): {verdict(worst.total, gpu_gib)}")
+    busiest = max(ranks, key=lambda r: r.newton_schulz_flops)
+    if busiest.newton_schulz_flops:
+        lines.append(f"Muon: Newton-Schulz {busiest.newton_schulz_flops / 1e12:.1f} TFLOP per step on pp rank "
+                     f"{busiest.pp_rank}, {busiest.newton_schulz_flops / busiest.model_flops:.0%} of a rank's model "
+                     "FLOPs per step (the share falls as the global batch grows)")
     return "\n".join(lines)
 
 

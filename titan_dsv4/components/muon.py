@@ -44,6 +44,13 @@ def hybrid_newton_schulz(matrices: torch.Tensor, eps: float = 1e-7) -> torch.Ten
     return x.mT if tall else x
 
 
+def newton_schulz_flops(n: int, m: int) -> float:
+    """FLOPs of ``hybrid_newton_schulz`` on one ``n x m`` matrix (per step: X X^T, its square, and the
+    product with X, on the smaller side)."""
+    n, m = min(n, m), max(n, m)
+    return len(HYBRID_NEWTON_SCHULZ) * (4.0 * n * n * m + 2.0 * n ** 3)
+
+
 class Muon(torch.optim.AdamW):
     """Muon for the parameter groups marked ``muon`` (with ``matrices``: per parameter, how many independent
     matrices it stacks along dim 0, and ``momentum``, ``update_rms``), AdamW (the base class) for the others.
@@ -75,7 +82,7 @@ class Muon(torch.optim.AdamW):
             buf.mul_(mu).add_(grad)
             updates.append((p, count, grad.add(buf, alpha=mu)))
         for (p, count, _), direction in zip(updates, orthogonalized(updates)):
-            n, m = _matrix_shape(p, count)
+            n, m = matrix_shape(p, count)
             param = local_shard(p)
             param.mul_(1.0 - group["lr"] * group["weight_decay"])
             param.add_(direction.to(param.dtype), alpha=-group["lr"] * group["update_rms"] * math.sqrt(max(n, m)))
@@ -92,7 +99,7 @@ def orthogonalized(updates: list[Update]) -> list[torch.Tensor]:
     rounds: dict[int, tuple[dist.ProcessGroup, list[int]]] = {}
     for i, (p, count, local) in enumerate(updates):
         if p.ndim == 3 or not isinstance(p, DTensor):
-            whole = local.to(_ns_dtype(local)).reshape(-1, *_matrix_shape(p, count))
+            whole = local.to(_ns_dtype(local)).reshape(-1, *matrix_shape(p, count))
             out[i] = hybrid_newton_schulz(whole).view_as(local)
         else:
             group = _row_group(p)
@@ -147,5 +154,6 @@ def _ns_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if t.is_cuda else torch.float32
 
 
-def _matrix_shape(p: torch.Tensor, count: int) -> tuple[int, int]:
+def matrix_shape(p: torch.Tensor, count: int) -> tuple[int, int]:
+    """The shape of each of the ``count`` independent matrices ``p`` stacks along dim 0."""
     return (p.shape[-2], p.shape[-1]) if p.ndim == 3 else (p.shape[0] // count, p.shape[-1])
