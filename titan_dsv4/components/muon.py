@@ -37,10 +37,11 @@ def hybrid_newton_schulz(matrices: torch.Tensor, eps: float = 1e-7) -> torch.Ten
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
-    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
+    x = (x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)).reshape(-1, *x.shape[-2:])
     for a, b, c in HYBRID_NEWTON_SCHULZ:
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        gram = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
+    x = x.view(matrices.mT.shape if tall else matrices.shape)
     return x.mT if tall else x
 
 
@@ -97,13 +98,19 @@ def orthogonalized(updates: list[Update]) -> list[torch.Tensor]:
     rows of FSDP-sharded ones are dealt out, largest first, in rounds of one matrix per rank of the group."""
     out: list[torch.Tensor | None] = [None] * len(updates)
     rounds: dict[int, tuple[dist.ProcessGroup, list[int]]] = {}
+    batches: dict[tuple, list[int]] = {}  # whole matrices of one shape: one batched iteration
     for i, (p, count, local) in enumerate(updates):
         if p.ndim == 3 or not isinstance(p, DTensor):
-            whole = local.to(_ns_dtype(local)).reshape(-1, *matrix_shape(p, count))
-            out[i] = hybrid_newton_schulz(whole).view_as(local)
+            batches.setdefault((matrix_shape(p, count), local.device), []).append(i)
         else:
             group = _row_group(p)
             rounds.setdefault(id(group), (group, []))[1].append(i)
+    for (shape, _), indices in batches.items():
+        locals_ = [updates[i][2] for i in indices]
+        stacked = torch.cat([t.to(_ns_dtype(t)).reshape(-1, *shape) for t in locals_])
+        pieces = hybrid_newton_schulz(stacked).split([t.numel() // math.prod(shape) for t in locals_])
+        for i, t, piece in zip(indices, locals_, pieces):
+            out[i] = piece.view_as(t)
     for group, indices in rounds.values():
         indices.sort(key=lambda i: -updates[i][0].numel())  # stable: the same order on every rank
         for first in range(0, len(indices), group.size()):
