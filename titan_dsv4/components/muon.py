@@ -28,6 +28,10 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from ..distributed.utils import local_shard
 
 HYBRID_NEWTON_SCHULZ = ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
+# Whole matrices of one shape are orthogonalized in batches of about this many elements: enough to fill a GPU
+# with small ones, while a CPU's large batches spend more on fresh memory than they save (192 x 256^2 took
+# 2.7 s at once, 1.6 s in batches of 4).
+BATCH_ELEMENTS = 2**18
 
 
 def hybrid_newton_schulz(matrices: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -108,8 +112,9 @@ def orthogonalized(updates: list[Update]) -> list[torch.Tensor]:
     for (shape, _), indices in batches.items():
         locals_ = [updates[i][2] for i in indices]
         stacked = torch.cat([t.to(_ns_dtype(t)).reshape(-1, *shape) for t in locals_])
-        pieces = hybrid_newton_schulz(stacked).split([t.numel() // math.prod(shape) for t in locals_])
-        for i, t, piece in zip(indices, locals_, pieces):
+        step = max(1, BATCH_ELEMENTS // math.prod(shape))
+        done = torch.cat([hybrid_newton_schulz(stacked[i:i + step]) for i in range(0, len(stacked), step)])
+        for i, t, piece in zip(indices, locals_, done.split([t.numel() // math.prod(shape) for t in locals_])):
             out[i] = piece.view_as(t)
     for group, indices in rounds.values():
         indices.sort(key=lambda i: -updates[i][0].numel())  # stable: the same order on every rank
