@@ -301,13 +301,13 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
         part = prune_to_stage(model, fqns) if fqns is not None else copy.deepcopy(model)
         newton_schulz[stage] = _newton_schulz_flops(part, shard, frozen_indexer) if muon else 0.0
         state[stage] = _stage_state(part, shard, ep, frozen_indexer, replicas if plan and plan.style == "v" else (),
-                                    config.optimizer.name == "Muon")
+                                    muon)
         acts[stage] = measure_stage(part, setup, config, stage == 0, stage == len(stage_fqns) - 1, dtype,
                                     gpu=device == "cuda")
 
-    tokens = setup.global_batch_size * config.training.seq_len
+    step_tokens = setup.global_batch_size * config.training.seq_len
     model_flops = args.training_flops_per_token(config.training.seq_len, indexer_trained=not frozen_indexer) \
-        * tokens / world_size
+        * step_tokens / world_size
     ranks = []
     for pp_rank in range(plan.pp if plan else 1):
         stages = plan.stage_ids(pp_rank) if plan else [0]

@@ -140,7 +140,7 @@ def _orthogonalized_round(updates: list[Update], group: dist.ProcessGroup) -> li
     dist.all_to_all_single(whole, sent, from_ranks, to_owners, group=group)
     result = whole
     if owned:  # the ranks' rows in rank order are the matrix's rows in order (FSDP's dim-0 chunks)
-        p, count, _ = updates[me]
+        count = updates[me][1]
         result = hybrid_newton_schulz(whole.view(count, -1, widths[me])).reshape(-1)
     back = sent.new_empty(sum(to_owners))
     dist.all_to_all_single(back, result, to_owners, from_ranks, group=group)
