@@ -59,6 +59,8 @@ def main() -> None:
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
+        with torch.no_grad():
+            p.normal_(0.0, 0.02)  # not left uninitialised: garbage values could time differently
         p.grad = torch.randn_like(p)
     matrices = {id(p): n for p, n in model.matrix_parameters() if p.requires_grad}
     flops = sum(n * newton_schulz_flops(*matrix_shape(p, n)) for p, n in model.matrix_parameters() if p.requires_grad)
