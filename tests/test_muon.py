@@ -84,7 +84,7 @@ def test_muon_steps_follow_the_update_rule_and_adamw_trains_the_rest():
 
 
 def test_deepseek_v4_trains_its_matrices_with_muon_and_the_rest_with_adamw():
-    """The paper's split: AdamW for the embedding, the prediction head, RMSNorm weights, and mHC's static
+    """DeepSeek-V4's split (dsv4-spec.md §5.11): AdamW for the embedding, the prediction head, RMSNorm weights, and mHC's static
     biases and gating factors (here also the attention sinks and the compressors' position biases, which
     are not matrices of a linear map); Muon for every other weight, one matrix per expert and per group of
     the grouped output projection."""
