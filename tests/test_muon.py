@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from launch import REPO, free_port
+from titan_dsv4.components import muon
 from titan_dsv4.components.muon import hybrid_newton_schulz, newton_schulz_flops
 from titan_dsv4.components.optimizer import build_optimizer
 from titan_dsv4.config.job_config import Optimizer as OptimizerConfig
@@ -46,12 +47,14 @@ def reference_muon_step(w, m, g, count, lr, wd, mu, rms):
     w.mul_(1 - lr * wd).sub_(lr * o)
 
 
-def test_muon_steps_follow_the_update_rule_and_adamw_trains_the_rest():
+@pytest.mark.parametrize("batch_elements", [muon.BATCH_ELEMENTS, 300])  # 300: runs and slices of 1-2 matrices
+def test_muon_steps_follow_the_update_rule_and_adamw_trains_the_rest(monkeypatch, batch_elements):
+    monkeypatch.setattr(muon, "BATCH_ELEMENTS", batch_elements)
     torch.manual_seed(0)
     weights = {"plain": nn.Parameter(torch.randn(24, 40)), "grouped": nn.Parameter(torch.randn(2 * 12, 40)),
-               "stacked": nn.Parameter(torch.randn(3, 16, 8)), "vector": nn.Parameter(torch.randn(40)),
-               "embedding": nn.Parameter(torch.randn(50, 8))}
-    counts = {"plain": 1, "grouped": 2, "stacked": 3}
+               "stacked": nn.Parameter(torch.randn(3, 16, 8)), "small": nn.Parameter(torch.randn(16, 8)),
+               "vector": nn.Parameter(torch.randn(40)), "embedding": nn.Parameter(torch.randn(50, 8))}
+    counts = {"plain": 1, "grouped": 2, "stacked": 3, "small": 1}
     cfg = OptimizerConfig(name="Muon", lr=0.02, weight_decay=0.1, muon_momentum=0.9, muon_update_rms=0.2)
     params = list(weights.values())
     optimizer = build_optimizer(params, cfg, {id(weights[k]): n for k, n in counts.items()})
@@ -84,16 +87,16 @@ def test_muon_steps_follow_the_update_rule_and_adamw_trains_the_rest():
 
 
 def test_deepseek_v4_trains_its_matrices_with_muon_and_the_rest_with_adamw():
-    """DeepSeek-V4's split (dsv4-spec.md §5.11): AdamW for the embedding, the prediction head, RMSNorm weights, and mHC's static
-    biases and gating factors (here also the attention sinks and the compressors' position biases, which
-    are not matrices of a linear map); Muon for every other weight, one matrix per expert and per group of
-    the grouped output projection."""
+    """DeepSeek-V4's split (dsv4-spec.md §5.11): AdamW for the embedding, the prediction head, RMSNorm
+    weights, and mHC's static biases and gating factors (here also the attention sinks and the compressors'
+    position biases, which are not matrices of a linear map); Muon for every other weight, one matrix per
+    expert and per group of the grouped output projection."""
     args = FLAVORS["debugmodel_mtp2"]
     with torch.device("meta"):
         model = DeepseekV4Model(args)
     names = {id(p): re.sub(r"\.\d+\.", ".N.", n) for n, p in model.named_parameters()}
-    muon = {names[id(p)]: count for p, count in model.matrix_parameters()}
-    adamw = set(names.values()) - set(muon)
+    trained_by_muon = {names[id(p)]: count for p, count in model.matrix_parameters()}
+    adamw = set(names.values()) - set(trained_by_muon)
     assert adamw == {
         "embed.weight", "head.weight", "norm.weight", "hc_head.base", "hc_head.scale",
         *(f"{part}.N.{name}" for part in ("layers", "mtp") for name in (
@@ -102,10 +105,11 @@ def test_deepseek_v4_trains_its_matrices_with_muon_and_the_rest_with_adamw():
         *(f"layers.N.attn.{c}.{name}" for c in ("compressor", "indexer.compressor") for name in ("ape", "norm.weight")),
         "mtp.N.enorm.weight", "mtp.N.hnorm.weight", "mtp.N.norm.weight", "mtp.N.hc_head.base", "mtp.N.hc_head.scale",
     }
-    assert muon["layers.N.ffn.experts.w1"] == args.n_routed_experts
-    assert muon["mtp.N.attn.wo_a.weight"] == muon["layers.N.attn.wo_a.weight"] == args.o_groups > 1
-    assert {muon[k] for k in muon if "experts." not in k and "wo_a" not in k} == {1}
-    assert {"layers.N.hc_attn.fn", "mtp.N.e_proj.weight", "layers.N.ffn.gate.weight"} <= set(muon)
+    counts = trained_by_muon
+    assert counts["layers.N.ffn.experts.w1"] == args.n_routed_experts
+    assert counts["mtp.N.attn.wo_a.weight"] == counts["layers.N.attn.wo_a.weight"] == args.o_groups > 1
+    assert {counts[k] for k in counts if "experts." not in k and "wo_a" not in k} == {1}
+    assert {"layers.N.hc_attn.fn", "mtp.N.e_proj.weight", "layers.N.ffn.gate.weight"} <= set(counts)
 
 
 def test_sharded_updates_are_orthogonalized_as_whole_matrices(tmp_path):

@@ -20,6 +20,7 @@ Weights kept whole (the mHC projections) are the same on every rank after their 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -28,9 +29,10 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from ..distributed.utils import local_shard
 
 HYBRID_NEWTON_SCHULZ = ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
-# Whole matrices of one shape are orthogonalized in batches of about this many elements: enough to fill a GPU
-# with small ones, while a CPU's large batches spend more on fresh memory than they save (192 x 256^2 took
-# 2.7 s at once, 1.6 s in batches of 4).
+# Whole weights whose matrices have one shape are stacked up to this many elements (a larger weight, e.g. a
+# layer's routed experts, stands alone), and orthogonalized in slices of about as many: small matrices take
+# few GEMMs, the transient memory stays a few times the largest weight, and CPUs do not spend more on fresh
+# memory than batching saves (192 x 256^2 took 2.7 s at once, 1.6 s in slices of 4).
 BATCH_ELEMENTS = 2**18
 
 
@@ -110,12 +112,14 @@ def orthogonalized(updates: list[Update]) -> list[torch.Tensor]:
             group = _row_group(p)
             rounds.setdefault(id(group), (group, []))[1].append(i)
     for (shape, _), indices in batches.items():
-        locals_ = [updates[i][2] for i in indices]
-        stacked = torch.cat([t.to(_ns_dtype(t)).reshape(-1, *shape) for t in locals_])
-        step = max(1, BATCH_ELEMENTS // math.prod(shape))
-        done = torch.cat([hybrid_newton_schulz(stacked[i:i + step]) for i in range(0, len(stacked), step)])
-        for i, t, piece in zip(indices, locals_, done.split([t.numel() // math.prod(shape) for t in locals_])):
-            out[i] = piece.view_as(t)
+        for run in _runs(indices, lambda i: updates[i][2].numel()):
+            locals_ = [updates[i][2] for i in run]
+            stacked = torch.cat([t.to(_ns_dtype(t)).reshape(-1, *shape) for t in locals_])
+            done, step = torch.empty_like(stacked), max(1, BATCH_ELEMENTS // math.prod(shape))
+            for first in range(0, len(stacked), step):
+                done[first:first + step] = hybrid_newton_schulz(stacked[first:first + step])
+            for i, t, piece in zip(run, locals_, done.split([t.numel() // math.prod(shape) for t in locals_])):
+                out[i] = piece.view_as(t)
     for group, indices in rounds.values():
         indices.sort(key=lambda i: -updates[i][0].numel())  # stable: the same order on every rank
         for first in range(0, len(indices), group.size()):
@@ -123,6 +127,19 @@ def orthogonalized(updates: list[Update]) -> list[torch.Tensor]:
             for i, result in zip(chunk, _orthogonalized_round([updates[i] for i in chunk], group)):
                 out[i] = result
     return out
+
+
+def _runs(indices: list[int], numel) -> Iterator[list[int]]:
+    """Consecutive runs of ``indices`` of at most ``BATCH_ELEMENTS`` elements, or one index each when larger."""
+    run, total = [], 0
+    for i in indices:
+        if run and total + numel(i) > BATCH_ELEMENTS:
+            yield run
+            run, total = [], 0
+        run.append(i)
+        total += numel(i)
+    if run:
+        yield run
 
 
 def _orthogonalized_round(updates: list[Update], group: dist.ProcessGroup) -> list[torch.Tensor]:
