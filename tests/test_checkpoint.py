@@ -134,8 +134,9 @@ def test_a_checkpoint_continues_under_other_layouts(tmp_path, uninterrupted):
 @pytest.mark.slow
 def test_muon_trains_the_same_under_fsdp_ep_and_pp_and_resumes_across_them(tmp_path, uninterrupted):
     """Muon deals FSDP-sharded matrices out over the FSDP group, orthogonalizes experts where EP and FSDP put
-    them, and checkpoints its momentum as AdamW its moments: FSDP=2 equals one process; its step-2 checkpoint continues under EP=2,
-    and one process's under PP=2, both equal to the single-process run. An AdamW run continues with Muon."""
+    them, and checkpoints its momentum as AdamW its moments: FSDP=2 equals one process; its step-2
+    checkpoint continues under EP=2, and one process's under PP=2, both equal to the single-process run. An
+    AdamW run continues with Muon."""
     muon = ("--optimizer.name", "Muon", "--optimizer.lr", "0.02")
     fp32 = 2e-5
     single = run_training(tmp_path / "single", *BASE, *LOCAL_4, *muon)
