@@ -233,16 +233,20 @@ def without_cluster_files(config: JobConfig) -> JobConfig:
 
 
 def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool,
-                 stateless: tuple[str, ...], muon: bool) -> tuple[int, int, int, int, int]:
+                 stateless: tuple[str, ...], muon: bool) -> tuple[int, int, int, int, int, float]:
     """Elements of a stage's parameters: this rank's shards, the trainable part of them (gradients), the
     optimizer's state (two AdamW moments per element, or one Muon momentum for ``matrix_parameters``),
-    gathered (FSDP's unsharded copies), and the largest FSDP unit gathered. The fp32 tensors FSDP leaves out
-    are whole on every rank and used in place."""
+    gathered (FSDP's unsharded copies), and the largest FSDP unit gathered; and Muon's Newton-Schulz FLOPs
+    per step on this rank (experts and FSDP-sharded weights split over the ``shard`` ranks: each
+    orthogonalizes its own experts, or the weights dealt to it). The fp32 tensors FSDP leaves out are whole
+    on every rank, used in place, and orthogonalized on every rank."""
+    from .components.muon import matrix_shape, newton_schulz_flops
     from .models.deepseek_v4.parallelize import fp32_replicated_parameters
 
     replicated = {id(p) for p in fp32_replicated_parameters(part)}
-    one_state = {id(p) for p, _ in part.matrix_parameters()} if muon else set()
+    matrices = {id(p): count for p, count in part.matrix_parameters()} if muon else {}
     params = trainable = optimizer = gathered = 0
+    flops = 0.0
     units: dict[str, int] = {}
     for name, p in part.named_parameters():
         experts = name.endswith(EXPERT_WEIGHTS)
@@ -255,27 +259,14 @@ def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool,
         frozen = frozen_indexer and ".attn.indexer." in f".{name}"
         if not (frozen or name.startswith(stateless)):
             trainable += local
-            optimizer += local * (1 if id(p) in one_state else 2)
+            optimizer += local * (1 if id(p) in matrices else 2)
+            if id(p) in matrices:
+                count = matrices[id(p)]
+                flops += count * newton_schulz_flops(*matrix_shape(p, count)) / (1 if id(p) in replicated else shard)
         gathered += numel
         unit = ".".join(name.split(".")[:2]) if name.startswith(("layers.", "mtp.")) else name.split(".")[0]
         units[unit] = units.get(unit, 0) + numel
-    return params, trainable, optimizer, gathered, max(units.values(), default=0)
-
-
-def _newton_schulz_flops(part: nn.Module, shard: int, frozen_indexer: bool) -> float:
-    """Muon's Newton-Schulz FLOPs per step on one rank of this stage: experts and FSDP-sharded weights are
-    split over the ``shard`` ranks (each orthogonalizes its own experts, or the weights dealt to it), the
-    weights kept whole are done on every rank."""
-    from .components.muon import matrix_shape, newton_schulz_flops
-    from .models.deepseek_v4.parallelize import fp32_replicated_parameters
-
-    whole = {id(p) for p in fp32_replicated_parameters(part)}
-    frozen = {id(p) for p in part.indexer_parameters()} if frozen_indexer else set()
-    flops = 0.0
-    for p, count in part.matrix_parameters():
-        if id(p) not in frozen:
-            flops += count * newton_schulz_flops(*matrix_shape(p, count)) / (1 if id(p) in whole else shard)
-    return flops
+    return params, trainable, optimizer, gathered, max(units.values(), default=0), flops
 
 
 def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> list[RankPlan]:
@@ -295,13 +286,11 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
     stage_fqns = plan.fqns_per_stage if plan else [None]
     replicas = tuple(getattr(model, "pipeline_replicas", {}))  # on the source's rank (V): no own state
 
-    acts, state, newton_schulz = {}, {}, {}
-    muon = config.optimizer.name == "Muon"
+    acts, state = {}, {}
     for stage, fqns in enumerate(stage_fqns):
         part = prune_to_stage(model, fqns) if fqns is not None else copy.deepcopy(model)
-        newton_schulz[stage] = _newton_schulz_flops(part, shard, frozen_indexer) if muon else 0.0
         state[stage] = _stage_state(part, shard, ep, frozen_indexer, replicas if plan and plan.style == "v" else (),
-                                    muon)
+                                    config.optimizer.name == "Muon")
         acts[stage] = measure_stage(part, setup, config, stage == 0, stage == len(stage_fqns) - 1, dtype,
                                     gpu=device == "cuda")
 
@@ -334,7 +323,7 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
         ranks.append(RankPlan(pp_rank=pp_rank, stages=stages, params=4 * params, grads=4 * trainable,
                               optimizer=4 * optimizer, unsharded=unsharded, activations=activations,
                               in_flight=in_flight, all_to_all=all_to_all,
-                              newton_schulz_flops=sum(newton_schulz[s] for s in stages), model_flops=model_flops))
+                              newton_schulz_flops=sum(state[s][5] for s in stages), model_flops=model_flops))
     return ranks
 
 
