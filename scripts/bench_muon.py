@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from titan_dsv4.components.muon import newton_schulz_flops, matrix_shape, orthogonalized
+from titan_dsv4.components.muon import matrix_shape, newton_schulz_flops, orthogonalized
 from titan_dsv4.components.optimizer import build_optimizer
 from titan_dsv4.config.job_config import Optimizer as OptimizerConfig
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
@@ -62,14 +62,14 @@ def main() -> None:
         with torch.no_grad():
             p.normal_(0.0, 0.02)  # not left uninitialised: garbage values could time differently
         p.grad = torch.randn_like(p)
-    matrices = {id(p): n for p, n in model.matrix_parameters() if p.requires_grad}
-    flops = sum(n * newton_schulz_flops(*matrix_shape(p, n)) for p, n in model.matrix_parameters() if p.requires_grad)
+    trained = [(p, n) for p, n in model.matrix_parameters() if p.requires_grad]
+    flops = sum(n * newton_schulz_flops(*matrix_shape(p, n)) for p, n in trained)
 
     seconds = {}
     for name in ("AdamW", "Muon"):
-        optimizer = build_optimizer(params, OptimizerConfig(name=name, lr=1e-4), matrices)
+        optimizer = build_optimizer(params, OptimizerConfig(name=name, lr=1e-4), {id(p): n for p, n in trained})
         seconds[name] = median_seconds(optimizer.step, opts.repeats, device)
-    updates = [(p, n, p.grad) for p, n in model.matrix_parameters() if p.requires_grad]
+    updates = [(p, n, p.grad) for p, n in trained]
     seconds["batched"] = median_seconds(lambda: orthogonalized(updates), opts.repeats, device)
     seconds["one at a time"] = median_seconds(lambda: [orthogonalized([u]) for u in updates], opts.repeats, device)
 

@@ -33,7 +33,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig,
     from ``matrix_parameters``) and AdamW for the rest."""
     impl = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}
     muon = [p for p in params if id(p) in matrices] if cfg.name == "Muon" else []
-    adamw = [p for p in params if id(p) not in {id(q) for q in muon}]
+    adamw = [p for p in params if id(p) not in matrices] if muon else params
     # foreach/fused kernels cannot mix FSDP's DTensors with the plain tensors kept whole beside them; both
     # groups always exist (one may be empty) so that a checkpoint resumes under any other layout
     groups = [{"params": [p for p in adamw if isinstance(p, DTensor)]},
