@@ -104,7 +104,7 @@ def orthogonalized(updates: list[Update]) -> list[torch.Tensor]:
     rows of FSDP-sharded ones are dealt out, largest first, in rounds of one matrix per rank of the group."""
     out: list[torch.Tensor | None] = [None] * len(updates)
     rounds: dict[int, tuple[dist.ProcessGroup, list[int]]] = {}
-    batches: dict[tuple, list[int]] = {}  # whole matrices of one shape: one batched iteration
+    batches: dict[tuple, list[int]] = {}  # whole weights by matrix shape: stacked runs, orthogonalized in slices
     for i, (p, count, local) in enumerate(updates):
         if p.ndim == 3 or not isinstance(p, DTensor):
             batches.setdefault((matrix_shape(p, count), local.device), []).append(i)
