@@ -101,20 +101,26 @@ def test_bad_input_exits_2_with_one_line(argv, message):
 
 
 @pytest.mark.parametrize("section", ["training", "validation"])
-def test_unreadable_text_data_exits_2_before_any_model_is_built(tmp_path, section):
-    """A folder without document files is caught by the config check; a jsonl without ``text`` by reading its
-    first document at start-up: one line naming the key, the file and the line, nothing trained."""
+def test_unreadable_data_exits_2_before_any_model_is_built(tmp_path, section):
+    """A folder without document files (for conversations: with text files) is caught by the config check; a
+    jsonl without the dataset's field by reading its first document at start-up: one line naming the key,
+    the file and the line, nothing trained."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "data.json").write_text('{"text": "a json file is not jsonl"}')
     (tmp_path / "wrong").mkdir()
     (tmp_path / "wrong" / "d.jsonl").write_text('{"content": "' + "word " * 400 + '"}\n')
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("plain text")
     enable = ["--validation.enable"] if section == "validation" else []
-    for folder, message in [("empty", "is invalid: dataset 'text' needs an existing .txt/.jsonl/.jsonl.gz/"
-                                      ".jsonl.zst/.parquet file"),
-                            ("wrong", f"{tmp_path / 'wrong' / 'd.jsonl'}:1: a jsonl record needs a string 'text'")]:
+    for dataset, folder, message in [
+            ("text", "empty", "is invalid: dataset 'text' needs an existing .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet "
+                              "file"),
+            ("text", "wrong", f"{tmp_path / 'wrong' / 'd.jsonl'}:1: a jsonl record needs a string 'text'"),
+            ("chat", "texts", f"holds .txt files ({tmp_path / 'texts' / 'a.txt'}): dataset 'chat' reads .jsonl/"),
+            ("chat", "wrong", f"{tmp_path / 'wrong' / 'd.jsonl'}:1: a jsonl record needs a 'messages' list")]:
         path = str(tmp_path / folder)
         result = run_cli("--job.config_file", str(REPO / "train_configs/debug_model.toml"),
-                         "--parallelism.pipeline_parallel_degree", "1", *enable, f"--{section}.dataset", "text",
+                         "--parallelism.pipeline_parallel_degree", "1", *enable, f"--{section}.dataset", dataset,
                          f"--{section}.dataset_path", path)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(lines) == 1 and not result.stdout, result.stderr

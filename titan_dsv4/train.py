@@ -437,7 +437,7 @@ def describe_run(config: JobConfig, setup: RunSetup, world: int) -> str:
 
 def _data_source(section: str, dataset: str, path: str | None) -> str:
     """The key and value that name a dataset in an error: its path for files, else its name."""
-    return f"`{section}.dataset_path` = {path!r}" if dataset == "text" else f"`{section}.dataset` = {dataset!r}"
+    return f"`{section}.dataset` = {dataset!r}" if dataset == "pydocs" else f"`{section}.dataset_path` = {path!r}"
 
 
 def _count(n: int) -> str:

@@ -1,9 +1,10 @@
 """Documents -> packed ``(input_ids, labels, positions)`` batches, sharded by data-parallel rank, resumable.
 
-Every document is ``[BOS] tokens [EOS]``. Documents are concatenated into one stream; sequence i is the
-window ``stream[i*S : i*S + S + 1]`` (inputs are its first S tokens, labels the last S). ``positions``
-count from 0 inside each document, and a label whose token starts a new document is ignored, so nothing is
-ever predicted across a boundary.
+Every text document is ``[BOS] tokens [EOS]``; a conversation is its rendering in DeepSeek-V4's chat format
+(``chat.py``), which starts with BOS. Documents are concatenated into one stream; sequence i is the window
+``stream[i*S : i*S + S + 1]`` (inputs are its first S tokens, labels the last S). ``positions`` count from 0
+inside each document, and a label whose token starts a new document is ignored, so nothing is ever predicted
+across a boundary; in a conversation only the assistant messages' tokens are labels.
 
 The global batch of step n is sequences ``[n*G, (n+1)*G)`` whatever the layout: data-parallel rank r takes
 its contiguous slice. So one process and N data-parallel processes see the same global batch, and a run
@@ -25,7 +26,7 @@ import sysconfig
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from ..models.deepseek_v4.mtp import IGNORE_INDEX
+from .chat import Conversation, render_conversation, target_mask
 from .tokenizer import Tokenizer
 
 MIN_DOC_CHARS = 200
@@ -96,15 +98,41 @@ def data_files(path: str | Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p))
 
 
-def text_documents(path: str | Path, start: int = 0) -> Iterator[str]:
-    """Documents ``start``, ``start + 1``, ... of :func:`data_files`: ``.txt`` (one document per file),
-    ``.jsonl`` (a string ``text`` field per non-blank line; also gzip- or zstandard-compressed, ``.jsonl.gz``
-    and ``.jsonl.zst``, the latter needing zstandard), ``.parquet`` (a string ``text`` column, needs pyarrow).
+Document = str | Conversation
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """Where a dataset's documents sit in jsonl records and parquet rows."""
+
+    field: str  # the jsonl field and parquet column
+    needs: str  # what a record needs, for errors
+    parse: Callable[[object], Document]  # the field's value -> document; ValueError says what is wrong
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"'text' is {value!r}, not a string")
+    return value
+
+
+TEXT = RecordFormat("text", "a string 'text' field", _text)
+CHAT = RecordFormat("messages", "a 'messages' list", render_conversation)
+FORMATS = {"text": TEXT, "chat": CHAT}  # dataset name -> the records it reads
+
+
+def text_documents(path: str | Path, start: int = 0, records: RecordFormat = TEXT) -> Iterator[Document]:
+    """Documents ``start``, ``start + 1``, ... of :func:`data_files`: ``.txt`` (one text document per file),
+    ``.jsonl`` (one record per non-blank line; also gzip- or zstandard-compressed, ``.jsonl.gz`` and
+    ``.jsonl.zst``, the latter needing zstandard), ``.parquet`` (one per row, needs pyarrow); ``records``
+    says which field holds the document (a string ``text``, or a conversation's ``messages``).
     The documents before ``start`` are counted, not parsed, so a resumed run gets to its place fast."""
     skip = start
     for file in data_files(path):
         suffix = data_suffix(file)
         if suffix == ".txt":
+            if records is not TEXT:
+                raise DataError(f"{file}: a .txt file holds text, not {records.field} records (.jsonl, .parquet)")
             if skip:
                 skip -= 1
                 continue
@@ -113,13 +141,13 @@ def text_documents(path: str | Path, start: int = 0) -> Iterator[str]:
             except UnicodeDecodeError as e:
                 raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         elif suffix == ".parquet":
-            skip = yield from _parquet_texts(file, skip)
+            skip = yield from _parquet_documents(file, skip, records)
         else:
-            skip = yield from _jsonl_texts(file, skip)
+            skip = yield from _jsonl_documents(file, skip, records)
 
 
-def _jsonl_texts(file: Path, skip: int) -> Generator[str, None, int]:
-    """The file's texts after its first ``skip``; returns how many of ``skip`` it did not hold."""
+def _jsonl_documents(file: Path, skip: int, records: RecordFormat) -> Generator[Document, None, int]:
+    """The file's documents after its first ``skip``; returns how many of ``skip`` it did not hold."""
     with _open_lines(file) as f:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
@@ -131,11 +159,15 @@ def _jsonl_texts(file: Path, skip: int) -> Generator[str, None, int]:
                 record = json.loads(raw)
             except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
                 raise DataError(f"{file}:{line_no}: not a JSON line ({e})") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
+            value = record.get(records.field) if isinstance(record, dict) else None
+            if value is None:
                 fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{file}:{line_no}: a jsonl record needs a string 'text' field (found {fields})")
-            yield text
+                raise DataError(f"{file}:{line_no}: a jsonl record needs {records.needs} (found {fields})")
+            try:
+                document = records.parse(value)
+            except ValueError as e:
+                raise DataError(f"{file}:{line_no}: {e}") from None
+            yield document
     return skip
 
 
@@ -151,30 +183,33 @@ def _open_lines(file: Path) -> BinaryIO:
     return file.open("rb")
 
 
-def _parquet_texts(file: Path, skip: int) -> Generator[str, None, int]:
-    """The file's texts after its first ``skip`` (whole row groups skipped unread); returns how many of
+def _parquet_documents(file: Path, skip: int, records: RecordFormat) -> Generator[Document, None, int]:
+    """The file's documents after its first ``skip`` (whole row groups skipped unread); returns how many of
     ``skip`` it did not hold."""
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError("reading .parquet needs pyarrow: pip install 'titan_dsv4[data]'") from e
     parquet = pq.ParquetFile(file)
-    if "text" not in parquet.schema_arrow.names:
-        raise DataError(f"{file}: a parquet file needs a 'text' column (found {parquet.schema_arrow.names})")
+    if records.field not in parquet.schema_arrow.names:
+        raise DataError(f"{file}: a parquet file needs a {records.field!r} column "
+                        f"(found {parquet.schema_arrow.names})")
     row, first = 0, 0
     while first < parquet.num_row_groups and row + parquet.metadata.row_group(first).num_rows <= skip:
         row += parquet.metadata.row_group(first).num_rows
         first += 1
     if first == parquet.num_row_groups:
         return skip - row
-    for batch in parquet.iter_batches(columns=["text"], row_groups=range(first, parquet.num_row_groups)):
-        for text in batch.column(0).to_pylist():
+    for batch in parquet.iter_batches(columns=[records.field], row_groups=range(first, parquet.num_row_groups)):
+        for value in batch.column(0).to_pylist():
             row += 1
             if row <= skip:
                 continue
-            if not isinstance(text, str):
-                raise DataError(f"{file}: row {row - 1}: 'text' is {text!r}, not a string")
-            yield text
+            try:
+                document = records.parse(value)
+            except ValueError as e:
+                raise DataError(f"{file}: row {row - 1}: {e}") from None
+            yield document
     return 0
 
 
@@ -195,24 +230,25 @@ FIRST_TOKENIZE_CHARS, TOKENIZE_AHEAD_CHARS = 1 << 16, 1_000_000
 class PackedSequences:
     """Endless stream of packed sequences of ``seq_len + 1`` tokens with in-document positions.
 
-    State is ``(epoch, next document index, unread tokens, sequences produced)``, where the unread tokens are
-    the rest of the document the next sequence starts in; restoring it continues exactly, skipping earlier
-    documents of the epoch without tokenizing them. Documents are read and tokenized up to
-    ``TOKENIZE_AHEAD_CHARS`` of text at a time into a token buffer (a look-ahead the state does not depend
-    on), and sequences are slices of it.
+    State is ``(epoch, next document index, unread tokens, sequences produced)``, where the unread tokens (with
+    their positions and whether they are labels) are the rest of the document the next sequence starts in;
+    restoring it continues exactly, skipping earlier documents of the epoch without tokenizing them. Documents
+    are read and tokenized up to ``TOKENIZE_AHEAD_CHARS`` of text at a time into a token buffer (a look-ahead
+    the state does not depend on), and sequences are slices of it.
     """
 
-    def __init__(self, documents_fn: Callable[[int], Iterable[str]], tokenizer: Tokenizer, seq_len: int):
+    def __init__(self, documents_fn: Callable[[int], Iterable[Document]], tokenizer: Tokenizer, seq_len: int):
         """``documents_fn(start)``: the epoch's documents from index ``start`` on."""
         self.documents_fn, self.tokenizer, self.seq_len = documents_fn, tokenizer, seq_len
         self.produced = 0
         # numpy, not torch: torch ops on large tensors in a second thread start a second OpenMP team, which slows
         # every parallel region of the training thread (libgomp throttles spinning once threads outnumber cores)
         self._tokens = self._positions = np.zeros(0, dtype=np.int64)  # the buffer; the stream from _cursor
+        self._trained = np.zeros(0, dtype=bool)  # per buffered token: is it a label (a target of training)?
         self._cursor = 0
         self._buffered_docs: deque[tuple[int, int, int]] = deque()  # (epoch, index, end in the buffer)
         self._read_epoch, self._read_index = 0, 0  # the next document to read
-        self._reader: Iterator[tuple[int, str]] | None = None
+        self._reader: Iterator[tuple[int, Document]] | None = None
         self._chunk_chars = FIRST_TOKENIZE_CHARS
 
     def _current_doc(self) -> tuple[int, int, int]:
@@ -226,13 +262,17 @@ class PackedSequences:
         unread = slice(self._cursor, max(end, self._cursor))
         return {"epoch": epoch, "doc_index": index + 1, "produced": self.produced,
                 "tokens": torch.from_numpy(self._tokens[unread].copy()),
-                "positions": torch.from_numpy(self._positions[unread].copy())}
+                "positions": torch.from_numpy(self._positions[unread].copy()),
+                "trained": torch.from_numpy(self._trained[unread].copy())}
 
     def load_state_dict(self, state: dict) -> None:
         self._read_epoch, self._read_index = int(state["epoch"]), int(state["doc_index"])
         self.produced = int(state["produced"])
         self._tokens, self._positions = (torch.as_tensor(state[k], dtype=torch.long).numpy().copy()
                                          for k in ("tokens", "positions"))
+        # checkpoints from before conversations: every token but a document's first is a label
+        trained = state.get("trained")
+        self._trained = torch.as_tensor(trained).numpy().copy() if trained is not None else self._positions != 0
         self._cursor, self._reader = 0, None
         self._buffered_docs = deque([(self._read_epoch, self._read_index - 1, len(self._tokens))]
                                     if len(self._tokens) else [])
@@ -243,9 +283,9 @@ class PackedSequences:
             if self._reader is None:  # resuming: skip the epoch's earlier documents without tokenizing them
                 self._reader = enumerate(self.documents_fn(self._read_index), self._read_index)
             indexed, chars = [], 0
-            for index, text in self._reader:
-                indexed.append((index, text))
-                chars += len(text)
+            for index, document in self._reader:
+                indexed.append((index, document))
+                chars += len(document.text if isinstance(document, Conversation) else document)
                 if chars >= min(self._chunk_chars, TOKENIZE_AHEAD_CHARS):
                     break
             if indexed:
@@ -254,15 +294,10 @@ class PackedSequences:
                 raise DataError("the dataset has no documents")
             self._read_epoch, self._read_index, self._reader = self._read_epoch + 1, 0, None
         self._chunk_chars = min(2 * self._chunk_chars, TOKENIZE_AHEAD_CHARS)
-        indices, texts = zip(*indexed)
-        flat: list[int] = []
-        lengths = []
-        for ids in self.tokenizer.encode_batch(list(texts)):
-            flat.append(self.tokenizer.bos_id)
-            flat.extend(ids)
-            flat.append(self.tokenizer.eos_id)
-            lengths.append(len(ids) + 2)
-        tokens = np.array(flat, dtype=np.int64)
+        indices, documents = zip(*indexed)
+        tokens, trained = self._tokenize(documents)
+        lengths = [len(t) for t in tokens]
+        tokens, trained = np.concatenate(tokens), np.concatenate(trained)
         ends = list(itertools.accumulate(lengths))
         positions = np.arange(len(tokens)) - np.repeat(np.array(ends) - lengths, lengths)
 
@@ -272,7 +307,22 @@ class PackedSequences:
         self._buffered_docs.extend((self._read_epoch, i, kept + end) for i, end in zip(indices, ends))
         self._tokens = np.concatenate([self._tokens[self._cursor:], tokens])
         self._positions = np.concatenate([self._positions[self._cursor:], positions])
+        self._trained = np.concatenate([self._trained[self._cursor:], trained])
         self._cursor, self._read_index = 0, indices[-1] + 1
+
+    def _tokenize(self, documents: Sequence[Document]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Each document's tokens, and which of them are labels: a text's ``[BOS] tokens [EOS]`` all but BOS,
+        a conversation's rendering the tokens starting in an assistant message (one dataset's documents are
+        all of one kind)."""
+        if isinstance(documents[0], Conversation):
+            encoded = self.tokenizer.encode_batch_with_starts([d.text for d in documents])
+            return ([np.array(ids, dtype=np.int64) for ids, _ in encoded],
+                    [target_mask(np.array(starts, dtype=np.int64), d.targets)
+                     for (_, starts), d in zip(encoded, documents)])
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        tokens = [np.array([bos, *ids, eos], dtype=np.int64)
+                  for ids in self.tokenizer.encode_batch(list(documents))]
+        return tokens, [np.arange(len(t)) > 0 for t in tokens]
 
     def next_sequence(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(input_ids, labels, positions)`` of the next sequence."""
@@ -283,7 +333,7 @@ class PackedSequences:
         self._cursor += self.seq_len
         self.produced += 1
         labels = ids[1:].copy()
-        labels[pos[1:] == 0] = IGNORE_INDEX  # the next token starts another document
+        labels[~self._trained[window][1:]] = IGNORE_INDEX  # a document's first token, a conversation's context
         return ids[:-1], labels, pos[:-1]
 
 
@@ -384,15 +434,15 @@ class _Prefetcher:
 def build_dataloader(dataset: str, dataset_path: str | None, tokenizer: Tokenizer, seq_len: int,
                      local_batch_size: int, dp_rank: int, dp_degree: int, split: str = "train",
                      prefetch: int = 0) -> DataLoader:
-    """``split`` picks the embedded corpus's part (``pydocs_split``); a ``text`` dataset is what its path
-    holds. ``prefetch``: batches read ahead in a background thread."""
+    """``split`` picks the embedded corpus's part (``pydocs_split``); a ``text`` or ``chat`` dataset is what
+    its path holds. ``prefetch``: batches read ahead in a background thread."""
     if dataset == "pydocs":
         docs = pydocs_split(split)
         documents_fn = lambda start: iter(docs[start:])  # noqa: E731
-    elif dataset == "text":
-        documents_fn = lambda start: text_documents(dataset_path, start)  # noqa: E731
+    elif dataset in FORMATS:
+        documents_fn = lambda start: text_documents(dataset_path, start, FORMATS[dataset])  # noqa: E731
     else:
-        raise ValueError(f"`training.dataset` = {dataset!r} is invalid: allowed pydocs, text")
+        raise ValueError(f"`training.dataset` = {dataset!r} is invalid: allowed pydocs, {', '.join(FORMATS)}")
     return DataLoader(PackedSequences(documents_fn, tokenizer, seq_len), local_batch_size, dp_rank, dp_degree,
                       prefetch)
 

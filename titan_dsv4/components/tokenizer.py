@@ -49,5 +49,10 @@ class Tokenizer:
         """``encode`` of each text, on all cores and without holding the GIL."""
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_batch_with_starts(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """``encode_batch`` with each token's first character in its text (where a loss mask begins)."""
+        return [(e.ids, [start for start, _ in e.offsets])
+                for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)

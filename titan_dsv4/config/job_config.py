@@ -54,8 +54,12 @@ class LRScheduler:
 
 @dataclass
 class Training:
-    dataset: str = "pydocs"  # pydocs (embedded: docstrings of Python's standard library) | text
-    dataset_path: str | None = None  # .txt / .jsonl (.gz, .zst) / .parquet file or folder (dataset = "text")
+    # pydocs (embedded: docstrings of Python's standard library) | text | chat (conversations, DeepSeek-V4's
+    # chat format; only the assistant messages are trained on)
+    dataset: str = "pydocs"
+    # text: .txt / .jsonl (.gz, .zst) / .parquet file or folder ('text' field); chat: .jsonl / .parquet
+    # ('messages' field)
+    dataset_path: str | None = None
     local_batch_size: int = 8  # sequences per data-parallel rank per step
     global_batch_size: int = -1  # -1: local_batch_size x data-parallel degree; larger -> grad accumulation
     seq_len: int = 256  # tokens per sequence (documents are packed, each with its own positions)
@@ -138,9 +142,9 @@ class Metrics:
 @dataclass
 class Validation:
     enable: bool = False  # held-out loss (main, every MTP depth, acceptance) every `freq` steps and at the end
-    # pydocs: the embedded corpus's held-out documents (training never reads them) | text: dataset_path
+    # pydocs: the embedded corpus's held-out documents (training never reads them) | text | chat: dataset_path
     dataset: str = "pydocs"
-    dataset_path: str | None = None  # .txt / .jsonl (.gz, .zst) / .parquet file or folder (dataset = "text")
+    dataset_path: str | None = None  # as training.dataset_path
     freq: int = 10  # steps between validations
     # global batches per validation (training's local_batch_size and seq_len; the same batches every time);
     # -1: every full global batch of one pass over the dataset

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..components.dataloader import DATA_SUFFIXES, OPTIONAL_READERS, data_files, data_suffix
+from ..components.dataloader import DATA_SUFFIXES, FORMATS, OPTIONAL_READERS, data_files, data_suffix
 from .job_config import JobConfig
 from .manager import ConfigError
 
@@ -105,9 +105,9 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                               "one pass over the dataset")
         sources.append(("validation", v.dataset, v.dataset_path))
     for section, dataset, path in sources:
-        _choice(f"{section}.dataset", dataset, ("pydocs", "text"))
-        if dataset == "text":
-            _check_text_dataset(f"{section}.dataset_path", path)
+        _choice(f"{section}.dataset", dataset, ("pydocs", *FORMATS))
+        if dataset in FORMATS:
+            _check_dataset_files(f"{section}.dataset_path", path, dataset)
 
     try:
         spec = get_train_spec(config.model.name)
@@ -198,12 +198,17 @@ def _check_checkpointing_fits_the_schedule(config: JobConfig, plan) -> None:
                           "schedule without W actions (1F1B, GPipe, Interleaved1F1B, LoopedBFS)")
 
 
-def _check_text_dataset(key: str, path: str | None) -> None:
+def _check_dataset_files(key: str, path: str | None, dataset: str) -> None:
     """The path holds document files this reader can open (their contents are checked when read)."""
     files = data_files(path) if path and Path(path).exists() else []
+    suffixes = [s for s in DATA_SUFFIXES if dataset == "text" or s != ".txt"]  # conversations are records
     if not files:
-        raise ConfigError(f"`{key}` = {path!r} is invalid: dataset 'text' needs an existing "
-                          f"{'/'.join(DATA_SUFFIXES)} file or a folder holding some")
+        raise ConfigError(f"`{key}` = {path!r} is invalid: dataset {dataset!r} needs an existing "
+                          f"{'/'.join(suffixes)} file or a folder holding some")
+    text_files = [f for f in files if data_suffix(f) not in suffixes]
+    if text_files:
+        raise ConfigError(f"`{key}` = {path!r} holds .txt files ({text_files[0]}): dataset {dataset!r} reads "
+                          f"{'/'.join(suffixes)} records")
     for suffix, package in OPTIONAL_READERS.items():
         if any(data_suffix(f) == suffix for f in files) and importlib.util.find_spec(package) is None:
             raise ConfigError(f"`{key}` = {path!r} holds {suffix} files: reading them needs {package} "

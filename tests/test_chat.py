@@ -1,0 +1,182 @@
+"""Fine-tuning on conversations: DeepSeek-V4's chat format, the assistant-only labels, resume, errors, and
+training under pipeline parallelism with MTP equal to one process."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from launch import run_training
+from titan_dsv4.components.chat import render_conversation, target_mask
+from titan_dsv4.components.dataloader import CHAT, DataError, build_dataloader, pydocs_split, text_documents
+from titan_dsv4.components.tokenizer import Tokenizer
+from titan_dsv4.models.deepseek_v4.mtp import IGNORE_INDEX
+
+BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text, reasoning=None):
+    return {"role": "assistant", "content": text, **({"reasoning_content": reasoning} if reasoning else {})}
+
+
+# Written out by hand from the released encoding/encoding_dsv4.py's rules (encode_messages, drop_thinking=True).
+RENDERED = [
+    ([{"role": "system", "content": "Be brief."}, user("hello"), assistant("Hi."), user("1+1=?"), assistant("2")],
+     f"{BOS}Be brief.{USER}hello{ASSISTANT}</think>Hi.{EOS}{USER}1+1=?{ASSISTANT}</think>2{EOS}",
+     [f"Hi.{EOS}", f"2{EOS}"]),
+    # thinking: history turns lose their reasoning; the last user's turn opens <think>
+    ([user("hello"), assistant("Hello! I am DeepSeek.", "thinking..."), user("1+1=?"), assistant("2", "add")],
+     f"{BOS}{USER}hello{ASSISTANT}</think>Hello! I am DeepSeek.{EOS}{USER}1+1=?{ASSISTANT}<think>add</think>2{EOS}",
+     [f"Hello! I am DeepSeek.{EOS}", f"add</think>2{EOS}"]),
+    # consecutive user messages: the assistant tag only before an answer; a trailing user turn is context
+    ([user("a"), user("b"), assistant("c"), user("d")],
+     f"{BOS}{USER}a{USER}b{ASSISTANT}</think>c{EOS}{USER}d{ASSISTANT}</think>", [f"c{EOS}"]),
+    # thinking, the last answer without reasoning; a system message mid-way takes the assistant tag's place
+    ([user("q"), {"role": "system", "content": "S"}, assistant("x", "r"), user("q2"), assistant("y")],
+     f"{BOS}{USER}qSx{EOS}{USER}q2{ASSISTANT}<think></think>y{EOS}", [f"x{EOS}", f"</think>y{EOS}"]),
+]
+
+
+@pytest.mark.parametrize("messages,text,targets", RENDERED)
+def test_conversations_render_as_deepseek_v4s_encoder(messages, text, targets):
+    conversation = render_conversation(messages)
+    assert conversation.text == text
+    assert [text[a:b] for a, b in conversation.targets] == targets
+
+
+def test_target_mask_marks_tokens_starting_in_a_span():
+    starts = np.array([0, 2, 2, 5, 7, 9, 12])
+    assert target_mask(starts, [(2, 7), (9, 10)]).tolist() == [False, True, True, True, False, True, False]
+    assert target_mask(starts, []).tolist() == [False] * 7
+
+
+def conversations(count, seed=0):
+    """Real-text conversations of uneven shape: a long prompt (an embedded document), a short answer (its
+    first sentence), some with reasoning and a second turn."""
+    docs, rng = pydocs_split("train"), np.random.default_rng(seed)
+    result = []
+    for i in range(count):
+        doc = docs[i % len(docs)]
+        answer = doc.split(".")[0] + "."
+        messages = [user("Summarise: " + doc[:rng.integers(50, 600)]),
+                    assistant(answer, "It starts with the answer." if i % 3 == 0 else None)]
+        if i % 4 == 1:
+            messages += [user("Shorter?"), assistant(answer[:30])]
+        result.append(messages)
+    return result
+
+
+def write_jsonl(path, chats):
+    path.write_text("".join(json.dumps({"id": i, "messages": m}) + "\n" for i, m in enumerate(chats)))
+
+
+def test_labels_are_the_assistant_messages_and_a_resumed_loader_continues(tmp_path):
+    """Per conversation, the tokens kept as labels decode to exactly its assistant renderings; every other
+    token (prompt, tags, the next conversation's BOS) is context; restoring the state mid-conversation
+    continues with the same tokens and labels."""
+    chats = conversations(40)
+    write_jsonl(tmp_path / "c.jsonl", chats)
+    tok = Tokenizer()
+    seq_len, local = 64, 2
+    loader = build_dataloader("chat", str(tmp_path), tok, seq_len, local, 0, 1)
+    ids, labels, positions = [], [], []
+    states = []
+    while loader.state_dict()["epoch"] == 0:  # one epoch and the start of the next
+        states.append(loader.state_dict())
+        batch = next(loader)
+        ids += batch.input_ids.tolist()
+        labels += batch.labels.tolist()
+        positions += batch.positions.tolist()
+    ids, labels, positions = (np.concatenate(x) for x in (ids, labels, positions))
+    starts = np.flatnonzero(positions == 0)
+    kept = [[] for _ in starts]
+    for i in np.flatnonzero(labels != IGNORE_INDEX):  # label i is token i + 1
+        kept[np.searchsorted(starts, i + 1, side="right") - 1].append(labels[i])
+    assert len(starts) > len(chats)
+    for messages, got in zip(chats, kept):
+        conversation = render_conversation(messages)
+        want = "".join(conversation.text[a:b] for a, b in conversation.targets)
+        assert tok._tok.decode(got, skip_special_tokens=False) == want
+    assert ids[starts].tolist() == [tok.bos_id] * len(starts)
+
+    for at in (3, 11):
+        resumed = build_dataloader("chat", str(tmp_path), tok, seq_len, local, 0, 1)
+        resumed.load_state_dict(states[at])
+        for step in range(at, at + 3):
+            batch = next(resumed)
+            rows = slice(step * local, (step + 1) * local)
+            assert torch.equal(batch.labels.flatten(), torch.from_numpy(labels.reshape(-1, seq_len)[rows].ravel()))
+
+
+def test_a_text_loader_state_without_label_flags_still_resumes(tmp_path):
+    """Checkpoints written before conversations hold no per-token label flags: a text document's tokens after
+    its first are labels."""
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in pydocs_split("train")[:30]))
+    loader = build_dataloader("text", str(tmp_path), Tokenizer(), 48, 2, 0, 1)
+    next(loader)
+    state = {k: v for k, v in loader.state_dict().items() if k != "trained"}
+    resumed = build_dataloader("text", str(tmp_path), Tokenizer(), 48, 2, 0, 1)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        want, got = next(loader), next(resumed)
+        assert torch.equal(want.labels, got.labels) and torch.equal(want.input_ids, got.input_ids)
+
+
+def test_parquet_conversations_read_as_jsonl_ones(tmp_path):
+    """pyarrow stores messages as structs, filling keys a message lacks with nulls: read as absent."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    chats = conversations(9)
+    pq.write_table(pa.table({"messages": chats}), tmp_path / "c.parquet", row_group_size=4)
+    assert list(text_documents(tmp_path / "c.parquet", 2, CHAT)) == [render_conversation(m) for m in chats[2:]]
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"text": "plain"}, r"c.jsonl:2: a jsonl record needs a 'messages' list \(found \['text'\]\)"),
+    ({"messages": "hi"}, r"c.jsonl:2: 'messages' must be a non-empty list of messages, not 'hi'"),
+    ({"messages": [user("q")]}, r"c.jsonl:2: the conversation has no assistant message"),
+    ({"messages": [user("q"), {"role": "tool", "content": "x"}]},
+     r"c.jsonl:2: message 1 has role 'tool'; allowed: system, user, assistant"),
+    ({"messages": [user("q"), {"role": "assistant", "content": "", "tool_calls": []}]},
+     r"c.jsonl:2: message 1 has keys \['tool_calls'\]; a message has \['role', 'content', 'reasoning_content'\]"),
+    ({"messages": [{"role": "user", "content": ["a"]}, assistant("b")]},
+     r"c.jsonl:2: message 0 \(user\) has 'content' = \['a'\], not a string"),
+    ({"messages": [{"role": "user", "content": "q", "reasoning_content": "r"}, assistant("b")]},
+     r"c.jsonl:2: message 0 \(user\) has 'reasoning_content': only assistant messages reason"),
+])
+def test_malformed_conversations_name_their_file_line_and_message(tmp_path, record, message):
+    write_jsonl(tmp_path / "c.jsonl", conversations(1))
+    with (tmp_path / "c.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=message):
+        list(text_documents(tmp_path, 0, CHAT))
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_conversations_pipelined_with_mtp_equals_one_process(tmp_path):
+    """The microbatches hold very different numbers of assistant tokens; the loss is normalised by the global
+    count, so the 2-stage pipeline (4 microbatches, MTP on the last stage) gives one process's losses and
+    gradient norm, and the valid-token count is the loader's assistant labels."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "chat.jsonl", conversations(200))
+    args = ("--training.dataset", "chat", "--training.dataset_path", str(tmp_path / "data"),
+            "--training.steps", "3", "--training.seq_len", "128", "--training.local_batch_size", "4",
+            "--validation.enable", "--validation.dataset", "chat", "--validation.dataset_path", str(tmp_path / "data"),
+            "--validation.freq", "3", "--validation.steps", "1")
+    single = run_training(tmp_path / "one", *args)
+    piped = run_training(tmp_path / "pp", *args, "--parallelism.pipeline_parallel_degree", "2",
+                         "--parallelism.pipeline_parallel_microbatch_size", "1", nproc=2)
+    loader = build_dataloader("chat", str(tmp_path / "data"), Tokenizer(), 128, 4, 0, 1)
+    for a, b in zip(single, piped, strict=True):
+        batch = next(loader)
+        assert a["valid_tokens"] == b["valid_tokens"] == int((batch.labels != IGNORE_INDEX).sum())
+        assert a["valid_tokens"] < 4 * 128 / 2  # most tokens are prompts
+        for key in ("loss", "total_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        assert b["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)
+    for key in ("loss", "mtp_losses", "valid_tokens"):  # after 3 AdamW steps summed in other orders
+        assert piped[-1]["validation"][key] == pytest.approx(single[-1]["validation"][key], rel=2e-5), key
