@@ -56,14 +56,15 @@ def test_target_mask_marks_tokens_starting_in_a_span():
 
 
 def conversations(count, seed=0):
-    """Real-text conversations of uneven shape: a long prompt (an embedded document), a short answer (its
-    first sentence), some with reasoning and a second turn."""
+    """Real-text conversations of uneven shape: a prompt (part of an embedded document, the whole of it a few
+    times over now and then), a short answer (its first sentence), some with reasoning and a second turn."""
     docs, rng = pydocs_split("train"), np.random.default_rng(seed)
     result = []
     for i in range(count):
         doc = docs[i % len(docs)]
         answer = doc.split(".")[0] + "."
-        messages = [user("Summarise: " + doc[:rng.integers(50, 600)]),
+        prompt = doc[:rng.integers(50, 400)] if i % 7 else (doc + " ") * 4  # a long one now and then
+        messages = [user("Summarise: " + prompt),
                     assistant(answer, "It starts with the answer." if i % 3 == 0 else None)]
         if i % 4 == 1:
             messages += [user("Shorter?"), assistant(answer[:30])]
@@ -75,42 +76,60 @@ def write_jsonl(path, chats):
     path.write_text("".join(json.dumps({"id": i, "messages": m}) + "\n" for i, m in enumerate(chats)))
 
 
-def test_labels_are_the_assistant_messages_and_a_resumed_loader_continues(tmp_path):
-    """Per conversation, the tokens kept as labels decode to exactly its assistant renderings; every other
-    token (prompt, tags, the next conversation's BOS) is context; restoring the state mid-conversation
-    continues with the same tokens and labels."""
-    chats = conversations(40)
+def test_conversations_are_never_split_and_only_answers_are_labels(tmp_path):
+    """Each sequence holds whole conversations (its first token may be the previous sequence's last one, the
+    windows' overlap), in order, as the tokenizer encodes their text; a conversation that does not fit in the
+    rest of a sequence starts the next, the gap EOS padding without labels; one longer than a sequence is cut
+    to it. The labels kept decode to exactly the assistant renderings (a prefix of them when cut). Restoring
+    the loader's state continues with the same batches."""
+    chats = conversations(60)
     write_jsonl(tmp_path / "c.jsonl", chats)
     tok = Tokenizer()
-    seq_len, local = 64, 2
+    seq_len, local = 256, 2
     loader = build_dataloader("chat", str(tmp_path), tok, seq_len, local, 0, 1)
-    ids, labels, positions = [], [], []
-    states = []
+    rows, states = [], []
     while loader.state_dict()["epoch"] == 0:  # one epoch and the start of the next
         states.append(loader.state_dict())
         batch = next(loader)
-        ids += batch.input_ids.tolist()
-        labels += batch.labels.tolist()
-        positions += batch.positions.tolist()
-    ids, labels, positions = (np.concatenate(x) for x in (ids, labels, positions))
-    starts = np.flatnonzero(positions == 0)
-    kept = [[] for _ in starts]
-    for i in np.flatnonzero(labels != IGNORE_INDEX):  # label i is token i + 1
-        kept[np.searchsorted(starts, i + 1, side="right") - 1].append(labels[i])
-    assert len(starts) > len(chats)
-    for messages, got in zip(chats, kept):
+        rows += zip(batch.input_ids.tolist(), batch.labels.tolist(), batch.positions.tolist())
+    seen = []  # per conversation: (tokens, labels kept, padding just before it)
+    pads = 0
+    for ids, labels, positions in rows:
+        assert positions[0] == 0 or positions[1] == 0  # a conversation may only end on the overlap token
+        starts = [j for j, p in enumerate(positions) if p == 0] + [seq_len]
+        for j, k in zip(starts, starts[1:]):
+            kept = [t for t in labels[j:k] if t != IGNORE_INDEX]
+            if ids[j] == tok.eos_id:
+                assert set(ids[j:k]) == {tok.eos_id} and not kept and k == seq_len
+                pads = k - j
+                continue
+            assert ids[j] == tok.bos_id
+            last = [labels[k - 1]] if k == seq_len and labels[k - 1] != IGNORE_INDEX else []
+            seen.append((ids[j:k] + last, kept, pads))
+            pads = 0
+    assert len(seen) >= len(chats)
+    cut = 0
+    for messages, (tokens, kept, pads) in zip(chats, seen):
         conversation = render_conversation(messages)
-        want = "".join(conversation.text[a:b] for a, b in conversation.targets)
-        assert tok._tok.decode(got, skip_special_tokens=False) == want
-    assert ids[starts].tolist() == [tok.bos_id] * len(starts)
+        full = tok.encode(conversation.text)
+        answers = "".join(conversation.text[a:b] for a, b in conversation.targets)
+        decoded = tok._tok.decode(kept, skip_special_tokens=False)
+        assert not pads or len(full) > pads + 1  # it would not have fit after the previous one
+        if len(full) <= seq_len + 1:
+            assert tokens == full and decoded == answers
+        else:
+            assert tokens == full[:len(tokens)] and len(tokens) >= seq_len and answers.startswith(decoded)
+            cut += 1
+    assert 0 < cut < len(chats) / 2 and sum(p > 0 for *_, p in seen) > 10
 
     for at in (3, 11):
         resumed = build_dataloader("chat", str(tmp_path), tok, seq_len, local, 0, 1)
         resumed.load_state_dict(states[at])
         for step in range(at, at + 3):
             batch = next(resumed)
-            rows = slice(step * local, (step + 1) * local)
-            assert torch.equal(batch.labels.flatten(), torch.from_numpy(labels.reshape(-1, seq_len)[rows].ravel()))
+            for row, (ids, labels, positions) in enumerate(rows[step * local:(step + 1) * local]):
+                assert batch.input_ids[row].tolist() == ids and batch.labels[row].tolist() == labels
+                assert batch.positions[row].tolist() == positions
 
 
 def test_a_text_loader_state_without_label_flags_still_resumes(tmp_path):
@@ -164,17 +183,17 @@ def test_fine_tuning_on_conversations_pipelined_with_mtp_equals_one_process(tmp_
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "chat.jsonl", conversations(200))
     args = ("--training.dataset", "chat", "--training.dataset_path", str(tmp_path / "data"),
-            "--training.steps", "3", "--training.seq_len", "128", "--training.local_batch_size", "4",
+            "--training.steps", "3", "--training.seq_len", "256", "--training.local_batch_size", "4",
             "--validation.enable", "--validation.dataset", "chat", "--validation.dataset_path", str(tmp_path / "data"),
             "--validation.freq", "3", "--validation.steps", "1")
     single = run_training(tmp_path / "one", *args)
     piped = run_training(tmp_path / "pp", *args, "--parallelism.pipeline_parallel_degree", "2",
                          "--parallelism.pipeline_parallel_microbatch_size", "1", nproc=2)
-    loader = build_dataloader("chat", str(tmp_path / "data"), Tokenizer(), 128, 4, 0, 1)
+    loader = build_dataloader("chat", str(tmp_path / "data"), Tokenizer(), 256, 4, 0, 1)
     for a, b in zip(single, piped, strict=True):
         batch = next(loader)
         assert a["valid_tokens"] == b["valid_tokens"] == int((batch.labels != IGNORE_INDEX).sum())
-        assert a["valid_tokens"] < 4 * 128 / 2  # most tokens are prompts
+        assert 0 < a["valid_tokens"] < 4 * 256 / 2  # most tokens are prompts
         for key in ("loss", "total_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
         assert b["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)

@@ -195,7 +195,8 @@ class Trainer:
         loading = time.perf_counter() - loading
         targets = [build_targets(b.labels, b.positions, self.num_mtp) for b in batches]
         valid = torch.tensor(sum(int((t[..., 0] != IGNORE_INDEX).sum()) for t in targets), dtype=torch.float32)
-        global_valid = all_reduce_sum(valid.to(self._comm_device()), self.dp_group).to(self.device)
+        # a batch without labels (conversations whose answers were all cut) has zero loss and gradient, not 0/0
+        global_valid = all_reduce_sum(valid.to(self._comm_device()), self.dp_group).to(self.device).clamp_(min=1)
         for batch, target in zip(batches, targets):
             ids, pos, target = (x.to(self.device) for x in (batch.input_ids, batch.positions, target))
             if self.pipeline is not None:

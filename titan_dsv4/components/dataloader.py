@@ -295,14 +295,11 @@ class PackedSequences:
             self._read_epoch, self._read_index, self._reader = self._read_epoch + 1, 0, None
         self._chunk_chars = min(2 * self._chunk_chars, TOKENIZE_AHEAD_CHARS)
         indices, documents = zip(*indexed)
-        tokens, trained = self._tokenize(documents)
-        lengths = [len(t) for t in tokens]
-        tokens, trained = np.concatenate(tokens), np.concatenate(trained)
-        ends = list(itertools.accumulate(lengths))
-        positions = np.arange(len(tokens)) - np.repeat(np.array(ends) - lengths, lengths)
-
         self._current_doc()  # forget the documents already read past
-        kept = len(self._tokens) - self._cursor
+        kept = len(self._tokens) - self._cursor  # the cursor is where a sequence starts
+        laid_out = self._tokenize(documents, kept)
+        ends = list(itertools.accumulate(len(tokens) for tokens, _, _ in laid_out))
+        tokens, trained, positions = (np.concatenate(parts) for parts in zip(*laid_out))
         self._buffered_docs = deque((e, i, end - self._cursor) for e, i, end in self._buffered_docs)
         self._buffered_docs.extend((self._read_epoch, i, kept + end) for i, end in zip(indices, ends))
         self._tokens = np.concatenate([self._tokens[self._cursor:], tokens])
@@ -310,19 +307,34 @@ class PackedSequences:
         self._trained = np.concatenate([self._trained[self._cursor:], trained])
         self._cursor, self._read_index = 0, indices[-1] + 1
 
-    def _tokenize(self, documents: Sequence[Document]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Each document's tokens, and which of them are labels: a text's ``[BOS] tokens [EOS]`` all but BOS,
-        a conversation's rendering the tokens starting in an assistant message (one dataset's documents are
-        all of one kind)."""
-        if isinstance(documents[0], Conversation):
-            encoded = self.tokenizer.encode_batch_with_starts([d.text for d in documents])
-            return ([np.array(ids, dtype=np.int64) for ids, _ in encoded],
-                    [target_mask(np.array(starts, dtype=np.int64), d.targets)
-                     for (_, starts), d in zip(encoded, documents)])
-        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
-        tokens = [np.array([bos, *ids, eos], dtype=np.int64)
-                  for ids in self.tokenizer.encode_batch(list(documents))]
-        return tokens, [np.arange(len(t)) > 0 for t in tokens]
+    def _tokenize(self, documents: Sequence[Document], offset: int) -> list[tuple[np.ndarray, ...]]:
+        """Each document's ``(tokens, labels?, positions)`` (one dataset's documents are all of one kind), the
+        first to go ``offset`` tokens after a sequence's start.
+
+        A text is ``[BOS] tokens [EOS]``, every token but BOS a label, split across sequences where the stream
+        is. A conversation's labels are the tokens starting in an assistant message, and it is never split:
+        every answer is trained with its whole prompt in view. One that does not fit in the rest of the
+        sequence starts the next one, the gap padded with EOS tokens (a document of their own, no labels); one
+        longer than a sequence is cut to it (``seq_len + 1`` tokens, the last one a label only)."""
+        eos = self.tokenizer.eos_id
+        if not isinstance(documents[0], Conversation):
+            laid_out = []
+            for ids in self.tokenizer.encode_batch(list(documents)):
+                tokens = np.array([self.tokenizer.bos_id, *ids, eos], dtype=np.int64)
+                positions = np.arange(len(tokens))
+                laid_out.append((tokens, positions > 0, positions))
+            return laid_out
+        laid_out, span = [], self.seq_len + 1  # a sequence's tokens: inputs and the last label
+        for (ids, starts), conversation in zip(self.tokenizer.encode_batch_with_starts([d.text for d in documents]),
+                                               documents):
+            ids, starts = ids[:span], np.array(starts[:span], dtype=np.int64)
+            sequence_end = offset // self.seq_len * self.seq_len + span
+            gap = sequence_end - 1 - offset if offset + len(ids) > sequence_end else 0
+            laid_out.append((np.array([eos] * gap + ids, dtype=np.int64),
+                             np.concatenate([np.zeros(gap, dtype=bool), target_mask(starts, conversation.targets)]),
+                             np.concatenate([np.arange(gap), np.arange(len(ids))])))
+            offset += gap + len(ids)
+        return laid_out
 
     def next_sequence(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(input_ids, labels, positions)`` of the next sequence."""
