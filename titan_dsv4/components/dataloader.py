@@ -297,9 +297,8 @@ class PackedSequences:
         indices, documents = zip(*indexed)
         self._current_doc()  # forget the documents already read past
         kept = len(self._tokens) - self._cursor  # the cursor is where a sequence starts
-        laid_out = self._tokenize(documents, kept)
-        ends = list(itertools.accumulate(len(tokens) for tokens, _, _ in laid_out))
-        tokens, trained, positions = (np.concatenate(parts) for parts in zip(*laid_out))
+        tokens, trained, positions, lengths = self._tokenize(documents, kept)
+        ends = list(itertools.accumulate(lengths))
         self._buffered_docs = deque((e, i, end - self._cursor) for e, i, end in self._buffered_docs)
         self._buffered_docs.extend((self._read_epoch, i, kept + end) for i, end in zip(indices, ends))
         self._tokens = np.concatenate([self._tokens[self._cursor:], tokens])
@@ -307,34 +306,42 @@ class PackedSequences:
         self._trained = np.concatenate([self._trained[self._cursor:], trained])
         self._cursor, self._read_index = 0, indices[-1] + 1
 
-    def _tokenize(self, documents: Sequence[Document], offset: int) -> list[tuple[np.ndarray, ...]]:
-        """Each document's ``(tokens, labels?, positions)`` (one dataset's documents are all of one kind), the
-        first to go ``offset`` tokens after a sequence's start.
+    def _tokenize(self, documents: Sequence[Document], offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                              list[int]]:
+        """The documents' ``(tokens, labels?, positions)`` laid out one after the other, the first ``offset``
+        tokens after a sequence's start, and each one's length (one dataset's documents are of one kind).
 
         A text is ``[BOS] tokens [EOS]``, every token but BOS a label, split across sequences where the stream
         is. A conversation's labels are the tokens starting in an assistant message, and it is never split:
         every answer is trained with its whole prompt in view. One that does not fit in the rest of the
-        sequence starts the next one, the gap padded with EOS tokens (a document of their own, no labels); one
-        longer than a sequence is cut to it (``seq_len + 1`` tokens, the last one a label only)."""
+        sequence starts the next one, the gap padded with EOS tokens (a document of their own, no labels, and
+        counted in the conversation's length); one longer than a sequence is cut to it (``seq_len + 1``
+        tokens, the last one a label only)."""
         eos = self.tokenizer.eos_id
         if not isinstance(documents[0], Conversation):
-            laid_out = []
+            flat: list[int] = []
+            lengths = []
             for ids in self.tokenizer.encode_batch(list(documents)):
-                tokens = np.array([self.tokenizer.bos_id, *ids, eos], dtype=np.int64)
-                positions = np.arange(len(tokens))
-                laid_out.append((tokens, positions > 0, positions))
-            return laid_out
-        laid_out, span = [], self.seq_len + 1  # a sequence's tokens: inputs and the last label
+                flat.append(self.tokenizer.bos_id)
+                flat.extend(ids)
+                flat.append(eos)
+                lengths.append(len(ids) + 2)
+            tokens = np.array(flat, dtype=np.int64)
+            positions = np.arange(len(tokens)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            return tokens, positions > 0, positions, lengths
+        parts: list[tuple[np.ndarray, ...]] = []
+        span = self.seq_len + 1  # a sequence's tokens: inputs and the last label
         for (ids, starts), conversation in zip(self.tokenizer.encode_batch_with_starts([d.text for d in documents]),
                                                documents):
             ids, starts = ids[:span], np.array(starts[:span], dtype=np.int64)
             sequence_end = offset // self.seq_len * self.seq_len + span
             gap = sequence_end - 1 - offset if offset + len(ids) > sequence_end else 0
-            laid_out.append((np.array([eos] * gap + ids, dtype=np.int64),
-                             np.concatenate([np.zeros(gap, dtype=bool), target_mask(starts, conversation.targets)]),
-                             np.concatenate([np.arange(gap), np.arange(len(ids))])))
+            parts.append((np.array([eos] * gap + ids, dtype=np.int64),
+                          np.concatenate([np.zeros(gap, dtype=bool), target_mask(starts, conversation.targets)]),
+                          np.concatenate([np.arange(gap), np.arange(len(ids))])))
             offset += gap + len(ids)
-        return laid_out
+        tokens, trained, positions = (np.concatenate(arrays) for arrays in zip(*parts))
+        return tokens, trained, positions, [len(t) for t, _, _ in parts]
 
     def next_sequence(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(input_ids, labels, positions)`` of the next sequence."""
