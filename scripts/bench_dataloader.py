@@ -1,7 +1,7 @@
 """How long a training step waits for its data, with the batches read in step and read ahead.
 
     python scripts/bench_dataloader.py [--seq-len 4096] [--global-batch 32] [--steps 8] [--step-ms 1500]
-        [--dataset-path CORPUS --tokenizer TOKENIZER.json]
+        [--dataset-path CORPUS [--dataset chat] --tokenizer TOKENIZER.json]
 
 Every data-parallel rank reads and tokenizes the whole global batch (so any layout sees the same data).
 This measures, in one run, on the embedded corpus and tokenizer unless given others:
@@ -25,15 +25,18 @@ from titan_dsv4.components.tokenizer import Tokenizer
 
 
 class OneAtATime(Tokenizer):
-    """The baseline: one document per ``encode`` call."""
+    """The baseline: one document (or conversation) per ``encode`` call."""
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_batch_with_starts(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        return [(e.ids, [start for start, _ in e.offsets])
+                for e in (self._tok.encode(t, add_special_tokens=False) for t in texts)]
+
 
 def loader(args, tokenizer: Tokenizer, prefetch: int = 0):
-    dataset = "text" if args.dataset_path else "pydocs"
-    return build_dataloader(dataset, args.dataset_path, tokenizer, args.seq_len, args.global_batch, 0, 1,
+    return build_dataloader(args.dataset if args.dataset_path else "pydocs", args.dataset_path, tokenizer, args.seq_len, args.global_batch, 0, 1,
                             prefetch=prefetch)
 
 
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--step-ms", type=float, default=1500.0, help="the stand-in training step's length")
     parser.add_argument("--dataset-path", help="a .txt/.jsonl/.parquet corpus (default: the embedded one)")
+    parser.add_argument("--dataset", choices=("text", "chat"), default="text", help="what --dataset-path holds")
     parser.add_argument("--tokenizer", help="a tokenizer.json or its folder (default: the embedded one)")
     args = parser.parse_args()
     tokens = args.global_batch * args.seq_len

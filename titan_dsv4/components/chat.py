@@ -208,7 +208,8 @@ def _shown(value: object, limit: int = 60) -> str:
 
 
 def target_mask(starts: np.ndarray, targets: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Per token (its first character at ``starts[i]``, ascending): does it begin inside a target span?"""
+    """Per token (its first character at ``starts[i]``): does it begin inside a target span (the spans in
+    ascending order)?"""
     spans = np.array(targets, dtype=np.int64).reshape(-1, 2)
     span = np.searchsorted(spans[:, 0], starts, side="right") - 1
     return (span >= 0) & (starts < spans[np.maximum(span, 0), 1]) if len(spans) else np.zeros(len(starts), bool)

@@ -329,19 +329,22 @@ class PackedSequences:
             tokens = np.array(flat, dtype=np.int64)
             positions = np.arange(len(tokens)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
             return tokens, positions > 0, positions, lengths
-        parts: list[tuple[np.ndarray, ...]] = []
-        span = self.seq_len + 1  # a sequence's tokens: inputs and the last label
-        for (ids, starts), conversation in zip(self.tokenizer.encode_batch_with_starts([d.text for d in documents]),
-                                               documents):
-            ids, starts = ids[:span], np.array(starts[:span], dtype=np.int64)
+        tokens, starts, spans, pieces, lengths = [], [], [], [], []  # pieces: the pads and the conversations
+        span, chars = self.seq_len + 1, 0  # a sequence's tokens (inputs and the last label); text before
+        for (ids, token_starts), conversation in zip(
+                self.tokenizer.encode_batch_with_starts([d.text for d in documents]), documents):
+            ids = ids[:span]
             sequence_end = offset // self.seq_len * self.seq_len + span
             gap = sequence_end - 1 - offset if offset + len(ids) > sequence_end else 0
-            parts.append((np.array([eos] * gap + ids, dtype=np.int64),
-                          np.concatenate([np.zeros(gap, dtype=bool), target_mask(starts, conversation.targets)]),
-                          np.concatenate([np.arange(gap), np.arange(len(ids))])))
-            offset += gap + len(ids)
-        tokens, trained, positions = (np.concatenate(arrays) for arrays in zip(*parts))
-        return tokens, trained, positions, [len(t) for t, _, _ in parts]
+            tokens += [eos] * gap + ids
+            starts += [-1] * gap + [chars + start for start in token_starts[:len(ids)]]  # pads: in no span
+            spans += [(chars + a, chars + b) for a, b in conversation.targets]
+            pieces += [gap, len(ids)] if gap else [len(ids)]
+            lengths.append(gap + len(ids))
+            offset, chars = offset + gap + len(ids), chars + len(conversation.text)
+        pieces = np.array(pieces)
+        positions = np.arange(sum(lengths)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        return np.array(tokens, dtype=np.int64), target_mask(np.array(starts), spans), positions, lengths
 
     def next_sequence(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(input_ids, labels, positions)`` of the next sequence."""
