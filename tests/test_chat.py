@@ -9,7 +9,7 @@ import torch
 
 from launch import run_training
 from titan_dsv4.components.chat import render_conversation, target_mask
-from titan_dsv4.components.dataloader import CHAT, DataError, build_dataloader, pydocs_split, text_documents
+from titan_dsv4.components.dataloader import CHAT, DataError, build_dataloader, pydocs_split, file_documents
 from titan_dsv4.components.tokenizer import Tokenizer
 from titan_dsv4.models.deepseek_v4.mtp import IGNORE_INDEX
 
@@ -219,7 +219,7 @@ def test_parquet_conversations_read_as_jsonl_ones(tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     chats = conversations(9)
     pq.write_table(pa.table({"messages": chats}), tmp_path / "c.parquet", row_group_size=4)
-    assert list(text_documents(tmp_path / "c.parquet", 2, CHAT)) == [render_conversation(m) for m in chats[2:]]
+    assert list(file_documents(tmp_path / "c.parquet", 2, CHAT)) == [render_conversation(m) for m in chats[2:]]
 
 
 @pytest.mark.parametrize("record,message", [
@@ -248,7 +248,7 @@ def test_malformed_conversations_name_their_file_line_and_message(tmp_path, reco
     with (tmp_path / "c.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
     with pytest.raises(DataError, match=message):
-        list(text_documents(tmp_path, 0, CHAT))
+        list(file_documents(tmp_path, 0, CHAT))
 
 
 @pytest.mark.slow

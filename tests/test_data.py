@@ -13,7 +13,7 @@ import pytest
 from titan_dsv4.components import dataloader
 from titan_dsv4.components.dataloader import (DataError, DataLoader, PackedSequences,
                                              build_dataloader, pydocs_corpus, pydocs_split, read_batches,
-                                             text_documents)
+                                             file_documents)
 from titan_dsv4.components.tokenizer import Tokenizer
 from titan_dsv4.models.deepseek_v4.mtp import IGNORE_INDEX
 
@@ -201,24 +201,24 @@ def test_text_dataset_reads_txt_jsonl_and_parquet_files_in_path_order(tmp_path):
     (tmp_path / "README.md").write_text("not a document")
     everything = ["first\nline two", "second", "third \u00e9", "fourth", *parquet_texts, "after the table",
                   "gzip", "gzip 2", "zstd", "zstd 2"]
-    assert list(text_documents(tmp_path)) == everything
+    assert list(file_documents(tmp_path)) == everything
     for start in range(len(everything) + 2):
-        assert list(text_documents(tmp_path, start)) == everything[start:], start
-    assert list(text_documents(tmp_path / "b.jsonl")) == ["second", "third \u00e9"]
+        assert list(file_documents(tmp_path, start)) == everything[start:], start
+    assert list(file_documents(tmp_path / "b.jsonl")) == ["second", "third \u00e9"]
     (tmp_path / "b.jsonl").write_text('{"text": "second"}\nnot json\n{"text": "third \\u00e9"}\n')
-    assert list(text_documents(tmp_path, 3)) == everything[2:]  # the broken line held document 2's place
+    assert list(file_documents(tmp_path, 3)) == everything[2:]  # the broken line held document 2's place
     with pytest.raises(DataError, match="b.jsonl:2: not a JSON line"):
-        list(text_documents(tmp_path, 2))
+        list(file_documents(tmp_path, 2))
 
 
 def test_unreadable_parquet_documents_name_their_file_and_row(tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.table({"content": ["a"]}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match=r"a.parquet: a parquet file needs a 'text' column \(found \['content'\]\)"):
-        list(text_documents(tmp_path / "a.parquet"))
+        list(file_documents(tmp_path / "a.parquet"))
     pq.write_table(pa.table({"text": ["x", "y", None]}), tmp_path / "b.parquet", row_group_size=2)
     with pytest.raises(DataError, match=r"b.parquet: row 2: 'text' is None, not a string"):
-        list(text_documents(tmp_path / "b.parquet", 1))
+        list(file_documents(tmp_path / "b.parquet", 1))
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -232,5 +232,5 @@ def test_unreadable_parquet_documents_name_their_file_and_row(tmp_path):
 def test_unreadable_documents_name_their_file_and_line(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DataError, match=message):
-        list(text_documents(tmp_path))
+        list(file_documents(tmp_path))
 

@@ -121,7 +121,7 @@ CHAT = RecordFormat("messages", "a 'messages' list", render_conversation)
 FORMATS = {"text": TEXT, "chat": CHAT}  # dataset name -> the records it reads
 
 
-def text_documents(path: str | Path, start: int = 0, records: RecordFormat = TEXT) -> Iterator[Document]:
+def file_documents(path: str | Path, start: int = 0, records: RecordFormat = TEXT) -> Iterator[Document]:
     """Documents ``start``, ``start + 1``, ... of :func:`data_files`: ``.txt`` (one text document per file),
     ``.jsonl`` (one record per non-blank line; also gzip- or zstandard-compressed, ``.jsonl.gz`` and
     ``.jsonl.zst``, the latter needing zstandard), ``.parquet`` (one per row, needs pyarrow); ``records``
@@ -132,7 +132,8 @@ def text_documents(path: str | Path, start: int = 0, records: RecordFormat = TEX
         suffix = data_suffix(file)
         if suffix == ".txt":
             if records is not TEXT:
-                raise DataError(f"{file}: a .txt file holds text, not {records.field} records (.jsonl, .parquet)")
+                raise DataError(f"{file}: a .txt file holds plain text; this dataset reads {records.needs} from "
+                                ".jsonl or .parquet records")
             if skip:
                 skip -= 1
                 continue
@@ -462,7 +463,7 @@ def build_dataloader(dataset: str, dataset_path: str | None, tokenizer: Tokenize
         docs = pydocs_split(split)
         documents_fn = lambda start: iter(docs[start:])  # noqa: E731
     elif dataset in FORMATS:
-        documents_fn = lambda start: text_documents(dataset_path, start, FORMATS[dataset])  # noqa: E731
+        documents_fn = lambda start: file_documents(dataset_path, start, FORMATS[dataset])  # noqa: E731
     else:
         raise ValueError(f"`training.dataset` = {dataset!r} is invalid: allowed pydocs, {', '.join(FORMATS)}")
     return DataLoader(PackedSequences(documents_fn, tokenizer, seq_len), local_batch_size, dp_rank, dp_degree,
