@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch import run_training
+from launch import REPO, read_metrics, run_training, training_command
 from titan_dsv4.components.chat import render_conversation, target_mask
 from titan_dsv4.components.dataloader import CHAT, DataError, build_dataloader, pydocs_split, file_documents
 from titan_dsv4.components.tokenizer import Tokenizer
@@ -275,3 +275,29 @@ def test_fine_tuning_on_conversations_pipelined_with_mtp_equals_one_process(tmp_
         assert b["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)
     for key in ("loss", "mtp_losses", "valid_tokens"):  # after 3 AdamW steps summed in other orders
         assert piped[-1]["validation"][key] == pytest.approx(single[-1]["validation"][key], rel=2e-5), key
+
+
+def test_cut_conversations_are_reported_and_a_batch_without_answers_trains_nothing(tmp_path):
+    """Sequences shorter than some conversations: rank 0 says so once per data section, after the run's first
+    line; a step whose batch holds no answer token (conversations cut before their answers) logs zero loss,
+    gradient and tokens instead of stopping on 0/0, and training goes on."""
+    import subprocess
+
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "chat.jsonl", conversations(200))
+    data = ("--training.dataset", "chat", "--training.dataset_path", str(tmp_path / "data"))
+    cmd, env = training_command(tmp_path / "run", *data, "--training.steps", "3", "--training.seq_len", "128",
+                                "--training.local_batch_size", "4", "--validation.enable", "--validation.dataset",
+                                "chat", "--validation.dataset_path", str(tmp_path / "data"), "--validation.steps", "1")
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("titan_dsv4: DeepSeek-V4 debug model")
+    cut = [line for line in lines if "conversations longer than training.seq_len + 1 = 129 tokens are cut" in line]
+    assert len(cut) == 2 and "validation data" in cut[0] and "training data" in cut[1]
+    records = read_metrics(tmp_path / "run")
+    loader = build_dataloader("chat", str(tmp_path / "data"), Tokenizer(), 128, 4, 0, 1)
+    assert [r["valid_tokens"] for r in records] == [int((next(loader).labels != IGNORE_INDEX).sum()) for _ in records]
+    empty = [r for r in records if r["valid_tokens"] == 0]
+    assert empty and all(r["loss"] == r["grad_norm"] == 0 and r["mtp_losses"] == [0] for r in empty)
+    assert records[-1]["loss"] > 0

@@ -70,11 +70,14 @@ class Trainer:
         self.model_args = setup.model_args
         self.num_mtp = self.model_args.num_nextn_predict_layers
         self.learned_routing_moes = learned_routing_moes(self.model_args)
+        self._cut_reported: set[str] = set()  # the data ("training", "validation") said to cut conversations
+        self._validation_first_cut: int | None = None
         self._check_training_data()
         self.validation_batches = self._read_validation_batches() if config.validation.enable else []
         if self.rank == 0:
             print(f"titan_dsv4: {describe_run(config, setup, dist.get_world_size() if self.distributed else 1)}",
                   flush=True)
+        self._warn_if_cut(self._validation_first_cut, "validation")
         self.loss_fn = setup.spec.build_loss_fn(config, self.model_args)
         self.dp_group = dims.dp_group() if self.distributed else None
         self.pp_group = dims.mesh["pp"].get_group() if self.distributed and dims.pp_enabled else None
@@ -260,10 +263,22 @@ class Trainer:
         loader = build_dataloader(v.dataset, v.dataset_path, self.setup.tokenizer, t.seq_len, t.local_batch_size,
                                   dims.dp_rank(), dims.dp, split="validation")
         try:
-            return read_batches(loader, v.steps)
+            batches = read_batches(loader, v.steps)
         except ValueError as e:
             raise ConfigError(f"{_data_source('validation', v.dataset, v.dataset_path)} (steps = {v.steps}): "
                               f"{e}") from None
+        self._validation_first_cut = loader.sequences.first_cut
+        return batches
+
+    def _warn_if_cut(self, first_cut: int | None, section: str) -> None:
+        """Once per data section: rank 0 says conversations are being cut (``first_cut``: the first one's
+        tokens), so what they lose is not trained on unnoticed."""
+        if self.rank == 0 and first_cut is not None and section not in self._cut_reported:
+            seq_len = self.config.training.seq_len
+            print(f"titan_dsv4: warning: {section} data: conversations longer than training.seq_len + 1 = "
+                  f"{seq_len + 1} tokens are cut to that (the first one met has {first_cut} tokens); the rest of "
+                  "each is left out. A larger training.seq_len keeps them whole.", flush=True)
+            self._cut_reported.add(section)
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -327,6 +342,7 @@ class Trainer:
                     raise
                 self.step += 1
                 elapsed = time.perf_counter() - start
+                self._warn_if_cut(self.dataloader.sequences.first_cut, "training")
                 if self.step == first_step + 1 and cfg.compile.enable:
                     self._report_graph_breaks()
                 last = self.step == cfg.training.steps

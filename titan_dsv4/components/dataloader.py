@@ -251,6 +251,7 @@ class PackedSequences:
         self._read_epoch, self._read_index = 0, 0  # the next document to read
         self._reader: Iterator[tuple[int, Document]] | None = None
         self._chunk_chars = FIRST_TOKENIZE_CHARS
+        self.first_cut: int | None = None  # tokens of the first conversation read that was cut to a sequence
 
     def _current_doc(self) -> tuple[int, int, int]:
         """(epoch, index, end) of the document holding the cursor; the reader's position before any."""
@@ -334,6 +335,8 @@ class PackedSequences:
         span, chars = self.seq_len + 1, 0  # a sequence's tokens (inputs and the last label); text before
         for (ids, token_starts), conversation in zip(
                 self.tokenizer.encode_batch_with_starts([d.text for d in documents]), documents):
+            if len(ids) > span and self.first_cut is None:
+                self.first_cut = len(ids)
             ids = ids[:span]
             sequence_end = offset // self.seq_len * self.seq_len + span
             gap = sequence_end - 1 - offset if offset + len(ids) > sequence_end else 0

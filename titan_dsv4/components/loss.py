@@ -61,4 +61,4 @@ def summarise_parts(parts: torch.Tensor, num_mtp: int, scaling_factor: float) ->
         acceptance.append(correct / max(c, 1.0))
         total += scaling_factor / num_mtp * s
     return {"loss": main_sum / main_count, "mtp_losses": mtp_losses, "mtp_acceptance": acceptance,
-            "total_loss": total / main_count, "valid_tokens": int(main_count)}
+            "total_loss": total / main_count, "valid_tokens": int(parts[1].item())}
