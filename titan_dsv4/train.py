@@ -148,18 +148,16 @@ class Trainer:
         return choice[0]
 
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "lr_scheduler": self.lr_scheduler.state_dict(),
-                "dataloader": self.dataloader.state_dict(), "rng": torch.get_rng_state()}
+        return {"step": self.step, "dataloader": self.dataloader.state_dict(), "rng": torch.get_rng_state()}
 
     def _restore(self, state: dict) -> None:
         self.step = int(state["step"])
+        # the learning rate is this run's schedule at the step (it steps once per step, skipped ones too), so
+        # a resumed run may change `optimizer.lr` or the optimizer (Muon has another number of groups)
         scheduler = self.lr_scheduler
-        scheduler.load_state_dict(state["lr_scheduler"])
-        # all groups share one schedule; a checkpoint of the other optimizer has another number of groups
-        groups = len(self.optimizer.param_groups)
-        scheduler.base_lrs, scheduler._last_lr = scheduler.base_lrs[:1] * groups, scheduler.get_last_lr()[:1] * groups
-        for group, lr in zip(self.optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
+        scheduler.last_epoch = self.step
+        for group, base_lr, multiplier in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * multiplier(self.step)
         self.dataloader.load_state_dict(state["dataloader"])
         torch.set_rng_state(state["rng"])
         self.metrics.drop_after(self.step)  # records of steps the interrupted run did after this checkpoint
@@ -212,7 +210,7 @@ class Trainer:
         grad_norm = clip_grad_norm_(self.norm_params, self.config.training.max_norm, self.pp_group)
         n_calls = len(batches) * (self.pipeline.plan.n_microbatches if self.pipeline else 1)
         summary = self._summarise_losses(self.loss_fn.take_parts(last=n_calls))
-        lr = self.lr_scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]
         summary.update(grad_norm=float(grad_norm), lr=lr, indexer_loss=self._take_indexer_loss(), skipped=False,
                        data_loading_s=loading)
 

@@ -3,9 +3,9 @@
 A checkpoint is ``{dump_folder}/{checkpoint.folder}/step-{N}/``: DCP files holding the model under its
 FQNs (the same keys as the converter's model-only checkpoints; the MTP embedding replica is not stored, it
 is refreshed from ``embed``), the optimizer state as ``optimizer.{fqn}.{key}`` (AdamW: ``exp_avg``,
-``exp_avg_sq``, ``step``; Muon: ``momentum_buffer``), and ``trainer_state.pt`` (step, LR schedule, data
-position, RNG) written by rank 0. Sharded tensors are saved as DTensors with their global shapes, so any
-PP / FSDP / EP layout can load any checkpoint.
+``exp_avg_sq``, ``step``; Muon: ``momentum_buffer``), and ``trainer_state.pt`` (step, data position, RNG;
+the learning rate is the schedule's at the step) written by rank 0. Sharded tensors are saved as DTensors
+with their global shapes, so any PP / FSDP / EP layout can load any checkpoint.
 
 Atomicity: everything is written into ``step-{N}.partial/`` and renamed to ``step-{N}`` by rank 0 only after
 every rank's data, DCP's metadata and the trainer state are on disk. A save killed at any point (or failing
