@@ -68,6 +68,16 @@ def test_kill_9_mid_training_then_rerun_equals_uninterrupted(tmp_path, uninterru
 
 
 @pytest.mark.slow
+def test_a_resumed_run_takes_its_own_learning_rate_schedule(tmp_path, uninterrupted):
+    """The learning rate is not in the checkpoint: resumed at step 2 with twice the debug config's
+    `optimizer.lr` (3e-3), every later step runs at twice the original run's rate."""
+    shutil.copytree(uninterrupted[0] / "checkpoint" / "step-2", tmp_path / "checkpoint" / "step-2")
+    resumed = run_training(tmp_path, *BASE, *LOCAL_4, "--optimizer.lr", "6e-3")
+    assert [r["step"] for r in resumed] == [3, 4, 5, 6]
+    assert [r["lr"] for r in resumed] == pytest.approx([2 * r["lr"] for r in uninterrupted[1][2:]], rel=1e-12)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["mid-write", "before-commit"])
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tmp_path, uninterrupted, fault):
     proc = start(tmp_path, module=(str(REPO / "tests" / "checkpoint_faults.py"), fault))
