@@ -9,11 +9,12 @@ import torch
 
 from launch import REPO, read_metrics, run_training, training_command
 from titan_dsv4.components.chat import render_conversation, target_mask
-from titan_dsv4.components.dataloader import CHAT, DataError, build_dataloader, pydocs_split, file_documents
+from titan_dsv4.components.dataloader import CHAT, DataError, build_dataloader, file_documents, pydocs_split
 from titan_dsv4.components.tokenizer import Tokenizer
 from titan_dsv4.models.deepseek_v4.mtp import IGNORE_INDEX
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+DSML = "｜DSML｜"
 
 
 def user(text):
@@ -55,7 +56,6 @@ def invoke(name, *parameters):
     return f'<{DSML}invoke name="{name}">\n' + "\n".join(lines) + f"\n</{DSML}invoke>"
 
 
-DSML = "｜DSML｜"
 RENDERED += [
     # an agent's trajectory without tools in the prompt: the tool output is a user turn, so the first answer is
     # history and loses its reasoning; two calls' outputs in the order of the calls, not of the messages

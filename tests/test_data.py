@@ -11,9 +11,8 @@ import torch
 import pytest
 
 from titan_dsv4.components import dataloader
-from titan_dsv4.components.dataloader import (DataError, DataLoader, PackedSequences,
-                                             build_dataloader, pydocs_corpus, pydocs_split, read_batches,
-                                             file_documents)
+from titan_dsv4.components.dataloader import (DataError, DataLoader, PackedSequences, build_dataloader,
+                                             file_documents, pydocs_corpus, pydocs_split, read_batches)
 from titan_dsv4.components.tokenizer import Tokenizer
 from titan_dsv4.models.deepseek_v4.mtp import IGNORE_INDEX
 
