@@ -36,8 +36,8 @@ class OneAtATime(Tokenizer):
 
 
 def loader(args, tokenizer: Tokenizer, prefetch: int = 0):
-    return build_dataloader(args.dataset if args.dataset_path else "pydocs", args.dataset_path, tokenizer, args.seq_len, args.global_batch, 0, 1,
-                            prefetch=prefetch)
+    return build_dataloader(args.dataset if args.dataset_path else "pydocs", args.dataset_path, tokenizer,
+                            args.seq_len, args.global_batch, 0, 1, prefetch=prefetch)
 
 
 def reading_rate(args, tokenizer: Tokenizer) -> float:
