@@ -328,9 +328,8 @@ class PackedSequences:
                 flat.extend(ids)
                 flat.append(eos)
                 lengths.append(len(ids) + 2)
-            tokens = np.array(flat, dtype=np.int64)
-            positions = np.arange(len(tokens)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            return tokens, positions > 0, positions, lengths
+            positions = _positions_within(lengths)
+            return np.array(flat, dtype=np.int64), positions > 0, positions, lengths
         tokens, starts, spans, pieces, lengths = [], [], [], [], []  # pieces: the pads and the conversations
         span, chars = self.seq_len + 1, 0  # a sequence's tokens (inputs and the last label); text before
         for (ids, token_starts), conversation in zip(
@@ -346,9 +345,8 @@ class PackedSequences:
             pieces += [gap, len(ids)] if gap else [len(ids)]
             lengths.append(gap + len(ids))
             offset, chars = offset + gap + len(ids), chars + len(conversation.text)
-        pieces = np.array(pieces)
-        positions = np.arange(sum(lengths)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-        return np.array(tokens, dtype=np.int64), target_mask(np.array(starts), spans), positions, lengths
+        return (np.array(tokens, dtype=np.int64), target_mask(np.array(starts), spans), _positions_within(pieces),
+                lengths)
 
     def next_sequence(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(input_ids, labels, positions)`` of the next sequence."""
@@ -361,6 +359,12 @@ class PackedSequences:
         labels = ids[1:].copy()
         labels[~self._trained[window][1:]] = IGNORE_INDEX  # a document's first token, a conversation's context
         return ids[:-1], labels, pos[:-1]
+
+
+def _positions_within(lengths: list[int]) -> np.ndarray:
+    """``0, 1, ...`` counting from 0 again at the start of each of the consecutive runs of ``lengths``."""
+    lengths = np.array(lengths, dtype=np.int64)
+    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 class DataLoader:
