@@ -7,7 +7,8 @@ Every data-parallel rank reads and tokenizes the whole global batch (so any layo
 This measures, in one run, on the embedded corpus and tokenizer unless given others:
 
 1. reading throughput (tokens/s of packed batches): documents tokenized one ``encode`` call at a time (how
-   the loader read before) against ``encode_batch`` of up to ``TOKENIZE_AHEAD_CHARS`` of text (all cores, off the GIL);
+   the loader read before) against ``encode_batch`` of up to ``TOKENIZE_AHEAD_CHARS`` of text (all cores, off the GIL),
+   and against the same documents tokenized ahead (``python -m titan_dsv4.pretokenize``, into a temporary folder);
 2. the wait per step for its batch while the main thread runs a stand-in training step (``--step-ms`` of
    fp32 matmuls, which release the GIL as the real step's kernels do): reading in step (``prefetch = 0``)
    against the trainer's read-ahead thread (``prefetch = 1``).
@@ -16,11 +17,14 @@ This measures, in one run, on the embedded corpus and tokenizer unless given oth
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from titan_dsv4.components.dataloader import build_dataloader
+from titan_dsv4.components.dataloader import FORMATS, build_dataloader, file_documents, pydocs_split
+from titan_dsv4.components.pretokenized import write_pretokenized
 from titan_dsv4.components.tokenizer import Tokenizer
 
 
@@ -35,13 +39,14 @@ class OneAtATime(Tokenizer):
                 for e in (self._tok.encode(t, add_special_tokens=False) for t in texts)]
 
 
-def loader(args, tokenizer: Tokenizer, prefetch: int = 0):
-    return build_dataloader(args.dataset if args.dataset_path else "pydocs", args.dataset_path, tokenizer,
-                            args.seq_len, args.global_batch, 0, 1, prefetch=prefetch)
+def loader(args, tokenizer: Tokenizer, prefetch: int = 0, pretokenized: str | None = None):
+    dataset, path = ("pretokenized", pretokenized) if pretokenized else (
+        args.dataset if args.dataset_path else "pydocs", args.dataset_path)
+    return build_dataloader(dataset, path, tokenizer, args.seq_len, args.global_batch, 0, 1, prefetch=prefetch)
 
 
-def reading_rate(args, tokenizer: Tokenizer) -> float:
-    data = loader(args, tokenizer)
+def reading_rate(args, tokenizer: Tokenizer, pretokenized: str | None = None) -> float:
+    data = loader(args, tokenizer, pretokenized=pretokenized)
     next(data)  # the corpus read (and cached) once
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -88,6 +93,15 @@ def main() -> None:
     serial, batched = (reading_rate(args, cls(args.tokenizer)) for cls in (OneAtATime, Tokenizer))
     print(f"reading: one encode per document {serial / 1e6:.3f}M tokens/s, encode_batch {batched / 1e6:.3f}M "
           f"tokens/s ({batched / serial:.2f}x)")
+    with tempfile.TemporaryDirectory() as folder:
+        documents = (file_documents(args.dataset_path, 0, FORMATS[args.dataset]) if args.dataset_path
+                     else pydocs_split("train"))
+        start = time.perf_counter()
+        meta = write_pretokenized(documents, Tokenizer(args.tokenizer), Path(folder) / "tokens", args.dataset, "")
+        written = meta["tokens"] / (time.perf_counter() - start)
+        ahead = reading_rate(args, Tokenizer(args.tokenizer), str(Path(folder) / "tokens"))
+    print(f"pretokenized: {ahead / 1e6:.3f}M tokens/s ({ahead / batched:.1f}x encode_batch; the pretokenize "
+          f"command wrote {written / 1e6:.3f}M tokens/s)")
     in_step, ahead = (waits(args, Tokenizer(args.tokenizer), prefetch) for prefetch in (0, 1))
     print(f"wait per {args.step_ms:.0f} ms step: read in step {in_step * 1000:.0f} ms, read ahead "
           f"{ahead * 1000:.0f} ms ({in_step / max(ahead, 1e-6):.1f}x less)")

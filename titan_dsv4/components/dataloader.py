@@ -4,7 +4,8 @@ Every text document is ``[BOS] tokens [EOS]``; a conversation is its rendering i
 (``chat.py``), which starts with BOS. Documents are concatenated into one stream; sequence i is the window
 ``stream[i*S : i*S + S + 1]`` (inputs are its first S tokens, labels the last S). ``positions`` count from 0
 inside each document, and a label whose token starts a new document is ignored, so nothing is ever predicted
-across a boundary; in a conversation only the assistant messages' tokens are labels.
+across a boundary; in a conversation only the assistant messages' tokens are labels. Documents tokenized
+ahead (``pretokenized.py``) enter as :class:`Tokenized` and are packed the same way.
 
 The global batch of step n is sequences ``[n*G, (n+1)*G)`` whatever the layout: data-parallel rank r takes
 its contiguous slice. So one process and N data-parallel processes see the same global batch, and a run
@@ -119,6 +120,7 @@ def _text(value: object) -> str:
 TEXT = RecordFormat("text", "a string 'text' field", _text)
 CHAT = RecordFormat("messages", "a 'messages' list", render_conversation)
 FORMATS = {"text": TEXT, "chat": CHAT}  # dataset name -> the records it reads
+DATASETS = ("pydocs", *FORMATS, "pretokenized")
 
 
 def file_documents(path: str | Path, start: int = 0, records: RecordFormat = TEXT) -> Iterator[Document]:
@@ -214,6 +216,25 @@ def _parquet_documents(file: Path, skip: int, records: RecordFormat) -> Generato
     return 0
 
 
+# ---------------------------------------------------------------------- tokenizing
+@dataclass(frozen=True)
+class Tokenized:
+    """A document's token ids; a conversation's also say which are labels (``trained``; None for a text)."""
+
+    ids: np.ndarray
+    trained: np.ndarray | None = None
+
+
+def encode_documents(tokenizer: Tokenizer, documents: Sequence[Document]) -> list[Tokenized]:
+    """The documents (all texts or all conversations) tokenized in one ``encode_batch`` (all cores, off the
+    GIL). A conversation's labels are its tokens that start in one of its target spans."""
+    if not isinstance(documents[0], Conversation):
+        return [Tokenized(np.array(ids, dtype=np.int64)) for ids in tokenizer.encode_batch(list(documents))]
+    return [Tokenized(np.array(ids, dtype=np.int64), target_mask(np.array(starts, dtype=np.int64), c.targets))
+            for (ids, starts), c in zip(tokenizer.encode_batch_with_starts([c.text for c in documents]),
+                                        documents)]
+
+
 # ---------------------------------------------------------------------- packing
 @dataclass
 class Batch:
@@ -287,7 +308,7 @@ class PackedSequences:
             indexed, chars = [], 0
             for index, document in self._reader:
                 indexed.append((index, document))
-                chars += len(document.text if isinstance(document, Conversation) else document)
+                chars += document_chars(document)
                 if chars >= min(self._chunk_chars, TOKENIZE_AHEAD_CHARS):
                     break
             if indexed:
@@ -308,8 +329,8 @@ class PackedSequences:
         self._trained = np.concatenate([self._trained[self._cursor:], trained])
         self._cursor, self._read_index = 0, indices[-1] + 1
 
-    def _tokenize(self, documents: Sequence[Document], offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                              list[int]]:
+    def _tokenize(self, documents: Sequence[Document | Tokenized], offset: int) -> tuple[
+            np.ndarray, np.ndarray, np.ndarray, list[int]]:
         """The documents' ``(tokens, labels?, positions)`` laid out one after the other, the first ``offset``
         tokens after a sequence's start, and each one's length (one dataset's documents are of one kind).
 
@@ -319,33 +340,32 @@ class PackedSequences:
         sequence starts the next one, the gap padded with EOS tokens (a document of their own, no labels, and
         counted in the conversation's length); one longer than a sequence is cut to it (``seq_len + 1``
         tokens, the last one a label only)."""
-        eos = self.tokenizer.eos_id
-        if not isinstance(documents[0], Conversation):
-            flat: list[int] = []
-            lengths = []
-            for ids in self.tokenizer.encode_batch(list(documents)):
-                flat.append(self.tokenizer.bos_id)
-                flat.extend(ids)
-                flat.append(eos)
-                lengths.append(len(ids) + 2)
+        if not isinstance(documents[0], Tokenized):
+            documents = encode_documents(self.tokenizer, documents)
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        if documents[0].trained is None:
+            lengths = [len(d.ids) + 2 for d in documents]
+            tokens = np.concatenate([piece for d in documents for piece in ([bos], d.ids, [eos])])
             positions = _positions_within(lengths)
-            return np.array(flat, dtype=np.int64), positions > 0, positions, lengths
-        tokens, starts, spans, pieces, lengths = [], [], [], [], []  # pieces: the pads and the conversations
-        span, chars = self.seq_len + 1, 0  # a sequence's tokens (inputs and the last label); text before
-        for (ids, token_starts), conversation in zip(
-                self.tokenizer.encode_batch_with_starts([d.text for d in documents]), documents):
-            if len(ids) > span and self.first_cut is None:
-                self.first_cut = len(ids)
-            ids = ids[:span]
+            return tokens.astype(np.int64), positions > 0, positions, lengths
+        tokens, trained, pieces, lengths = [], [], [], []  # pieces: the pads and the conversations
+        span = self.seq_len + 1  # a sequence's tokens (inputs and the last label)
+        for conversation in documents:
+            if len(conversation.ids) > span and self.first_cut is None:
+                self.first_cut = len(conversation.ids)
+            ids, labels = conversation.ids[:span], conversation.trained[:span]
             sequence_end = offset // self.seq_len * self.seq_len + span
             gap = sequence_end - 1 - offset if offset + len(ids) > sequence_end else 0
-            tokens += [eos] * gap + ids
-            starts += [-1] * gap + [chars + start for start in token_starts[:len(ids)]]  # pads: in no span
-            spans += [(chars + a, chars + b) for a, b in conversation.targets]
-            pieces += [gap, len(ids)] if gap else [len(ids)]
+            if gap:
+                tokens.append(np.full(gap, eos))
+                trained.append(np.zeros(gap, dtype=bool))
+                pieces.append(gap)
+            tokens.append(ids)
+            trained.append(labels)
+            pieces.append(len(ids))
             lengths.append(gap + len(ids))
-            offset, chars = offset + gap + len(ids), chars + len(conversation.text)
-        return (np.array(tokens, dtype=np.int64), target_mask(np.array(starts), spans), _positions_within(pieces),
+            offset += gap + len(ids)
+        return (np.concatenate(tokens).astype(np.int64), np.concatenate(trained), _positions_within(pieces),
                 lengths)
 
     def next_sequence(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -359,6 +379,13 @@ class PackedSequences:
         labels = ids[1:].copy()
         labels[~self._trained[window][1:]] = IGNORE_INDEX  # a document's first token, a conversation's context
         return ids[:-1], labels, pos[:-1]
+
+
+def document_chars(document: Document | Tokenized) -> int:
+    """A document's characters (of text, a conversation's rendering), about 4 per token once tokenized."""
+    if isinstance(document, Tokenized):
+        return 4 * len(document.ids)
+    return len(document.text if isinstance(document, Conversation) else document)
 
 
 def _positions_within(lengths: list[int]) -> np.ndarray:
@@ -464,15 +491,19 @@ class _Prefetcher:
 def build_dataloader(dataset: str, dataset_path: str | None, tokenizer: Tokenizer, seq_len: int,
                      local_batch_size: int, dp_rank: int, dp_degree: int, split: str = "train",
                      prefetch: int = 0) -> DataLoader:
-    """``split`` picks the embedded corpus's part (``pydocs_split``); a ``text`` or ``chat`` dataset is what
-    its path holds. ``prefetch``: batches read ahead in a background thread."""
+    """``split`` picks the embedded corpus's part (``pydocs_split``); a ``text``, ``chat`` or ``pretokenized``
+    dataset is what its path holds. ``prefetch``: batches read ahead in a background thread."""
     if dataset == "pydocs":
         docs = pydocs_split(split)
         documents_fn = lambda start: iter(docs[start:])  # noqa: E731
     elif dataset in FORMATS:
         documents_fn = lambda start: file_documents(dataset_path, start, FORMATS[dataset])  # noqa: E731
+    elif dataset == "pretokenized":
+        from .pretokenized import pretokenized_documents  # it reads documents into this module's Tokenized
+
+        documents_fn = lambda start: pretokenized_documents(dataset_path, start)  # noqa: E731
     else:
-        raise ValueError(f"`training.dataset` = {dataset!r} is invalid: allowed pydocs, {', '.join(FORMATS)}")
+        raise ValueError(f"`training.dataset` = {dataset!r} is invalid: allowed {', '.join(DATASETS)}")
     return DataLoader(PackedSequences(documents_fn, tokenizer, seq_len), local_batch_size, dp_rank, dp_degree,
                       prefetch)
 

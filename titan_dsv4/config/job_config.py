@@ -55,10 +55,10 @@ class LRScheduler:
 @dataclass
 class Training:
     # pydocs (embedded: docstrings of Python's standard library) | text | chat (conversations, DeepSeek-V4's
-    # chat format; only the assistant messages are trained on)
+    # chat format; only the assistant messages are trained on) | pretokenized (either, tokenized ahead)
     dataset: str = "pydocs"
     # text: .txt / .jsonl (.gz, .zst) / .parquet file or folder ('text' field); chat: .jsonl / .parquet
-    # ('messages' field)
+    # ('messages' field); pretokenized: the folder python -m titan_dsv4.pretokenize wrote
     dataset_path: str | None = None
     local_batch_size: int = 8  # sequences per data-parallel rank per step
     global_batch_size: int = -1  # -1: local_batch_size x data-parallel degree; larger -> grad accumulation
@@ -142,7 +142,8 @@ class Metrics:
 @dataclass
 class Validation:
     enable: bool = False  # held-out loss (main, every MTP depth, acceptance) every `freq` steps and at the end
-    # pydocs: the embedded corpus's held-out documents (training never reads them) | text | chat: dataset_path
+    # pydocs: the embedded corpus's held-out documents (training never reads them) | text | chat | pretokenized:
+    # dataset_path
     dataset: str = "pydocs"
     dataset_path: str | None = None  # as training.dataset_path
     freq: int = 10  # steps between validations

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
-from ..components.dataloader import DATA_SUFFIXES, FORMATS, OPTIONAL_READERS, data_files, data_suffix
+from ..components.dataloader import (DATA_SUFFIXES, DATASETS, FORMATS, OPTIONAL_READERS, DataError, data_files,
+                                     data_suffix)
+from ..components.pretokenized import check_tokenizer, pretokenized_parts
 from .job_config import JobConfig
 from .manager import ConfigError
 
@@ -105,9 +107,11 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                               "one pass over the dataset")
         sources.append(("validation", v.dataset, v.dataset_path))
     for section, dataset, path in sources:
-        _choice(f"{section}.dataset", dataset, ("pydocs", *FORMATS))
+        _choice(f"{section}.dataset", dataset, DATASETS)
         if dataset in FORMATS:
             _check_dataset_files(f"{section}.dataset_path", path, dataset)
+        elif dataset == "pretokenized":
+            _check_pretokenized(f"{section}.dataset_path", path)
 
     try:
         spec = get_train_spec(config.model.name)
@@ -155,6 +159,12 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     if tokenizer.vocab_size > model_args.vocab_size:
         raise ConfigError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model flavor "
                           f"{config.model.flavor!r} has vocab_size {model_args.vocab_size}")
+    for section, dataset, path in sources:
+        if dataset == "pretokenized":
+            try:
+                check_tokenizer(path, tokenizer)
+            except DataError as e:
+                raise ConfigError(f"`{section}.dataset_path` = {path!r}: {e}") from None
 
     parallel_dims = ParallelDims(dp_replicate=p.data_parallel_replicate_degree,
                                  dp_shard=p.data_parallel_shard_degree, pp=p.pipeline_parallel_degree,
@@ -196,6 +206,17 @@ def _check_checkpointing_fits_the_schedule(config: JobConfig, plan) -> None:
                           f"{plan.schedule}: it splits each backward into input and weight passes, and torch's "
                           "selective checkpointing allows one; use mode 'full', selective_ac_option 'N', or a "
                           "schedule without W actions (1F1B, GPipe, Interleaved1F1B, LoopedBFS)")
+
+
+def _check_pretokenized(key: str, path: str | None) -> None:
+    """The path is a complete pretokenized dataset (its tokenizer is checked once the run's is known)."""
+    if not path:
+        raise ConfigError(f"`{key}` is unset: dataset 'pretokenized' needs the folder python -m "
+                          "titan_dsv4.pretokenize wrote")
+    try:
+        pretokenized_parts(path)
+    except DataError as e:
+        raise ConfigError(f"`{key}` = {path!r} is invalid: {e}") from None
 
 
 def _check_dataset_files(key: str, path: str | None, dataset: str) -> None:

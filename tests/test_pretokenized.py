@@ -1,0 +1,165 @@
+"""Pre-tokenized datasets: the files hold the tokenizer's ids, and training on them reads the same batches as
+training on the text or conversations they came from."""
+
+import json
+
+import pytest
+import torch
+
+from launch import DEBUG_TOML, run_training
+from test_chat import conversations, write_jsonl
+from test_config import run_cli
+from titan_dsv4.components.chat import render_conversation
+from titan_dsv4.components.dataloader import DataError, build_dataloader, pydocs_split
+from titan_dsv4.components.pretokenized import pretokenized_documents, write_pretokenized
+from titan_dsv4.components.tokenizer import Tokenizer
+from titan_dsv4.pretokenize import main as pretokenize
+
+
+def write_texts(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def datasets(tmp_path, dataset):
+    """Two document files of the dataset's kind (the second with an empty text / a long conversation) and
+    the documents in order."""
+    if dataset == "text":
+        docs = pydocs_split("train")[:90] + [""]
+        write_texts(tmp_path / "src" / "a.jsonl", docs[:50])
+        write_texts(tmp_path / "src" / "b.jsonl", docs[50:])
+    else:
+        docs = conversations(80)
+        write_jsonl(tmp_path / "src" / "a.jsonl", docs[:50])
+        write_jsonl(tmp_path / "src" / "b.jsonl", docs[50:])
+    return docs
+
+
+def assert_same_batches(want, got, count):
+    for _ in range(count):
+        a, b = next(want), next(got)
+        for key in ("input_ids", "labels", "positions"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
+        assert want.state_dict()["epoch"] == got.state_dict()["epoch"]
+
+
+@pytest.mark.parametrize("dataset", ["text", "chat"])
+def test_pretokenized_data_holds_the_tokenizers_ids_and_trains_on_the_same_batches(tmp_path, dataset):
+    """The command writes each document's ids as the tokenizer encodes its text (a conversation's rendering,
+    its labels decoding to the assistant messages); the loader over the folder, or over a folder of parts
+    tokenized separately, gives the text/chat loader's batches over two epochs, and resumes exactly."""
+    (tmp_path / "src").mkdir()
+    docs = datasets(tmp_path, dataset)
+    assert pretokenize(["--dataset", dataset, "--dataset-path", str(tmp_path / "src"),
+                        "--output", str(tmp_path / "whole")]) == 0
+    for part in ("a", "b"):
+        assert pretokenize(["--dataset", dataset, "--dataset-path", str(tmp_path / "src" / f"{part}.jsonl"),
+                            "--output", str(tmp_path / "parts" / part)]) == 0
+    tok = Tokenizer()
+    written = list(pretokenized_documents(tmp_path / "whole"))
+    assert len(written) == len(docs)
+    for doc, tokenized in zip(docs, written):
+        if dataset == "text":
+            assert tokenized.ids.tolist() == tok.encode(doc) and tokenized.trained is None
+        else:
+            conversation = render_conversation(doc)
+            assert tokenized.ids.tolist() == tok.encode(conversation.text)
+            answers = "".join(conversation.text[a:b] for a, b in conversation.targets)
+            assert tok._tok.decode(tokenized.ids[tokenized.trained].tolist(), skip_special_tokens=False) == answers
+
+    seq_len, local, dp = 96, 2, 2
+    for folder in ("whole", "parts"):
+        for rank in range(dp):
+            reference = build_dataloader(dataset, str(tmp_path / "src"), tok, seq_len, local, rank, dp)
+            loader = build_dataloader("pretokenized", str(tmp_path / folder), tok, seq_len, local, rank, dp)
+            steps = 0
+            while reference.state_dict()["epoch"] < 2:
+                assert_same_batches(reference, loader, 1)
+                steps += 1
+            assert steps > 20 and (dataset == "text" or loader.sequences.first_cut is not None)
+    state = loader.state_dict()
+    resumed = build_dataloader("pretokenized", str(tmp_path / "parts"), tok, seq_len, local, rank, dp)
+    resumed.load_state_dict(state)
+    assert_same_batches(reference, resumed, 5)
+
+
+def test_a_pretokenized_folder_appears_only_when_complete(tmp_path):
+    """A record that cannot be read stops the writer with its file and line, and leaves nothing behind; an
+    existing folder is never written into."""
+    (tmp_path / "src").mkdir()
+    write_jsonl(tmp_path / "src" / "c.jsonl", conversations(30))
+    with (tmp_path / "src" / "c.jsonl").open("a") as f:
+        f.write('{"messages": [{"role": "user", "content": 3}]}\n')
+    out = tmp_path / "out"
+    assert pretokenize(["--dataset", "chat", "--dataset-path", str(tmp_path / "src"), "--output", str(out)]) == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "src"]
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists"):
+        write_pretokenized(["some text"], Tokenizer(), out, "text", "list")
+    assert [p.name for p in out.iterdir()] == ["keep"]
+    with pytest.raises(SystemExit):  # argparse: no document files there
+        pretokenize(["--dataset", "text", "--dataset-path", str(out), "--output", str(tmp_path / "new")])
+
+
+def test_a_broken_copy_is_refused(tmp_path):
+    write_pretokenized(pydocs_split("train")[:5], Tokenizer(), tmp_path / "tok", "text", "pydocs")
+    tokens = tmp_path / "tok" / "tokens.u32"
+    tokens.write_bytes(tokens.read_bytes()[:-4])
+    with pytest.raises(DataError, match="tokens.u32: .* bytes expected"):
+        next(pretokenized_documents(tmp_path / "tok"))
+
+
+def other_tokenizer(folder):
+    """The embedded tokenizer with its last 200 merges dropped: the same ids for BOS/EOS, other ids for text."""
+    spec = json.loads(Tokenizer().path.read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][:-200]
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return Tokenizer(folder)
+
+
+@pytest.mark.parametrize("section", ["training", "validation"])
+def test_data_of_another_tokenizer_or_a_broken_copy_stops_the_run_before_training(tmp_path, section):
+    """Ids of another tokenizer are other text: the run names the key, both tokenizers and the fix; a folder
+    missing bytes or meta.json is named too. One line each, nothing trained."""
+    other = other_tokenizer(tmp_path / "other")
+    docs = pydocs_split("train")[:40]
+    assert other.encode(docs[0]) != Tokenizer().encode(docs[0])
+    write_pretokenized(docs, other, tmp_path / "foreign", "text", "pydocs")
+    write_pretokenized(docs, Tokenizer(), tmp_path / "cut", "text", "pydocs")
+    (tmp_path / "cut" / "ends.i64").write_bytes((tmp_path / "cut" / "ends.i64").read_bytes()[:-8])
+    (tmp_path / "texts").mkdir()
+    write_texts(tmp_path / "texts" / "a.jsonl", docs)
+    enable = ["--validation.enable"] if section == "validation" else []
+    for folder, message in [("foreign", f"was tokenized with {other.path}"),
+                            ("cut", "ends.i64: 320 bytes expected for 40 entries, found 312"),
+                            ("texts", "not a pretokenized dataset (no meta.json")]:
+        path = str(tmp_path / folder)
+        result = run_cli("--job.config_file", DEBUG_TOML, "--parallelism.pipeline_parallel_degree", "1", *enable,
+                         f"--{section}.dataset", "pretokenized", f"--{section}.dataset_path", path)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and not result.stdout, result.stderr
+        assert f"`{section}.dataset_path` = {path!r}" in lines[0] and message in lines[0], lines[0]
+    assert "pretokenize the data again with this run's tokenizer" in run_cli(
+        "--job.config_file", DEBUG_TOML, "--training.dataset", "pretokenized", "--training.dataset_path",
+        str(tmp_path / "foreign")).stderr
+
+
+def test_training_on_pretokenized_conversations_equals_training_on_the_files(tmp_path):
+    """The trainer (validation included) on the pretokenized folder logs the chat run's losses, gradient
+    norms and token counts."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "chat.jsonl", conversations(120))
+    assert pretokenize(["--dataset", "chat", "--dataset-path", str(tmp_path / "data"),
+                        "--output", str(tmp_path / "tok")]) == 0
+    common = ("--training.steps", "2", "--training.seq_len", "256", "--training.local_batch_size", "2",
+              "--validation.enable", "--validation.freq", "2", "--validation.steps", "1")
+    runs = [run_training(tmp_path / f"run_{dataset}", *common, "--training.dataset", dataset,
+                         "--training.dataset_path", str(tmp_path / folder), "--validation.dataset", dataset,
+                         "--validation.dataset_path", str(tmp_path / folder))
+            for dataset, folder in (("chat", "data"), ("pretokenized", "tok"))]
+    for a, b in zip(*runs, strict=True):
+        for key in ("loss", "mtp_losses", "valid_tokens", "grad_norm"):
+            assert a[key] == b[key], key
+        assert a["valid_tokens"] > 0
+    assert runs[0][-1]["validation"] == runs[1][-1]["validation"] and runs[0][-1]["validation"]["valid_tokens"] > 0

@@ -1,0 +1,169 @@
+"""Pre-tokenized datasets: documents tokenized once, ahead of training, read back as token ids.
+
+Every data-parallel rank reads the whole global batch (``dataloader.py``), so that any layout trains on the
+same data; reading text means tokenizing it on every rank, which at cluster batch sizes is real work per step.
+A pre-tokenized folder turns that into copying ids: ``python -m titan_dsv4.pretokenize`` writes it, and
+``training.dataset = "pretokenized"`` trains on exactly the batches the text or chat dataset gives (the same
+packing, the same resumable state), with the same tokenizer, which the folder records and training checks.
+
+A folder (one part) holds::
+
+    meta.json     dataset ("text" | "chat"), documents, tokens, the tokenizer's sha256 and BOS/EOS ids
+    tokens.u32    every document's token ids one after the other (little-endian uint32)
+    ends.i64      each document's end in tokens.u32 (little-endian int64)
+    trained.u8    chat only: per token, 1 where it is a label (starts in an assistant message)
+
+A dataset is one part, or a folder of parts (its subfolders holding a ``meta.json``, read in sorted order), so
+a large corpus can be tokenized in pieces in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .dataloader import TOKENIZE_AHEAD_CHARS, DataError, Document, Tokenized, document_chars, encode_documents
+from .tokenizer import Tokenizer
+
+FORMAT, VERSION = "titan_dsv4 pretokenized", 1
+TOKENS, ENDS, TRAINED = ("tokens.u32", "<u4"), ("ends.i64", "<i8"), ("trained.u8", "|b1")  # file, dtype
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> dict:
+    """What makes token ids mean the same text: the tokenizer file's bytes and the BOS/EOS ids."""
+    return {"sha256": hashlib.sha256(tokenizer.path.read_bytes()).hexdigest(), "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size, "path": str(tokenizer.path)}
+
+
+def write_pretokenized(documents: Iterable[Document], tokenizer: Tokenizer, output: str | Path, dataset: str,
+                       source: str, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Tokenize ``documents`` (of a ``dataset``: "text" or "chat") into the part folder ``output``; returns its
+    meta. The folder appears only once complete (written beside it, then renamed); an existing one is kept.
+    ``progress(documents, tokens)`` is called after each ``encode_batch``."""
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"{output} exists: pretokenized data is written to a new folder")
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    count = end = 0
+    try:
+        with (partial / TOKENS[0]).open("wb") as tokens, (partial / ENDS[0]).open("wb") as ends, \
+                (partial / TRAINED[0]).open("wb") as trained:
+            for chunk in _chunks(iter(documents)):
+                encoded = encode_documents(tokenizer, chunk)
+                for document in encoded:
+                    tokens.write(document.ids.astype(TOKENS[1]).tobytes())
+                    if document.trained is not None:
+                        trained.write(document.trained.astype(TRAINED[1]).tobytes())
+                lengths = np.array([len(d.ids) for d in encoded], dtype=np.int64)
+                ends.write((end + np.cumsum(lengths)).astype(ENDS[1]).tobytes())
+                count, end = count + len(encoded), end + int(lengths.sum())
+                if progress:
+                    progress(count, end)
+            for file in (tokens, ends, trained):  # on disk before the folder is named complete
+                file.flush()
+                os.fsync(file.fileno())
+        if not count:
+            raise DataError(f"{source}: the dataset has no documents")
+        if dataset != "chat":
+            (partial / TRAINED[0]).unlink()
+        meta = {"format": FORMAT, "version": VERSION, "dataset": dataset, "documents": count, "tokens": end,
+                "tokenizer": tokenizer_identity(tokenizer), "source": source}
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        partial.rename(output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return meta
+
+
+def _chunks(documents: Iterator[Document]) -> Iterator[list[Document]]:
+    """Consecutive runs of documents of about ``TOKENIZE_AHEAD_CHARS`` characters (one ``encode_batch``)."""
+    while True:
+        chunk, chars = [], 0
+        for document in documents:
+            chunk.append(document)
+            chars += document_chars(document)
+            if chars >= TOKENIZE_AHEAD_CHARS:
+                break
+        if not chunk:
+            return
+        yield chunk
+
+
+def pretokenized_parts(path: str | Path) -> list[tuple[Path, dict]]:
+    """The dataset's parts and their metas, checked (format, files' sizes, one kind and one tokenizer)."""
+    path = Path(path)
+    folders = [path] if (path / "meta.json").is_file() else sorted(
+        p.parent for p in path.glob("*/meta.json")) if path.is_dir() else []
+    if not folders:
+        raise DataError(f"{path}: not a pretokenized dataset (no meta.json in it or its subfolders; "
+                        "python -m titan_dsv4.pretokenize writes one)")
+    parts = [(folder, _read_meta(folder)) for folder in folders]
+    first = parts[0][1]
+    for folder, meta in parts[1:]:
+        for key in ("dataset", "tokenizer"):
+            if meta[key] != first[key]:
+                raise DataError(f"{folder}: its {key} differs from {folders[0]}'s ({meta[key]} vs {first[key]})")
+    return parts
+
+
+def _read_meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except ValueError as e:
+        raise DataError(f"{folder / 'meta.json'}: not JSON ({e})") from None
+    if (not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION
+            or not {"dataset", "documents", "tokens", "tokenizer"} <= meta.keys()):
+        raise DataError(f"{folder / 'meta.json'}: not a {FORMAT} version {VERSION} meta.json")
+    sizes = {TOKENS: meta["tokens"], ENDS: meta["documents"]}
+    if meta["dataset"] == "chat":
+        sizes[TRAINED] = meta["tokens"]
+    for (name, dtype), count in sizes.items():
+        file = folder / name
+        want = count * np.dtype(dtype).itemsize
+        if not file.is_file() or file.stat().st_size != want:
+            found = file.stat().st_size if file.is_file() else "no file"
+            raise DataError(f"{file}: {want} bytes expected for {count} entries, found {found} (an incomplete "
+                            "copy?)")
+    return meta
+
+
+def check_tokenizer(path: str | Path, tokenizer: Tokenizer) -> None:
+    """Raise unless the dataset was tokenized by ``tokenizer`` (ids from another one are other text)."""
+    recorded, ours = pretokenized_parts(path)[0][1]["tokenizer"], tokenizer_identity(tokenizer)
+    if any(recorded[k] != ours[k] for k in ("sha256", "bos_id", "eos_id")):
+        raise DataError(f"{path} was tokenized with {recorded['path']} (sha256 {recorded['sha256'][:12]}, BOS "
+                        f"{recorded['bos_id']}, EOS {recorded['eos_id']}); this run's tokenizer is {ours['path']} "
+                        f"(sha256 {ours['sha256'][:12]}, BOS {ours['bos_id']}, EOS {ours['eos_id']}): "
+                        "pretokenize the data again with this run's tokenizer")
+
+
+def pretokenized_documents(path: str | Path, start: int = 0) -> Iterator[Tokenized]:
+    """Documents ``start``, ``start + 1``, ... of the dataset, as token ids (and labels, for chat)."""
+    for folder, meta in pretokenized_parts(path):
+        count = meta["documents"]
+        if start >= count:
+            start -= count
+            continue
+        tokens, ends = _array(folder, TOKENS), _array(folder, ENDS)
+        trained = _array(folder, TRAINED) if meta["dataset"] == "chat" else None
+        for begin, end in zip(itertools.chain([0 if start == 0 else ends[start - 1]], ends[start:]), ends[start:]):
+            yield Tokenized(tokens[begin:end], None if trained is None else trained[begin:end])
+        start = 0
+
+
+def _array(folder: Path, file: tuple[str, str]) -> np.ndarray:
+    """A part's file as a read-only array, mapped rather than read (an empty file cannot be mapped)."""
+    name, dtype = file
+    if not (folder / name).stat().st_size:
+        return np.zeros(0, dtype=dtype)
+    return np.asarray(np.memmap(folder / name, dtype=dtype, mode="r"))  # slices: plain views, fast to make
