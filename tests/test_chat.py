@@ -82,6 +82,28 @@ RENDERED += [
 ]
 
 
+def developer(text, **keys):
+    return {"role": "developer", "content": text, **keys}
+
+
+FORMAT = "\n\n## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
+RENDERED += [
+    # a response format follows the system content; a developer message is a user turn, answered like one
+    ([{"role": "system", "content": "S", "response_format": {"type": "object"}}, user("q"), assistant("a"),
+      developer("Be formal."), assistant("b")],
+     f'{BOS}S{FORMAT}{{"type": "object"}}{USER}q{ASSISTANT}</think>a{EOS}{USER}Be formal.{ASSISTANT}</think>b{EOS}',
+     [f"a{EOS}", f"b{EOS}"]),
+    # thinking: developer messages before the last user turn are left out, as history reasoning is
+    ([developer("D1"), user("q"), assistant("a", "r1"), developer("D2"), user("q2"), assistant("b", "r2")],
+     f"{BOS}{USER}q{ASSISTANT}</think>a{EOS}{USER}q2{ASSISTANT}<think>r2</think>b{EOS}",
+     [f"a{EOS}", f"r2</think>b{EOS}"]),
+    # thinking: a developer message as the last user turn stays, and the answer after it opens <think>
+    ([user("q"), assistant("a", "r"), developer("D", response_format={"x": 1}), assistant("b", "s")],
+     f'{BOS}{USER}q{ASSISTANT}</think>a{EOS}{USER}D{FORMAT}{{"x": 1}}{ASSISTANT}<think>s</think>b{EOS}',
+     [f"a{EOS}", f"s</think>b{EOS}"]),
+]
+
+
 def test_tools_in_the_system_prompt_keep_every_answers_reasoning():
     """With tools the encoder keeps all reasoning: every user turn opens <think>. The tools section follows the
     system content: the released prompt's heading and closing line around one JSON schema per line."""
@@ -226,8 +248,10 @@ def test_parquet_conversations_read_as_jsonl_ones(tmp_path):
     ({"text": "plain"}, r"c.jsonl:2: a jsonl record needs a 'messages' list \(found \['text'\]\)"),
     ({"messages": "hi"}, r"c.jsonl:2: 'messages' must be a non-empty list of messages, not 'hi'"),
     ({"messages": [user("q")]}, r"c.jsonl:2: the conversation has no assistant message"),
-    ({"messages": [user("q"), {"role": "developer", "content": "x"}]},
-     r"c.jsonl:2: message 1 has role 'developer'; allowed: system, user, assistant, tool"),
+    ({"messages": [user("q"), {"role": "latest_reminder", "content": "x"}]},
+     r"c.jsonl:2: message 1 has role 'latest_reminder'; allowed: system, developer, user, assistant, tool"),
+    ({"messages": [user("q"), {"role": "developer", "content": ""}, assistant("x")]},
+     r"c.jsonl:2: message 1 \(developer\) needs a non-empty string 'content'"),
     ({"messages": [user("q"), {"role": "assistant", "content": "", "weight": 0}]},
      r"c.jsonl:2: message 1 \(assistant\) has keys \['weight'\]; allowed: \['role', 'content', 'reasoning_content', "
      r"'tool_calls'\]"),

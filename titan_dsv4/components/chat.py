@@ -8,10 +8,12 @@ inference server gives it::
 
 Consecutive user and tool messages are one user turn, their parts joined by blank lines (a tool's output as
 ``<tool_result>...</tool_result>``, in the order of the calls). An assistant's tool calls follow its answer as
-a DSML block; a system message's ``tools`` follow its content as the encoder's tools section. In thinking mode
-(some assistant message has ``reasoning_content``) the user turn the model answers after ends in ``<think>``
-and the answers after it render ``{reasoning}</think>{answer}<EOS>``; earlier answers lose their reasoning, as
-in a served conversation's history, unless the conversation has tools (then every answer keeps it and every
+a DSML block; a system message's ``tools`` and ``response_format`` follow its content as the encoder's tools
+and response-format sections. A developer message is rendered as a system one would be, but as a user turn
+(``<｜User｜>{content}...``). In thinking mode (some assistant message has ``reasoning_content``) the user turn
+the model answers after ends in ``<think>`` and the answers after it render ``{reasoning}</think>{answer}<EOS>``;
+earlier answers lose their reasoning and earlier developer messages are left out, as in a served
+conversation's history, unless the conversation has tools (then every answer keeps its reasoning and every
 user turn opens ``<think>``). The model is trained on what it would generate: each assistant message's
 rendering, its closing EOS included; the rest is context.
 """
@@ -30,7 +32,8 @@ USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 THINK_START, THINK_END = "<think>", "</think>"
 DSML = "｜DSML｜"
 MESSAGE_KEYS = {  # role -> the keys its messages may have
-    "system": ("role", "content", "tools"),
+    "system": ("role", "content", "tools", "response_format"),
+    "developer": ("role", "content", "tools", "response_format"),
     "user": ("role", "content"),
     "assistant": ("role", "content", "reasoning_content", "tool_calls"),
     "tool": ("role", "content", "tool_call_id", "name"),
@@ -64,6 +67,7 @@ Otherwise, output directly after {think_end} with tool calls or final response.
 
 You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.
 """
+RESPONSE_FORMAT = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n{schema}"
 
 
 @dataclass(frozen=True)
@@ -77,15 +81,19 @@ class Conversation:
 
 def render_conversation(messages: object) -> Conversation:
     """``messages``: OpenAI-style messages (a key set to null counts as absent), at least one from the
-    assistant: ``system`` (``content``, optional ``tools``: ``[{"type": "function", "function": {...}}]``),
-    ``user`` (``content``), ``assistant`` (``content``, optional ``reasoning_content`` and ``tool_calls``:
-    ``[{"id": ..., "function": {"name": ..., "arguments": JSON text or object}}]``) and ``tool`` (``content``,
-    optional ``tool_call_id``). Raises ValueError naming the message and key that do not fit."""
+    assistant: ``system`` (``content``, optional ``tools``: ``[{"type": "function", "function": {...}}]`` and
+    ``response_format``, a JSON schema), ``developer`` (as system, a user turn in the prompt), ``user``
+    (``content``), ``assistant`` (``content``, optional ``reasoning_content`` and ``tool_calls``: ``[{"id": ...,
+    "function": {"name": ..., "arguments": JSON text or object}}]``) and ``tool`` (``content``, optional
+    ``tool_call_id``). Raises ValueError naming the message and key that do not fit."""
     _check_messages(messages)
     turns = _turns(messages)
     thinking = any(m.get("reasoning_content") for m in messages)
     keep_reasoning = any(m.get("tools") for m in messages)  # the encoder's drop_thinking is off with tools
-    last_user = max((i for i, (role, _) in enumerate(turns) if role == "user"), default=-1)
+    last_user = _last_user(turns)
+    if thinking and not keep_reasoning:  # the encoder drops the developer messages of earlier turns
+        turns = [turn for i, turn in enumerate(turns) if turn[0] != "developer" or i >= last_user]
+        last_user = _last_user(turns)
     text, targets = [BOS], []
     length = len(BOS)
     for i, (role, message) in enumerate(turns):
@@ -94,16 +102,23 @@ def render_conversation(messages: object) -> Conversation:
             piece = (reasoning + THINK_END if thinking and (keep_reasoning or i > last_user) else "")
             piece += (message.get("content") or "") + _tool_calls(message.get("tool_calls")) + EOS
             targets.append((length, length + len(piece)))
-        elif role == "user":
-            piece = USER + "\n\n".join(message)
-            if i + 1 == len(turns) or turns[i + 1][0] == "assistant":
+        else:
+            if role == "user":
+                piece = USER + "\n\n".join(message)
+            else:
+                piece = (USER if role == "developer" else "") + (message.get("content") or "")
+                piece += _tools_section(message.get("tools")) + _response_format(message.get("response_format"))
+            if role != "system" and (i + 1 == len(turns) or turns[i + 1][0] == "assistant"):
                 opens = thinking and (keep_reasoning or i >= last_user)
                 piece += ASSISTANT + (THINK_START if opens else THINK_END)
-        else:
-            piece = (message.get("content") or "") + _tools_section(message.get("tools"))
         text.append(piece)
         length += len(piece)
     return Conversation("".join(text), tuple(targets))
+
+
+def _last_user(turns: list[tuple[str, object]]) -> int:
+    """The index of the last user or developer turn (-1: none)."""
+    return max((i for i, (role, _) in enumerate(turns) if role in ("user", "developer")), default=-1)
 
 
 def _turns(messages: list[dict]) -> list[tuple[str, object]]:
@@ -164,6 +179,10 @@ def _tools_section(tools: list[dict] | None) -> str:
     return "\n\n" + TOOLS_SECTION.format(dsml=DSML, think_start=THINK_START, think_end=THINK_END, schemas=schemas)
 
 
+def _response_format(schema: object) -> str:
+    return "\n\n" + RESPONSE_FORMAT.format(schema=_json(schema)) if schema else ""
+
+
 def _json(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
 
@@ -187,6 +206,8 @@ def _check_messages(messages: object) -> None:
                 raise ValueError(f"{where} has {key!r} = {_shown(message[key])}, not a string")
         if role in ("user", "tool") and not isinstance(message.get("content"), str):
             raise ValueError(f"{where} needs a string 'content'")
+        if role == "developer" and not message.get("content"):
+            raise ValueError(f"{where} needs a non-empty string 'content'")
         for key, inner in (("tools", ("name",)), ("tool_calls", ("name", "arguments"))):
             entries = message.get(key)
             if entries is not None and not (isinstance(entries, list) and all(
