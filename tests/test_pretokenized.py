@@ -45,15 +45,17 @@ def assert_same_batches(want, got, count):
 @pytest.mark.parametrize("dataset", ["text", "chat"])
 def test_pretokenized_data_holds_the_tokenizers_ids_and_trains_on_the_same_batches(tmp_path, dataset):
     """The command writes each document's ids as the tokenizer encodes its text (a conversation's rendering,
-    its labels decoding to the assistant messages); the loader over the folder, or over a folder of parts
-    tokenized separately, gives the text/chat loader's batches over two epochs, and resumes exactly."""
+    its labels decoding to the assistant messages); the loader over the folder, or over the folder of parts
+    that two shards of the command wrote, gives the text/chat loader's batches over two epochs, and resumes
+    exactly."""
     (tmp_path / "src").mkdir()
     docs = datasets(tmp_path, dataset)
     assert pretokenize(["--dataset", dataset, "--dataset-path", str(tmp_path / "src"),
                         "--output", str(tmp_path / "whole")]) == 0
-    for part in ("a", "b"):
-        assert pretokenize(["--dataset", dataset, "--dataset-path", str(tmp_path / "src" / f"{part}.jsonl"),
-                            "--output", str(tmp_path / "parts" / part)]) == 0
+    for shard in (1, 0):  # the shards of a parallel job, finishing in any order
+        assert pretokenize(["--dataset", dataset, "--dataset-path", str(tmp_path / "src"), "--output",
+                            str(tmp_path / "parts"), "--num-shards", "2", "--shard", str(shard)]) == 0
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["part-00000-of-00002", "part-00001-of-00002"]
     tok = Tokenizer()
     written = list(pretokenized_documents(tmp_path / "whole"))
     assert len(written) == len(docs)
@@ -99,6 +101,9 @@ def test_a_pretokenized_folder_appears_only_when_complete(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep"]
     with pytest.raises(SystemExit):  # argparse: no document files there
         pretokenize(["--dataset", "text", "--dataset-path", str(out), "--output", str(tmp_path / "new")])
+    with pytest.raises(SystemExit):  # more shards than files
+        pretokenize(["--dataset", "chat", "--dataset-path", str(tmp_path / "src"), "--output", str(tmp_path / "new"),
+                     "--num-shards", "2", "--shard", "1"])
 
 
 def test_a_broken_copy_is_refused(tmp_path):

@@ -4,14 +4,18 @@
         --output data/chats.tokens
 
 then train with ``--training.dataset pretokenized --training.dataset_path data/chats.tokens`` and the same
-tokenizer. For a large corpus, tokenize its files in parallel into subfolders of one folder and train on it.
+tokenizer. For a large corpus, ``--num-shards N --shard I`` (I = 0 .. N-1, e.g. a SLURM array job's task id)
+tokenizes the I-th of N contiguous runs of its files into ``OUTPUT/part-I-of-N``: the N processes run in
+parallel, and the folder of parts holds the documents in the files' order.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
+from pathlib import Path
 
 from .components.dataloader import DATA_SUFFIXES, FORMATS, DataError, data_files, file_documents
 from .components.pretokenized import write_pretokenized
@@ -24,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset-path", required=True, help="a document file or a folder of them")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer.json or a folder holding one (a released "
                         "checkpoint's); default: the embedded debug tokenizer")
-    parser.add_argument("--output", required=True, help="the folder to write (must not exist)")
+    parser.add_argument("--output", required=True, help="the folder to write (must not exist; with --num-shards: "
+                        "the folder of parts)")
+    parser.add_argument("--num-shards", type=int, default=1, help="split the files into this many parts")
+    parser.add_argument("--shard", type=int, default=0, help="the part this process writes (0 .. num-shards - 1)")
     args = parser.parse_args(argv)
     try:
         tokenizer = Tokenizer(args.tokenizer)
@@ -39,16 +46,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{documents} documents, {tokens} tokens ({tokens / (last - started) / 1e6:.2f}M tokens/s)",
                   flush=True)
 
-    if not data_files(args.dataset_path):
+    files = data_files(args.dataset_path)
+    if not files:
         parser.error(f"--dataset-path {args.dataset_path!r}: no {'/'.join(DATA_SUFFIXES)} file there")
-    documents = file_documents(args.dataset_path, 0, FORMATS[args.dataset])
+    output, source = Path(args.output), args.dataset_path
+    if args.num_shards != 1 or args.shard != 0:
+        if not 0 <= args.shard < args.num_shards <= len(files):
+            parser.error(f"--num-shards {args.num_shards} --shard {args.shard}: a shard in 0 .. num-shards - 1, "
+                         f"at most one per file ({len(files)} files)")
+        files = files[args.shard * len(files) // args.num_shards:(args.shard + 1) * len(files) // args.num_shards]
+        output = output / f"part-{args.shard:05d}-of-{args.num_shards:05d}"
+        source = f"{source} (files {', '.join(f.name for f in files[:3])}{', ...' if len(files) > 3 else ''})"
+    documents = itertools.chain.from_iterable(file_documents(f, 0, FORMATS[args.dataset]) for f in files)
     try:
-        meta = write_pretokenized(documents, tokenizer, args.output, args.dataset, args.dataset_path, progress)
+        meta = write_pretokenized(documents, tokenizer, output, args.dataset, source, progress)
     except (DataError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     seconds = time.monotonic() - started
-    print(f"wrote {args.output}: {meta['documents']} documents, {meta['tokens']} tokens in {seconds:.1f} s "
+    print(f"wrote {output}: {meta['documents']} documents, {meta['tokens']} tokens in {seconds:.1f} s "
           f"({meta['tokens'] / max(seconds, 1e-9) / 1e6:.2f}M tokens/s)", flush=True)
     return 0
 
