@@ -230,9 +230,16 @@ def encode_documents(tokenizer: Tokenizer, documents: Sequence[Document]) -> lis
     GIL). A conversation's labels are its tokens that start in one of its target spans."""
     if not isinstance(documents[0], Conversation):
         return [Tokenized(np.array(ids, dtype=np.int64)) for ids in tokenizer.encode_batch(list(documents))]
-    return [Tokenized(np.array(ids, dtype=np.int64), target_mask(np.array(starts, dtype=np.int64), c.targets))
-            for (ids, starts), c in zip(tokenizer.encode_batch_with_starts([c.text for c in documents]),
-                                        documents)]
+    # all conversations as one array and one mask, then split (short ones cost per call, not per token)
+    encoded = tokenizer.encode_batch_with_starts([c.text for c in documents])
+    lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int64)
+    flat = [np.fromiter(itertools.chain.from_iterable(e[k] for e in encoded), np.int64, int(lengths.sum()))
+            for k in (0, 1)]
+    offsets = np.cumsum([0] + [len(c.text) for c in documents[:-1]])  # each text's start in their concatenation
+    spans = [(offset + a, offset + b) for offset, c in zip(offsets.tolist(), documents) for a, b in c.targets]
+    trained = target_mask(flat[1] + np.repeat(offsets, lengths), spans)
+    cuts = np.cumsum(lengths)[:-1]
+    return [Tokenized(ids, mask) for ids, mask in zip(np.split(flat[0], cuts), np.split(trained, cuts))]
 
 
 # ---------------------------------------------------------------------- packing

@@ -59,10 +59,9 @@ def write_pretokenized(documents: Iterable[Document], tokenizer: Tokenizer, outp
                 (partial / TRAINED[0]).open("wb") as trained:
             for chunk in _chunks(iter(documents)):
                 encoded = encode_documents(tokenizer, chunk)
-                for document in encoded:
-                    tokens.write(document.ids.astype(TOKENS[1]).tobytes())
-                    if document.trained is not None:
-                        trained.write(document.trained.astype(TRAINED[1]).tobytes())
+                tokens.write(np.concatenate([d.ids for d in encoded]).astype(TOKENS[1]).tobytes())
+                if encoded[0].trained is not None:
+                    trained.write(np.concatenate([d.trained for d in encoded]).astype(TRAINED[1]).tobytes())
                 lengths = np.array([len(d.ids) for d in encoded], dtype=np.int64)
                 ends.write((end + np.cumsum(lengths)).astype(ENDS[1]).tobytes())
                 count, end = count + len(encoded), end + int(lengths.sum())
