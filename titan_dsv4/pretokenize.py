@@ -23,7 +23,10 @@ from .components.tokenizer import Tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m titan_dsv4.pretokenize", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m titan_dsv4.pretokenize",
+        description="Tokenize a text or chat dataset once, ahead of training: training on the folder "
+                    "(training.dataset = 'pretokenized') reads the same batches without tokenizing on every rank.")
     parser.add_argument("--dataset", choices=sorted(FORMATS), required=True, help="what the files hold")
     parser.add_argument("--dataset-path", required=True, help="a document file or a folder of them")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer.json or a folder holding one (a released "
