@@ -2,6 +2,7 @@
 training on the text or conversations they came from."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_pretokenized_data_holds_the_tokenizers_ids_and_trains_on_the_same_batch
     """The command writes each document's ids as the tokenizer encodes its text (a conversation's rendering,
     its labels decoding to the assistant messages); the loader over the folder, or over the folder of parts
     that two shards of the command wrote, gives the text/chat loader's batches over two epochs, and resumes
-    exactly."""
+    exactly. A folder missing one of the shards is refused (a killed writer's partial folder is not one)."""
     (tmp_path / "src").mkdir()
     docs = datasets(tmp_path, dataset)
     assert pretokenize(["--dataset", dataset, "--dataset-path", str(tmp_path / "src"),
@@ -82,6 +83,10 @@ def test_pretokenized_data_holds_the_tokenizers_ids_and_trains_on_the_same_batch
     resumed = build_dataloader("pretokenized", str(tmp_path / "parts"), tok, seq_len, local, rank, dp)
     resumed.load_state_dict(state)
     assert_same_batches(reference, resumed, 5)
+    shutil.rmtree(tmp_path / "parts" / "part-00000-of-00002")  # a killed shard's leftover does not count
+    shutil.copytree(tmp_path / "whole", tmp_path / "parts" / ".part-00000-of-00002.partial-99")
+    with pytest.raises(DataError, match=r"holds 1 of the 2 shards of a sharded run \(missing part-00000-of-00002\)"):
+        next(pretokenized_documents(tmp_path / "parts"))
 
 
 def test_a_pretokenized_folder_appears_only_when_complete(tmp_path):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .components.dataloader import DATA_SUFFIXES, FORMATS, DataError, data_files, file_documents
-from .components.pretokenized import write_pretokenized
+from .components.pretokenized import shard_name, write_pretokenized
 from .components.tokenizer import Tokenizer
 
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--num-shards {args.num_shards} --shard {args.shard}: a shard in 0 .. num-shards - 1, "
                          f"at most one per file ({len(files)} files)")
         files = files[args.shard * len(files) // args.num_shards:(args.shard + 1) * len(files) // args.num_shards]
-        output = output / f"part-{args.shard:05d}-of-{args.num_shards:05d}"
+        output = output / shard_name(args.shard, args.num_shards)
         source = f"{source} (files {', '.join(f.name for f in files[:3])}{', ...' if len(files) > 3 else ''})"
     documents = itertools.chain.from_iterable(file_documents(f, 0, FORMATS[args.dataset]) for f in files)
     try:

@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -34,6 +35,11 @@ from .tokenizer import Tokenizer
 
 FORMAT, VERSION = "titan_dsv4 pretokenized", 1
 TOKENS, ENDS, TRAINED = ("tokens.u32", "<u4"), ("ends.i64", "<i8"), ("trained.u8", "|b1")  # file, dtype
+SHARD = re.compile(r"part-(\d{5})-of-(\d{5})")  # the part folders of ``pretokenize --num-shards``
+
+
+def shard_name(shard: int, shards: int) -> str:
+    return f"part-{shard:05d}-of-{shards:05d}"
 
 
 def tokenizer_identity(tokenizer: Tokenizer) -> dict:
@@ -99,13 +105,20 @@ def _chunks(documents: Iterator[Document]) -> Iterator[list[Document]]:
 
 
 def pretokenized_parts(path: str | Path) -> list[tuple[Path, dict]]:
-    """The dataset's parts and their metas, checked (format, files' sizes, one kind and one tokenizer)."""
+    """The dataset's parts and their metas, checked (format, files' sizes, one kind and one tokenizer, every
+    shard of a sharded run there)."""
     path = Path(path)
     folders = [path] if (path / "meta.json").is_file() else sorted(
-        p.parent for p in path.glob("*/meta.json")) if path.is_dir() else []
+        p.parent for p in path.glob("*/meta.json") if not p.parent.name.startswith(".")) if path.is_dir() else []
     if not folders:
         raise DataError(f"{path}: not a pretokenized dataset (no meta.json in it or its subfolders; "
                         "python -m titan_dsv4.pretokenize writes one)")
+    shards = {m.group(0): int(m.group(2)) for m in (SHARD.fullmatch(f.name) for f in folders) if m}
+    for total in set(shards.values()):
+        missing = sorted(set(shard_name(i, total) for i in range(total)) - set(shards))
+        if missing:
+            raise DataError(f"{path}: holds {total - len(missing)} of the {total} shards of a sharded run "
+                            f"(missing {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     parts = [(folder, _read_meta(folder)) for folder in folders]
     first = parts[0][1]
     for folder, meta in parts[1:]:
