@@ -48,7 +48,7 @@ def test_pretokenized_data_holds_the_tokenizers_ids_and_trains_on_the_same_batch
     """The command writes each document's ids as the tokenizer encodes its text (a conversation's rendering,
     its labels decoding to the assistant messages); the loader over the folder, or over the folder of parts
     that two shards of the command wrote, gives the text/chat loader's batches over two epochs, and resumes
-    exactly. A folder missing one of the shards is refused (a killed writer's partial folder is not one)."""
+    exactly, also from the text/chat loader's state. A folder missing one of the shards is refused (a killed writer's partial folder is not one)."""
     (tmp_path / "src").mkdir()
     docs = datasets(tmp_path, dataset)
     assert pretokenize(["--dataset", dataset, "--dataset-path", str(tmp_path / "src"),
@@ -83,6 +83,9 @@ def test_pretokenized_data_holds_the_tokenizers_ids_and_trains_on_the_same_batch
     resumed = build_dataloader("pretokenized", str(tmp_path / "parts"), tok, seq_len, local, rank, dp)
     resumed.load_state_dict(state)
     assert_same_batches(reference, resumed, 5)
+    switched = build_dataloader("pretokenized", str(tmp_path / "whole"), tok, seq_len, local, rank, dp)
+    switched.load_state_dict(reference.state_dict())  # a run on the files continues on their tokens
+    assert_same_batches(reference, switched, 5)
     shutil.rmtree(tmp_path / "parts" / "part-00000-of-00002")  # a killed shard's leftover does not count
     shutil.copytree(tmp_path / "whole", tmp_path / "parts" / ".part-00000-of-00002.partial-99")
     with pytest.raises(DataError, match=r"holds 1 of the 2 shards of a sharded run \(missing part-00000-of"):
