@@ -8,7 +8,8 @@ This measures, in one run, on the embedded corpus and tokenizer unless given oth
 
 1. reading throughput (tokens/s of packed batches): documents tokenized one ``encode`` call at a time (how
    the loader read before) against ``encode_batch`` of up to ``TOKENIZE_AHEAD_CHARS`` of text (all cores, off the GIL),
-   and against the same documents tokenized ahead (``python -m titan_dsv4.pretokenize``, into a temporary folder);
+   and against the same documents tokenized ahead (``python -m titan_dsv4.pretokenize``, into a temporary folder),
+   in order and shuffled (``training.shuffle``);
 2. the wait per step for its batch while the main thread runs a stand-in training step (``--step-ms`` of
    fp32 matmuls, which release the GIL as the real step's kernels do): reading in step (``prefetch = 0``)
    against the trainer's read-ahead thread (``prefetch = 1``).
@@ -39,14 +40,17 @@ class OneAtATime(Tokenizer):
                 for e in (self._tok.encode(t, add_special_tokens=False) for t in texts)]
 
 
-def loader(args, tokenizer: Tokenizer, prefetch: int = 0, pretokenized: str | None = None):
+def loader(args, tokenizer: Tokenizer, prefetch: int = 0, pretokenized: str | None = None,
+           shuffle_seed: int | None = None):
     dataset, path = ("pretokenized", pretokenized) if pretokenized else (
         args.dataset if args.dataset_path else "pydocs", args.dataset_path)
-    return build_dataloader(dataset, path, tokenizer, args.seq_len, args.global_batch, 0, 1, prefetch=prefetch)
+    return build_dataloader(dataset, path, tokenizer, args.seq_len, args.global_batch, 0, 1, prefetch=prefetch,
+                            shuffle_seed=shuffle_seed)
 
 
-def reading_rate(args, tokenizer: Tokenizer, pretokenized: str | None = None) -> float:
-    data = loader(args, tokenizer, pretokenized=pretokenized)
+def reading_rate(args, tokenizer: Tokenizer, pretokenized: str | None = None,
+                 shuffle_seed: int | None = None) -> float:
+    data = loader(args, tokenizer, pretokenized=pretokenized, shuffle_seed=shuffle_seed)
     next(data)  # the corpus read (and cached) once
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -100,8 +104,9 @@ def main() -> None:
         meta = write_pretokenized(documents, Tokenizer(args.tokenizer), Path(folder) / "tokens", args.dataset, "")
         written = meta["tokens"] / (time.perf_counter() - start)
         ahead = reading_rate(args, Tokenizer(args.tokenizer), str(Path(folder) / "tokens"))
+        shuffled = reading_rate(args, Tokenizer(args.tokenizer), str(Path(folder) / "tokens"), shuffle_seed=0)
     print(f"pretokenized: {ahead / 1e6:.3f}M tokens/s ({ahead / batched:.1f}x encode_batch; the pretokenize "
-          f"command wrote {written / 1e6:.3f}M tokens/s)")
+          f"command wrote {written / 1e6:.3f}M tokens/s), shuffled {shuffled / 1e6:.3f}M tokens/s")
     in_step, ahead = (waits(args, Tokenizer(args.tokenizer), prefetch) for prefetch in (0, 1))
     print(f"wait per {args.step_ms:.0f} ms step: read in step {in_step * 1000:.0f} ms, read ahead "
           f"{ahead * 1000:.0f} ms ({in_step / max(ahead, 1e-6):.1f}x less)")

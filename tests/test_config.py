@@ -83,6 +83,7 @@ BAD_RUNS = [
     (["--job.config_file", "/nonexistent.toml"], "no such file"),
     (["--training.dataset", "text", "--training.dataset_path", "/nonexistent"], "`training.dataset_path`"),
     (["--validation.enable", "--validation.steps", "0"], "`validation.steps` = 0 is invalid"),
+    (["--training.shuffle"], "`training.shuffle` = true needs random access to the documents: dataset 'pretokenized'"),
     (["--validation.enable", "--validation.dataset", "text"], "`validation.dataset_path` = None is invalid"),
     (["--validation.enable", "--validation.steps", "1000"],  # 60 held-out documents: 5 batches of 8 x 256
      "`validation.dataset` = 'pydocs' (steps = 1000): the dataset holds 5 full global batches of 8 x 256"),

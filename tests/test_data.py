@@ -19,7 +19,7 @@ from titan_dsv4.models.deepseek_v4.mtp import IGNORE_INDEX
 
 def from_list(docs):
     """A ``documents_fn`` over a list."""
-    return lambda start: iter(docs[start:])
+    return lambda epoch, start: iter(docs[start:])
 
 
 class CharTokenizer:

@@ -12,8 +12,9 @@ from test_chat import conversations, write_jsonl
 from test_config import run_cli
 from titan_dsv4.components.chat import render_conversation
 from titan_dsv4.components.dataloader import DataError, build_dataloader, pydocs_split
-from titan_dsv4.components.pretokenized import pretokenized_documents, write_pretokenized
+from titan_dsv4.components.pretokenized import pretokenized_documents, shuffled_order, write_pretokenized
 from titan_dsv4.components.tokenizer import Tokenizer
+from titan_dsv4.models.deepseek_v4.mtp import IGNORE_INDEX
 from titan_dsv4.pretokenize import main as pretokenize
 
 
@@ -48,7 +49,8 @@ def test_pretokenized_data_holds_the_tokenizers_ids_and_trains_on_the_same_batch
     """The command writes each document's ids as the tokenizer encodes its text (a conversation's rendering,
     its labels decoding to the assistant messages); the loader over the folder, or over the folder of parts
     that two shards of the command wrote, gives the text/chat loader's batches over two epochs, and resumes
-    exactly, also from the text/chat loader's state. A folder missing one of the shards is refused (a killed writer's partial folder is not one)."""
+    exactly, also from the text/chat loader's state. A folder missing one of the shards is refused (a killed
+    writer's partial folder is not one)."""
     (tmp_path / "src").mkdir()
     docs = datasets(tmp_path, dataset)
     assert pretokenize(["--dataset", dataset, "--dataset-path", str(tmp_path / "src"),
@@ -90,6 +92,37 @@ def test_pretokenized_data_holds_the_tokenizers_ids_and_trains_on_the_same_batch
     shutil.copytree(tmp_path / "whole", tmp_path / "parts" / ".part-00000-of-00002.partial-99")
     with pytest.raises(DataError, match=r"holds 1 of the 2 shards of a sharded run \(missing part-00000-of"):
         next(pretokenized_documents(tmp_path / "parts"))
+
+
+def test_shuffled_epochs_take_the_documents_in_their_own_order_and_resume_exactly(tmp_path):
+    """With a shuffle seed each epoch reads the documents in a permutation drawn from the seed and the epoch:
+    the first epoch's batches are the text loader's over the documents written in that order, the second
+    epoch takes another permutation, and a loader restored mid-way through it continues exactly (rank 1 of
+    2)."""
+    tok, docs = Tokenizer(), pydocs_split("train")[:60]
+    write_pretokenized(docs, tok, tmp_path / "tok", "text", "pydocs")
+    first, second = shuffled_order(60, 7, 0), shuffled_order(60, 7, 1)
+    assert sorted(first.tolist()) == list(range(60)) and first.tolist() != second.tolist()
+    write_texts(tmp_path / "first.jsonl", [docs[i] for i in first])
+    reference = build_dataloader("text", str(tmp_path / "first.jsonl"), tok, 64, 2, 0, 1)
+    shuffled = build_dataloader("pretokenized", str(tmp_path / "tok"), tok, 64, 2, 0, 1, shuffle_seed=7)
+    steps = 0
+    while reference.state_dict()["epoch"] == 0:
+        batch = next(reference)
+        if reference.state_dict()["epoch"] == 0:  # the batch that reaches the next epoch holds its documents
+            assert torch.equal(batch.input_ids, next(shuffled).input_ids), steps
+            steps += 1
+    assert steps > 20
+    assert [d.ids.tolist() for d in pretokenized_documents(tmp_path / "tok", 0, (7, 1))] == [
+        tok.encode(docs[i]) for i in second]
+
+    loader = build_dataloader("pretokenized", str(tmp_path / "tok"), tok, 64, 2, 1, 2, shuffle_seed=7)
+    while loader.state_dict()["epoch"] == 0:
+        next(loader)
+    next(loader)
+    resumed = build_dataloader("pretokenized", str(tmp_path / "tok"), tok, 64, 2, 1, 2, shuffle_seed=7)
+    resumed.load_state_dict(loader.state_dict())
+    assert_same_batches(loader, resumed, 5)
 
 
 def test_a_pretokenized_folder_appears_only_when_complete(tmp_path):
@@ -152,7 +185,7 @@ def test_data_of_another_tokenizer_or_a_broken_copy_stops_the_run_before_trainin
 
 def test_training_on_pretokenized_conversations_equals_training_on_the_files(tmp_path):
     """The trainer (validation included) on the pretokenized folder logs the chat run's losses, gradient
-    norms and token counts."""
+    norms and token counts; with training.shuffle it trains on the shuffled loader's batches (seed 0)."""
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "chat.jsonl", conversations(120))
     assert pretokenize(["--dataset", "chat", "--dataset-path", str(tmp_path / "data"),
@@ -168,3 +201,8 @@ def test_training_on_pretokenized_conversations_equals_training_on_the_files(tmp
             assert a[key] == b[key], key
         assert a["valid_tokens"] > 0
     assert runs[0][-1]["validation"] == runs[1][-1]["validation"] and runs[0][-1]["validation"]["valid_tokens"] > 0
+    shuffled = run_training(tmp_path / "run_shuffled", *common, "--training.dataset", "pretokenized",
+                            "--training.dataset_path", str(tmp_path / "tok"), "--training.shuffle")
+    loader = build_dataloader("pretokenized", str(tmp_path / "tok"), Tokenizer(), 256, 2, 0, 1, shuffle_seed=0)
+    counts = [int((next(loader).labels != IGNORE_INDEX).sum()) for _ in shuffled]
+    assert [r["valid_tokens"] for r in shuffled] == counts != [r["valid_tokens"] for r in runs[1]]

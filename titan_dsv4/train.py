@@ -83,7 +83,8 @@ class Trainer:
         self.pp_group = dims.mesh["pp"].get_group() if self.distributed and dims.pp_enabled else None
         self.dataloader = build_dataloader(  # the next step's batches are read while this one computes
             config.training.dataset, config.training.dataset_path, setup.tokenizer, config.training.seq_len,
-            config.training.local_batch_size, dims.dp_rank(), dims.dp, prefetch=setup.grad_accum_steps)
+            config.training.local_batch_size, dims.dp_rank(), dims.dp, prefetch=setup.grad_accum_steps,
+            shuffle_seed=config.training.seed if config.training.shuffle else None)
 
         model = setup.meta_model
         if model is None:

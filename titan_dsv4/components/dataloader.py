@@ -266,8 +266,9 @@ class PackedSequences:
     the state does not depend on), and sequences are slices of it.
     """
 
-    def __init__(self, documents_fn: Callable[[int], Iterable[Document]], tokenizer: Tokenizer, seq_len: int):
-        """``documents_fn(start)``: the epoch's documents from index ``start`` on."""
+    def __init__(self, documents_fn: Callable[[int, int], Iterable[Document | Tokenized]], tokenizer: Tokenizer,
+                 seq_len: int):
+        """``documents_fn(epoch, start)``: the epoch's documents from index ``start`` on."""
         self.documents_fn, self.tokenizer, self.seq_len = documents_fn, tokenizer, seq_len
         self.produced = 0
         # numpy, not torch: torch ops on large tensors in a second thread start a second OpenMP team, which slows
@@ -311,7 +312,7 @@ class PackedSequences:
         """Tokenize the next documents (the next epoch's first ones at the end of an epoch) into the buffer."""
         for _ in range(2):
             if self._reader is None:  # resuming: skip the epoch's earlier documents without tokenizing them
-                self._reader = enumerate(self.documents_fn(self._read_index), self._read_index)
+                self._reader = enumerate(self.documents_fn(self._read_epoch, self._read_index), self._read_index)
             indexed, chars = [], 0
             for index, document in self._reader:
                 indexed.append((index, document))
@@ -497,18 +498,23 @@ class _Prefetcher:
 
 def build_dataloader(dataset: str, dataset_path: str | None, tokenizer: Tokenizer, seq_len: int,
                      local_batch_size: int, dp_rank: int, dp_degree: int, split: str = "train",
-                     prefetch: int = 0) -> DataLoader:
+                     prefetch: int = 0, shuffle_seed: int | None = None) -> DataLoader:
     """``split`` picks the embedded corpus's part (``pydocs_split``); a ``text``, ``chat`` or ``pretokenized``
-    dataset is what its path holds. ``prefetch``: batches read ahead in a background thread."""
+    dataset is what its path holds. ``prefetch``: batches read ahead in a background thread. ``shuffle_seed``
+    (pretokenized only, which reads documents in any order): each epoch takes its documents in an order drawn
+    from the seed and the epoch."""
+    if shuffle_seed is not None and dataset != "pretokenized":
+        raise ValueError(f"shuffling needs random access to the documents: dataset 'pretokenized', not {dataset!r}")
     if dataset == "pydocs":
         docs = pydocs_split(split)
-        documents_fn = lambda start: iter(docs[start:])  # noqa: E731
+        documents_fn = lambda epoch, start: iter(docs[start:])  # noqa: E731
     elif dataset in FORMATS:
-        documents_fn = lambda start: file_documents(dataset_path, start, FORMATS[dataset])  # noqa: E731
+        documents_fn = lambda epoch, start: file_documents(dataset_path, start, FORMATS[dataset])  # noqa: E731
     elif dataset == "pretokenized":
         from .pretokenized import pretokenized_documents  # it reads documents into this module's Tokenized
 
-        documents_fn = lambda start: pretokenized_documents(dataset_path, start)  # noqa: E731
+        documents_fn = lambda epoch, start: pretokenized_documents(  # noqa: E731
+            dataset_path, start, None if shuffle_seed is None else (shuffle_seed, epoch))
     else:
         raise ValueError(f"`training.dataset` = {dataset!r} is invalid: allowed {', '.join(DATASETS)}")
     return DataLoader(PackedSequences(documents_fn, tokenizer, seq_len), local_batch_size, dp_rank, dp_degree,

@@ -5,6 +5,8 @@ same data; reading text means tokenizing it on every rank, which at cluster batc
 A pre-tokenized folder turns that into copying ids: ``python -m titan_dsv4.pretokenize`` writes it, and
 ``training.dataset = "pretokenized"`` trains on exactly the batches the text or chat dataset gives (the same
 packing, the same resumable state), with the same tokenizer, which the folder records and training checks.
+Reading documents in any order, it can also shuffle each epoch (``training.shuffle``), which files read in
+order cannot.
 
 A folder (one part) holds::
 
@@ -159,8 +161,13 @@ def check_tokenizer(path: str | Path, tokenizer: Tokenizer) -> None:
                         "pretokenize the data again with this run's tokenizer")
 
 
-def pretokenized_documents(path: str | Path, start: int = 0) -> Iterator[Tokenized]:
-    """Documents ``start``, ``start + 1``, ... of the dataset, as token ids (and labels, for chat)."""
+def pretokenized_documents(path: str | Path, start: int = 0,
+                           shuffle: tuple[int, int] | None = None) -> Iterator[Tokenized]:
+    """Documents ``start``, ``start + 1``, ... of the dataset, as token ids (and labels, for chat); with
+    ``shuffle = (seed, epoch)``, of the documents in the order :func:`shuffled_order` draws."""
+    if shuffle is not None:
+        yield from _shuffled_documents(pretokenized_parts(path), start, *shuffle)
+        return
     for folder, meta in pretokenized_parts(path):
         count = meta["documents"]
         if start >= count:
@@ -171,6 +178,26 @@ def pretokenized_documents(path: str | Path, start: int = 0) -> Iterator[Tokeniz
         for begin, end in zip(itertools.chain([0 if start == 0 else ends[start - 1]], ends[start:]), ends[start:]):
             yield Tokenized(tokens[begin:end], None if trained is None else trained[begin:end])
         start = 0
+
+
+def shuffled_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """A permutation of ``range(count)`` that depends only on the seed and the epoch (so a resumed run, and
+    every rank, draws the same one). uint32 while it fits: 4 bytes per document."""
+    order = np.random.default_rng([seed, epoch]).permutation(count)
+    return order.astype(np.uint32) if count < 2**32 else order
+
+
+def _shuffled_documents(parts: list[tuple[Path, dict]], start: int, seed: int, epoch: int) -> Iterator[Tokenized]:
+    arrays = [(_array(folder, TOKENS), _array(folder, ENDS),
+               _array(folder, TRAINED) if meta["dataset"] == "chat" else None) for folder, meta in parts]
+    firsts = np.cumsum([0] + [meta["documents"] for _, meta in parts])  # each part's first document
+    order = shuffled_order(int(firsts[-1]), seed, epoch)
+    for index in order[start:].tolist():
+        part = int(np.searchsorted(firsts, index, side="right")) - 1
+        tokens, ends, trained = arrays[part]
+        local = index - firsts[part]
+        begin, end = (ends[local - 1] if local else 0), ends[local]
+        yield Tokenized(tokens[begin:end], None if trained is None else trained[begin:end])
 
 
 def _array(folder: Path, file: tuple[str, str]) -> np.ndarray:

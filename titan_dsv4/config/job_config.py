@@ -66,6 +66,8 @@ class Training:
     steps: int = 30  # optimizer steps of the whole run (a resumed run continues up to it)
     max_norm: float = 1.0  # gradient clipping (<= 0 disables)
     seed: int = 0  # weights (per FQN: the same for every layout) and data order
+    # each epoch takes the documents in another order (drawn from seed and epoch); needs dataset pretokenized
+    shuffle: bool = False
     deterministic: bool = False  # torch deterministic algorithms (on GPUs: the torch attention core, no atomics)
     mixed_precision_param: str = "bfloat16"  # FSDP param dtype on GPU (CPU runs keep float32)
     mixed_precision_reduce: str = "float32"  # dtype of FSDP's gradient reduce-scatter

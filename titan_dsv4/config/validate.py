@@ -106,6 +106,9 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
             raise ConfigError(f"`validation.steps` = {v.steps} is invalid: a number of batches >= 1, or -1 for "
                               "one pass over the dataset")
         sources.append(("validation", v.dataset, v.dataset_path))
+    if t.shuffle and t.dataset != "pretokenized":
+        raise ConfigError(f"`training.shuffle` = true needs random access to the documents: dataset "
+                          f"'pretokenized' (python -m titan_dsv4.pretokenize), not {t.dataset!r}")
     for section, dataset, path in sources:
         _choice(f"{section}.dataset", dataset, DATASETS)
         if dataset in FORMATS:
