@@ -97,8 +97,8 @@ def test_pretokenized_data_holds_the_tokenizers_ids_and_trains_on_the_same_batch
 def test_shuffled_epochs_take_the_documents_in_their_own_order_and_resume_exactly(tmp_path):
     """With a shuffle seed each epoch reads the documents in a permutation drawn from the seed and the epoch:
     the first epoch's batches are the text loader's over the documents written in that order, the second
-    epoch takes another permutation, and a loader restored mid-way through it continues exactly (rank 1 of
-    2)."""
+    epoch takes another permutation (a folder of parts: one over all its documents), and a loader restored
+    mid-way through it continues exactly (rank 1 of 2)."""
     tok, docs = Tokenizer(), pydocs_split("train")[:60]
     write_pretokenized(docs, tok, tmp_path / "tok", "text", "pydocs")
     first, second = shuffled_order(60, 7, 0), shuffled_order(60, 7, 1)
@@ -115,6 +115,10 @@ def test_shuffled_epochs_take_the_documents_in_their_own_order_and_resume_exactl
     assert steps > 20
     assert [d.ids.tolist() for d in pretokenized_documents(tmp_path / "tok", 0, (7, 1))] == [
         tok.encode(docs[i]) for i in second]
+    for shard, part in enumerate((docs[:25], docs[25:])):  # a folder of parts shuffles as one dataset
+        write_pretokenized(part, tok, tmp_path / "parts" / f"part-0000{shard}-of-00002", "text", "pydocs")
+    assert [d.ids.tolist() for d in pretokenized_documents(tmp_path / "parts", 3, (7, 1))] == [
+        tok.encode(docs[i]) for i in second[3:]]
 
     loader = build_dataloader("pretokenized", str(tmp_path / "tok"), tok, 64, 2, 1, 2, shuffle_seed=7)
     while loader.state_dict()["epoch"] == 0:

@@ -192,12 +192,13 @@ def _shuffled_documents(parts: list[tuple[Path, dict]], start: int, seed: int, e
                _array(folder, TRAINED) if meta["dataset"] == "chat" else None) for folder, meta in parts]
     firsts = np.cumsum([0] + [meta["documents"] for _, meta in parts])  # each part's first document
     order = shuffled_order(int(firsts[-1]), seed, epoch)
-    for index in order[start:].tolist():
-        part = int(np.searchsorted(firsts, index, side="right")) - 1
-        tokens, ends, trained = arrays[part]
-        local = index - firsts[part]
-        begin, end = (ends[local - 1] if local else 0), ends[local]
-        yield Tokenized(tokens[begin:end], None if trained is None else trained[begin:end])
+    for chunk in range(start, len(order), 1 << 16):  # Python ints for a chunk at a time, not the whole order
+        indices = order[chunk:chunk + (1 << 16)].astype(np.int64)
+        parts_of = np.searchsorted(firsts, indices, side="right") - 1
+        for part, local in zip(parts_of.tolist(), (indices - firsts[parts_of]).tolist()):
+            tokens, ends, trained = arrays[part]
+            begin, end = (ends[local - 1] if local else 0), ends[local]
+            yield Tokenized(tokens[begin:end], None if trained is None else trained[begin:end])
 
 
 def _array(folder: Path, file: tuple[str, str]) -> np.ndarray:
