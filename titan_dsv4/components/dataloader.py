@@ -312,20 +312,15 @@ class PackedSequences:
         """Tokenize the next documents (the next epoch's first ones at the end of an epoch) into the buffer."""
         for _ in range(2):
             if self._reader is None:  # resuming: skip the epoch's earlier documents without tokenizing them
-                self._reader = enumerate(self.documents_fn(self._read_epoch, self._read_index), self._read_index)
-            indexed, chars = [], 0
-            for index, document in self._reader:
-                indexed.append((index, document))
-                chars += document_chars(document)
-                if chars >= min(self._chunk_chars, TOKENIZE_AHEAD_CHARS):
-                    break
-            if indexed:
+                self._reader = iter(self.documents_fn(self._read_epoch, self._read_index))
+            documents = take_documents(self._reader, min(self._chunk_chars, TOKENIZE_AHEAD_CHARS))
+            if documents:
                 break
             if self._read_index == 0:
                 raise DataError("the dataset has no documents")
             self._read_epoch, self._read_index, self._reader = self._read_epoch + 1, 0, None
         self._chunk_chars = min(2 * self._chunk_chars, TOKENIZE_AHEAD_CHARS)
-        indices, documents = zip(*indexed)
+        indices = range(self._read_index, self._read_index + len(documents))  # the reader goes on from there
         self._current_doc()  # forget the documents already read past
         kept = len(self._tokens) - self._cursor  # the cursor is where a sequence starts
         tokens, trained, positions, lengths = self._tokenize(documents, kept)
@@ -335,7 +330,7 @@ class PackedSequences:
         self._tokens = np.concatenate([self._tokens[self._cursor:], tokens])
         self._positions = np.concatenate([self._positions[self._cursor:], positions])
         self._trained = np.concatenate([self._trained[self._cursor:], trained])
-        self._cursor, self._read_index = 0, indices[-1] + 1
+        self._cursor, self._read_index = 0, indices.stop
 
     def _tokenize(self, documents: Sequence[Document | Tokenized], offset: int) -> tuple[
             np.ndarray, np.ndarray, np.ndarray, list[int]]:
@@ -387,6 +382,18 @@ class PackedSequences:
         labels = ids[1:].copy()
         labels[~self._trained[window][1:]] = IGNORE_INDEX  # a document's first token, a conversation's context
         return ids[:-1], labels, pos[:-1]
+
+
+def take_documents(documents: Iterator[Document | Tokenized], chars: int) -> list[Document | Tokenized]:
+    """The iterator's next documents, up to the first that brings them to ``chars`` characters (fewer at its
+    end): one ``encode_batch`` worth."""
+    taken, total = [], 0
+    for document in documents:
+        taken.append(document)
+        total += document_chars(document)
+        if total >= chars:
+            break
+    return taken
 
 
 def document_chars(document: Document | Tokenized) -> int:

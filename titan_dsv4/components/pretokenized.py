@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataloader import TOKENIZE_AHEAD_CHARS, DataError, Document, Tokenized, document_chars, encode_documents
+from .dataloader import TOKENIZE_AHEAD_CHARS, DataError, Document, Tokenized, encode_documents, take_documents
 from .tokenizer import Tokenizer
 
 FORMAT, VERSION = "titan_dsv4 pretokenized", 1
@@ -65,7 +65,8 @@ def write_pretokenized(documents: Iterable[Document], tokenizer: Tokenizer, outp
     try:
         with (partial / TOKENS[0]).open("wb") as tokens, (partial / ENDS[0]).open("wb") as ends, \
                 (partial / TRAINED[0]).open("wb") as trained:
-            for chunk in _chunks(iter(documents)):
+            documents = iter(documents)
+            while chunk := take_documents(documents, TOKENIZE_AHEAD_CHARS):
                 encoded = encode_documents(tokenizer, chunk)
                 tokens.write(np.concatenate([d.ids for d in encoded]).astype(TOKENS[1]).tobytes())
                 if encoded[0].trained is not None:
@@ -90,20 +91,6 @@ def write_pretokenized(documents: Iterable[Document], tokenizer: Tokenizer, outp
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return meta
-
-
-def _chunks(documents: Iterator[Document]) -> Iterator[list[Document]]:
-    """Consecutive runs of documents of about ``TOKENIZE_AHEAD_CHARS`` characters (one ``encode_batch``)."""
-    while True:
-        chunk, chars = [], 0
-        for document in documents:
-            chunk.append(document)
-            chars += document_chars(document)
-            if chars >= TOKENIZE_AHEAD_CHARS:
-                break
-        if not chunk:
-            return
-        yield chunk
 
 
 def pretokenized_parts(path: str | Path) -> list[tuple[Path, dict]]:
