@@ -22,7 +22,6 @@ a large corpus can be tokenized in pieces in parallel.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -160,10 +159,9 @@ def pretokenized_documents(path: str | Path, start: int = 0,
         if start >= count:
             start -= count
             continue
-        tokens, ends = _array(folder, TOKENS), _array(folder, ENDS)
-        trained = _array(folder, TRAINED) if meta["dataset"] == "chat" else None
-        for begin, end in zip(itertools.chain([0 if start == 0 else ends[start - 1]], ends[start:]), ends[start:]):
-            yield Tokenized(tokens[begin:end], None if trained is None else trained[begin:end])
+        arrays = _part_arrays(folder, meta)
+        for local in range(start, count):
+            yield _document(arrays, local)
         start = 0
 
 
@@ -175,17 +173,29 @@ def shuffled_order(count: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def _shuffled_documents(parts: list[tuple[Path, dict]], start: int, seed: int, epoch: int) -> Iterator[Tokenized]:
-    arrays = [(_array(folder, TOKENS), _array(folder, ENDS),
-               _array(folder, TRAINED) if meta["dataset"] == "chat" else None) for folder, meta in parts]
+    arrays = [_part_arrays(folder, meta) for folder, meta in parts]
     firsts = np.cumsum([0] + [meta["documents"] for _, meta in parts])  # each part's first document
     order = shuffled_order(int(firsts[-1]), seed, epoch)
     for chunk in range(start, len(order), 1 << 16):  # Python ints for a chunk at a time, not the whole order
         indices = order[chunk:chunk + (1 << 16)].astype(np.int64)
         parts_of = np.searchsorted(firsts, indices, side="right") - 1
         for part, local in zip(parts_of.tolist(), (indices - firsts[parts_of]).tolist()):
-            tokens, ends, trained = arrays[part]
-            begin, end = (ends[local - 1] if local else 0), ends[local]
-            yield Tokenized(tokens[begin:end], None if trained is None else trained[begin:end])
+            yield _document(arrays[part], local)
+
+
+PartArrays = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # a part's tokens, ends and (chat) label flags
+
+
+def _part_arrays(folder: Path, meta: dict) -> PartArrays:
+    return (_array(folder, TOKENS), _array(folder, ENDS),
+            _array(folder, TRAINED) if meta["dataset"] == "chat" else None)
+
+
+def _document(arrays: PartArrays, local: int) -> Tokenized:
+    """The part's document ``local``."""
+    tokens, ends, trained = arrays
+    begin, end = (ends[local - 1] if local else 0), ends[local]
+    return Tokenized(tokens[begin:end], None if trained is None else trained[begin:end])
 
 
 def _array(folder: Path, file: tuple[str, str]) -> np.ndarray:
