@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from titan_dsv4.config import ConfigError, JobConfig, load_config
 from titan_dsv4.config.manager import field_docs
@@ -85,6 +86,10 @@ BAD_RUNS = [
     (["--validation.enable", "--validation.steps", "0"], "`validation.steps` = 0 is invalid"),
     (["--training.shuffle"], "`training.shuffle` = true needs random access to the documents: dataset 'pretokenized'"),
     (["--validation.enable", "--validation.dataset", "text"], "`validation.dataset_path` = None is invalid"),
+    (["--training.gc_freq", "0"], "`training.gc_freq` = 0 is invalid: must be >= 1"),
+    (["--comm.train_timeout_seconds", "0"], "`comm.train_timeout_seconds` = 0 is invalid: must be >= 1"),
+    (["--profiling.enable_profiling", "--profiling.profile_freq", "2"],
+     "`profiling.profile_freq` = 2 is invalid: a cycle needs profiler_warmup + profiler_active = 4 steps or more"),
     (["--validation.enable", "--validation.steps", "1000"],  # 60 held-out documents: 5 batches of 8 x 256
      "`validation.dataset` = 'pydocs' (steps = 1000): the dataset holds 5 full global batches of 8 x 256"),
 ]
@@ -99,6 +104,16 @@ def test_bad_input_exits_2_with_one_line(argv, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has the CUDA allocator to record")
+def test_memory_snapshots_without_cuda_exit_2():
+    result = run_cli("--job.config_file", str(REPO / "train_configs/debug_model.toml"),
+                     "--parallelism.pipeline_parallel_degree", "1", "--profiling.enable_memory_snapshot")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("titan_dsv4: config error: `profiling.enable_memory_snapshot` = true records the "
+                                     "CUDA allocator: this machine has no CUDA device (profiling.enable_profiling "
+                                     "traces CPU runs)")
 
 
 @pytest.mark.parametrize("section", ["training", "validation"])

@@ -6,6 +6,7 @@ the run with exit code 2 and one line on stderr before any process group or mode
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -28,11 +29,13 @@ from .components.checkpoint import (
     model_state,
 )
 from .components.dataloader import DataError, build_dataloader, read_batches
+from .components.garbage_collection import GarbageCollection
 from .components.hf_checkpoint import load_hf_into, write_index, write_shards
 from .components.load_balance import gather_max_violations, learned_routing_moes, update_expert_bias
 from .components.loss import build_targets, summarise_parts
 from .components.metrics import MetricsLogger, device_peak_tflops, memory_record
 from .components.optimizer import build_lr_scheduler, build_optimizer, unique_trainable_parameters
+from .components.profiling import StepProfiler
 from .config import ConfigError, JobConfig, config_help, load_config, print_help
 from .config.validate import RunSetup, validate
 from .distributed.utils import (
@@ -42,6 +45,7 @@ from .distributed.utils import (
     launched_world_size,
     pick_device,
     reduce_replicated_grads,
+    set_collective_timeout,
     shutdown_distributed,
 )
 from .models.deepseek_v4.mtp import IGNORE_INDEX
@@ -56,7 +60,7 @@ class Trainer:
         self.config, self.setup = config, setup
         self.tokens_per_step = setup.global_batch_size * config.training.seq_len  # the whole global batch
         self.device = pick_device()
-        init_distributed(self.device)
+        init_distributed(self.device, config.comm.init_timeout_seconds)
         dims = self.parallel_dims = setup.parallel_dims
         self.distributed = dist.is_initialized()
         if self.distributed:
@@ -120,6 +124,9 @@ class Trainer:
             self.checkpointer = CheckpointManager(Path(config.job.dump_folder) / ck.folder, self.model_parts,
                                                   self.optimizer, followers, ck.keep_latest_k,
                                                   ck.async_mode == "async")
+        # groups made since init_process_group (meshes, pipeline ties) get the start-up timeout too
+        self._steady_timeout = self._validated = False
+        set_collective_timeout(config.comm.init_timeout_seconds)
         resume = self._resume_step()
         if resume is not None:
             self._restore(self.checkpointer.load(resume))
@@ -166,7 +173,33 @@ class Trainer:
             print(f"titan_dsv4: resumed at step {self.step}", flush=True)
 
     def save_checkpoint(self, model_only: bool = False) -> None:
-        self.checkpointer.save(self.step, self._trainer_state(), model_only)
+        with self._long_collectives():
+            self.checkpointer.save(self.step, self._trainer_state(), model_only)
+
+    def finish_checkpoints(self) -> None:
+        """Wait for an async save to be written and committed."""
+        with self._long_collectives():
+            self.checkpointer.wait()
+
+    def _use_steady_timeout(self) -> None:
+        """After the first step (compiled, loaded, in step) collectives get ``comm.train_timeout_seconds``;
+        async saves keep the long one (their ranks finish writing at their own pace)."""
+        self._steady_timeout = True
+        keep = [self.checkpointer.async_group] if self.checkpointer is not None else []
+        set_collective_timeout(self.config.comm.train_timeout_seconds, keep)
+
+    @contextlib.contextmanager
+    def _long_collectives(self):
+        """Saves, exports and the first validation (which may compile) keep ranks apart for longer than a
+        step: the start-up timeout while they run."""
+        if not self._steady_timeout:
+            yield
+            return
+        set_collective_timeout(self.config.comm.init_timeout_seconds)
+        try:
+            yield
+        finally:
+            self._use_steady_timeout()
 
     def _activation_dtype(self) -> torch.dtype:
         """dtype of the stream between stages: FSDP's param dtype on GPU, else the fp32 parameters'."""
@@ -282,7 +315,13 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Main and per-depth MTP loss and acceptance on the validation batches; the model in eval mode (it
-        counts no expert loads and trains no indexer)."""
+        counts no expert loads and trains no indexer). The first runs under the start-up timeout (a compiled
+        model compiles its eval graphs then)."""
+        with contextlib.nullcontext() if self._validated else self._long_collectives():
+            self._validated = True
+            return self._validate()
+
+    def _validate(self) -> dict:
         for part in self.model_parts:
             part.eval()
         try:
@@ -327,6 +366,8 @@ class Trainer:
         flops_per_token = self.model_args.training_flops_per_token(  # MTP included
             cfg.training.seq_len, indexer_trained=cfg.training.indexer_loss_coeff > 0)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        profiler = StepProfiler(cfg.profiling, cfg.job.dump_folder, self.rank, self.step)
+        collector = GarbageCollection(cfg.training.gc_freq)
         first_step, run_start = self.step, time.perf_counter()
         try:
             while self.step < cfg.training.steps:
@@ -337,13 +378,15 @@ class Trainer:
                     if self.checkpointer is not None:
                         if self.step > first_step and self.step % cfg.checkpoint.interval:
                             self.save_checkpoint()
-                        self.checkpointer.wait()
+                        self.finish_checkpoints()
                     raise
                 self.step += 1
                 elapsed = time.perf_counter() - start
+                if self.step == first_step + 1:
+                    self._use_steady_timeout()
+                    if cfg.compile.enable:
+                        self._report_graph_breaks()
                 self._warn_if_cut(self.dataloader.sequences.first_cut, "training")
-                if self.step == first_step + 1 and cfg.compile.enable:
-                    self._report_graph_breaks()
                 last = self.step == cfg.training.steps
                 validate = cfg.validation.enable and (self.step % cfg.validation.freq == 0 or last)
                 summary["validation"] = self.validate() if validate else None
@@ -357,7 +400,7 @@ class Trainer:
                 if self._preempted():
                     if self.checkpointer is not None:
                         self.save_checkpoint()
-                        self.checkpointer.wait()
+                        self.finish_checkpoints()
                     if self._grace_timer is not None:
                         self._grace_timer.cancel()
                     return False
@@ -365,10 +408,17 @@ class Trainer:
                                                       or self.step == cfg.training.steps):
                     final = self.step == cfg.training.steps
                     self.save_checkpoint(model_only=final and cfg.checkpoint.last_save_model_only)
+                profiler.step()
+                collector.step(self.step)
             if self.checkpointer is not None:
-                self.checkpointer.wait()
+                self.finish_checkpoints()
             return True
+        except torch.OutOfMemoryError:
+            profiler.snapshot_oom()
+            raise
         finally:
+            profiler.close()
+            collector.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
@@ -411,22 +461,23 @@ class Trainer:
         (gathered over FSDP), global rank 0 writes ``config.json`` and the index last."""
         cfg = self.config
         path = Path(cfg.job.dump_folder) / cfg.checkpoint.folder / f"step-{self.step}-hf"
-        state = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-                 for name, tensor in model_state(self.model_parts).items()}
-        result = ({}, 0)
-        if self.parallel_dims.dp_rank() == 0:
-            pp_rank = self.parallel_dims.mesh["pp"].get_local_rank() if self.distributed else 0
-            result = write_shards(state, path, getattr(torch, cfg.checkpoint.export_dtype), None,
-                                  lambda i, n: f"model-pp{pp_rank:03d}-{i:05d}-of-{n:05d}.safetensors")
-        results = [result]
-        if self.distributed:
-            results = [None] * dist.get_world_size()
-            dist.all_gather_object(results, result)
-        if self.rank == 0:
-            weight_map = {k: f for m, _ in results for k, f in m.items()}
-            write_index(path, weight_map, sum(n for _, n in results), self.model_args, None)
-        if self.distributed:
-            dist.barrier()
+        with self._long_collectives():  # dp rank 0 of each stage writes while the others wait
+            state = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                     for name, tensor in model_state(self.model_parts).items()}
+            result = ({}, 0)
+            if self.parallel_dims.dp_rank() == 0:
+                pp_rank = self.parallel_dims.mesh["pp"].get_local_rank() if self.distributed else 0
+                result = write_shards(state, path, getattr(torch, cfg.checkpoint.export_dtype), None,
+                                      lambda i, n: f"model-pp{pp_rank:03d}-{i:05d}-of-{n:05d}.safetensors")
+            results = [result]
+            if self.distributed:
+                results = [None] * dist.get_world_size()
+                dist.all_gather_object(results, result)
+            if self.rank == 0:
+                weight_map = {k: f for m, _ in results for k, f in m.items()}
+                write_index(path, weight_map, sum(n for _, n in results), self.model_args, None)
+            if self.distributed:
+                dist.barrier()
         return path
 
     def close(self) -> None:

@@ -76,6 +76,9 @@ class Training:
     # per-token KL to the main attention (DeepSeek-V3.2's indexer loss; needed when pre-training)
     indexer_loss_coeff: float = 0.0
     skip_nonfinite_steps: bool = False  # a NaN/inf loss or gradient norm: False stops the run, True skips the update
+    # Python's cycle collector runs only every this many steps, on every rank at the same step (automatic
+    # collections at random moments on one rank stall the whole pipeline)
+    gc_freq: int = 50
 
 
 @dataclass
@@ -155,6 +158,27 @@ class Validation:
 
 
 @dataclass
+class Profiling:
+    enable_profiling: bool = False  # torch profiler traces (Chrome/Perfetto JSON), one per rank
+    save_traces_folder: str = "profile_traces"  # under job.dump_folder: iteration_{step}/rank{r}_trace.json
+    profile_freq: int = 10  # steps between traces (and memory snapshots): the last step of each cycle is traced
+    profiler_warmup: int = 3  # steps the profiler runs untraced before each traced one
+    profiler_active: int = 1  # steps in each trace
+    # CUDA allocator history (every allocation with its stack), dumped every profile_freq steps and on
+    # out-of-memory; view at pytorch.org/memory_viz
+    enable_memory_snapshot: bool = False
+    save_memory_snapshot_folder: str = "memory_snapshot"  # under job.dump_folder
+
+
+@dataclass
+class Comm:
+    # how long a collective may wait for the other ranks before the job fails: start-up (loading the
+    # released checkpoint from shared storage), the first step (compiling) and checkpoint saves
+    init_timeout_seconds: int = 1800
+    train_timeout_seconds: int = 300  # every other step: a hung or dead rank ends the job this soon
+
+
+@dataclass
 class MTP:
     num_layers: int | None = None  # None: the model's num_nextn_predict_layers; 0 disables MTP
     loss_scaling_factor: float = 0.3  # lambda in main + lambda/D * sum(mtp)
@@ -173,4 +197,6 @@ class JobConfig:
     compile: Compile = field(default_factory=Compile)
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)
+    profiling: Profiling = field(default_factory=Profiling)
+    comm: Comm = field(default_factory=Comm)
     mtp: MTP = field(default_factory=MTP)

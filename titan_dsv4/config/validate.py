@@ -58,8 +58,9 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                      ("metrics.log_freq", 1), ("lr_scheduler.warmup_steps", 0), ("optimizer.lr", 0.0),
                      ("optimizer.weight_decay", 0.0), ("mtp.loss_scaling_factor", 0.0),
                      ("training.expert_bias_update_speed", 0.0), ("training.indexer_loss_coeff", 0.0),
-                     ("checkpoint.interval", 1),
-                     ("checkpoint.keep_latest_k", 0), ("checkpoint.preemption_grace_s", 0.0)):
+                     ("checkpoint.interval", 1), ("training.gc_freq", 1),
+                     ("checkpoint.keep_latest_k", 0), ("checkpoint.preemption_grace_s", 0.0),
+                     ("comm.init_timeout_seconds", 1), ("comm.train_timeout_seconds", 1)):
         section, name = key.split(".")
         _at_least(key, getattr(getattr(config, section), name), low)
     lr = config.lr_scheduler
@@ -98,6 +99,7 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                 sorted({"eager", "aot_eager", *torch._dynamo.list_backends()}))
     if config.optimizer.implementation == "fused" and not torch.cuda.is_available():
         raise ConfigError("`optimizer.implementation` = 'fused' needs CUDA: use foreach on CPU")
+    _check_profiling(config.profiling)
     sources = [("training", t.dataset, t.dataset_path)]
     if config.validation.enable:
         v = config.validation
@@ -209,6 +211,21 @@ def _check_checkpointing_fits_the_schedule(config: JobConfig, plan) -> None:
                           f"{plan.schedule}: it splits each backward into input and weight passes, and torch's "
                           "selective checkpointing allows one; use mode 'full', selective_ac_option 'N', or a "
                           "schedule without W actions (1F1B, GPipe, Interleaved1F1B, LoopedBFS)")
+
+
+def _check_profiling(prof) -> None:
+    if prof.enable_profiling:
+        _at_least("profiling.profiler_warmup", prof.profiler_warmup, 0)
+        _at_least("profiling.profiler_active", prof.profiler_active, 1)
+        if prof.profile_freq < prof.profiler_warmup + prof.profiler_active:
+            raise ConfigError(f"`profiling.profile_freq` = {prof.profile_freq} is invalid: a cycle needs "
+                              f"profiler_warmup + profiler_active = {prof.profiler_warmup + prof.profiler_active} "
+                              "steps or more")
+    if prof.enable_memory_snapshot:
+        _at_least("profiling.profile_freq", prof.profile_freq, 1)
+        if not torch.cuda.is_available():
+            raise ConfigError("`profiling.enable_memory_snapshot` = true records the CUDA allocator: this machine "
+                              "has no CUDA device (profiling.enable_profiling traces CPU runs)")
 
 
 def _check_pretokenized(key: str, path: str | None) -> None:

@@ -7,6 +7,7 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -17,8 +18,9 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: torch.device) -> None:
-    """gloo on CPU, nccl on CUDA; nothing for a plain single process."""
+def init_distributed(device: torch.device, timeout_s: float | None = None) -> None:
+    """gloo on CPU, nccl on CUDA; nothing for a plain single process. ``timeout_s``: see
+    :func:`set_collective_timeout` (None: the backend's default)."""
     if dist.is_initialized() or "RANK" not in os.environ:
         return
     # Importing dynamo (functional collectives do it lazily on first use) takes ~10 references to every
@@ -28,7 +30,22 @@ def init_distributed(device: torch.device) -> None:
     importlib.import_module("torch._dynamo")
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                            timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
+
+
+def set_collective_timeout(seconds: float, keep: Iterable[dist.ProcessGroup | None] = ()) -> None:
+    """How long a collective of any process group of this rank (but ``keep``) waits for the others before it
+    fails the job (NCCL's watchdog aborts the process, gloo raises). Groups made after init_process_group
+    (device meshes, pipeline ties) start with the backend's default (NCCL 10 min, gloo 30 min), so this
+    sets them all. torch has no public setter (torch 2.13: ``_set_pg_timeout`` over ``_world.pg_map``)."""
+    if not dist.is_initialized():
+        return
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        if group not in keep:
+            distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
 
 
 def shutdown_distributed() -> None:

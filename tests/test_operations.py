@@ -1,0 +1,99 @@
+"""Operating a run: profiler traces on a rhythm of training steps that a resumed run keeps, Python's cycle
+collector only every ``training.gc_freq`` steps (and no tensor ever left to it), and collective timeouts:
+long while starting, short after the first step, so a stalled rank ends the job instead of hanging it."""
+
+import gc
+import json
+import subprocess
+import weakref
+
+import pytest
+
+from launch import REPO, read_metrics, run_training, training_command
+
+from titan_dsv4.components.garbage_collection import GarbageCollection
+
+PP2 = ("--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "4",
+       "--training.seq_len", "128", "--validation.enable", "false")
+
+
+def test_garbage_collection_defers_cycles_to_its_steps():
+    class Node:
+        pass
+
+    collected = []
+    collector = GarbageCollection(freq=3)
+    try:
+        assert not gc.isenabled()
+        node = Node()
+        node.self = node  # a reference cycle: only the cycle collector frees it
+        weakref.finalize(node, collected.append, "freed")
+        del node
+        for step in (1, 2):
+            _ = [[] for _ in range(100_000)]  # far past the allocation count that starts an automatic collection
+            collector.step(step)
+            assert not collected, step
+        collector.step(3)
+        assert collected == ["freed"]
+    finally:
+        collector.close()
+    assert gc.isenabled()
+
+
+@pytest.mark.slow
+def test_a_pipelined_run_collects_only_every_gc_freq_steps_and_leaves_no_tensor_to_the_collector(tmp_path):
+    """With automatic collection off, a tensor kept alive by a reference cycle would hold its memory (on a GPU:
+    activations) until the next collection; the probe counts what each collection finds."""
+    out = tmp_path / "collections"
+    cmd, env = training_command(tmp_path / "run", *PP2, "--training.steps", "6", "--training.gc_freq", "2",
+                                "--activation_checkpoint.mode", "full", "--validation.enable", "true",
+                                "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+                                nproc=2, module=(str(REPO / "tests" / "gc_probe.py"), str(out)))
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-5000:]
+    for rank in (0, 1):
+        collections = json.loads((out / f"rank{rank}.json").read_text())
+        assert [c["step"] for c in collections] == [0, 2, 4, 6], (rank, collections)
+        assert all(c["generation"] == 2 for c in collections)  # full collections: nothing promoted and kept
+        assert [c["tensors"] for c in collections] == [0, 0, 0, 0], (rank, collections)
+
+
+def trace_events(path) -> list[dict]:
+    return json.loads(path.read_text())["traceEvents"]
+
+
+@pytest.mark.slow
+def test_profiler_traces_each_rank_at_multiples_of_profile_freq_across_a_resume(tmp_path):
+    dump = tmp_path / "run"
+    profiling = ("--profiling.enable_profiling", "--profiling.profile_freq", "3", "--profiling.profiler_warmup",
+                 "1", "--checkpoint.enable", "--checkpoint.interval", "4")
+    run_training(dump, *PP2, *profiling, "--training.steps", "4", nproc=2)
+    records = run_training(dump, *PP2, *profiling, "--training.steps", "7", nproc=2)  # resumes at step 4
+    assert [r["step"] for r in records] == list(range(1, 8))
+    traces = dump / "profile_traces"
+    assert sorted(p.name for p in traces.iterdir()) == ["iteration_3", "iteration_6"]
+    for step in (3, 6):
+        folder = traces / f"iteration_{step}"
+        assert sorted(p.name for p in folder.iterdir()) == ["rank0_trace.json", "rank1_trace.json"]
+        for rank in (0, 1):
+            events = trace_events(folder / f"rank{rank}_trace.json")
+            steps = [e for e in events if e.get("name", "").startswith("ProfilerStep#")]
+            assert len(steps) == 1, (step, rank, [e["name"] for e in steps])  # profiler_active = 1
+            assert any(e.get("name") == "aten::mm" for e in events)  # the step's compute is in it
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_fails_the_job_after_train_timeout_but_not_in_the_first_step(tmp_path):
+    """Rank 1 stalls 12 s before step 1 (under comm.init_timeout_seconds: the run goes on) and 120 s before
+    step 3: rank 0's collective gives up after comm.train_timeout_seconds = 8 s and the job fails. (Under
+    gloo this covers collectives; its pipeline receives keep the timeout their group was made with.)"""
+    dump = tmp_path / "run"
+    cmd, env = training_command(dump, "--training.steps", "4", "--training.local_batch_size", "4",
+                                "--comm.train_timeout_seconds", "8", nproc=2,
+                                module=(str(REPO / "tests" / "stall_rank.py"),))
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400,
+                            env={**env, "STALL": "1:12,3:120"})
+    assert result.returncode != 0
+    assert "stalling before step 1" in result.stderr and "stalling before step 3" in result.stderr
+    assert "Timed out waiting 8000ms" in result.stderr, result.stderr[-5000:]
+    assert [r["step"] for r in read_metrics(dump)] == [1, 2]
