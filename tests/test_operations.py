@@ -4,6 +4,7 @@ long while starting, short after the first step, so a stalled rank ends the job 
 
 import gc
 import json
+import shutil
 import subprocess
 import weakref
 
@@ -97,3 +98,69 @@ def test_a_stalled_rank_fails_the_job_after_train_timeout_but_not_in_the_first_s
     assert "stalling before step 1" in result.stderr and "stalling before step 3" in result.stderr
     assert "Timed out waiting 8000ms" in result.stderr, result.stderr[-5000:]
     assert [r["step"] for r in read_metrics(dump)] == [1, 2]
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series as TensorBoard itself reads the folder (orphaned points of a restart purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def expected_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The TensorBoard series metrics.jsonl implies: its numbers under their keys, MTP depths and MoEs apart."""
+    series: dict[str, list[tuple[int, float]]] = {}
+
+    def add(tag: str, step: int, value) -> None:
+        if isinstance(value, (int, float)):  # booleans too (skipped: 0/1)
+            series.setdefault(tag, []).append((step, float(value)))
+
+    for record in records:
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step":
+                add(key, step, value)
+        for prefix, losses in (("", record), ("validation/", record.get("validation"))):
+            for depth, (loss, acceptance) in enumerate(zip(losses["mtp_losses"], losses["mtp_acceptance"])
+                                                       if losses else []):
+                add(f"{prefix}mtp_loss/depth_{depth}", step, loss)
+                add(f"{prefix}mtp_acceptance/depth_{depth}", step, acceptance)
+        if record.get("validation"):
+            add("validation/loss", step, record["validation"]["loss"])
+        for moe, violation in record.get("moe_max_violation", {}).items():
+            add(f"moe_max_violation/{moe}", step, violation)
+    return series
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_metrics_jsonl_after_a_resumed_run_redoes_steps(tmp_path):
+    """A run saves at step 2 and reaches step 4; its step-4 checkpoint is lost (as in a crash before that save)
+    and the rerun, at twice the learning rate, redoes steps 3-4: TensorBoard shows each step once, the
+    rerun's values for 3-4 (float32 of metrics.jsonl's)."""
+    dump = tmp_path / "run"
+    run = ("--training.steps", "4", "--training.local_batch_size", "4", "--training.seq_len", "128",
+           "--checkpoint.enable", "--checkpoint.interval", "2", "--metrics.enable_tensorboard",
+           "--validation.freq", "2", "--validation.steps", "1")
+    first = run_training(dump, *run)
+    shutil.rmtree(dump / "checkpoint" / "step-4")
+    records = run_training(dump, *run, "--optimizer.lr", "6e-3")
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[:2] == first[:2]
+    assert records[3]["loss"] != first[3]["loss"]
+    want = expected_series(records)
+    got = tensorboard_scalars(dump / "tb")
+    assert set(got) == set(want)
+    for tag, points in want.items():
+        assert [step for step, _ in got[tag]] == [step for step, _ in points], tag
+        assert [value for _, value in got[tag]] == pytest.approx([value for _, value in points], rel=1e-6), tag
+
+
+def test_tensorboard_without_the_package_exits_2(tmp_path):
+    cmd, env = training_command(tmp_path, "--metrics.enable_tensorboard", module=(
+        "-c", "import sys; sys.modules['tensorboard'] = None; from titan_dsv4.train import main; "
+              "sys.exit(main(sys.argv[1:]))"))
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("titan_dsv4: config error: `metrics.enable_tensorboard` = true needs the "
+                                     "tensorboard package: pip install 'titan_dsv4[metrics]'")

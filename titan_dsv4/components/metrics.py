@@ -60,18 +60,14 @@ class MetricsLogger:
         self.path = Path(dump_folder) / "metrics.jsonl"
         self.color = color and sys.stdout.isatty()
         self.tb = None
+        self.tb_folder = Path(dump_folder) / tensorboard_folder if enabled and tensorboard_folder else None
+        self.resumed_at: int | None = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard_folder:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError as e:  # pragma: no cover - optional extra
-                    raise ImportError("metrics.enable_tensorboard needs tensorboard: "
-                                      "pip install 'titan_dsv4[metrics]'") from e
-                self.tb = SummaryWriter(str(Path(dump_folder) / tensorboard_folder))
 
     def drop_after(self, step: int) -> None:
-        """Forget records past ``step`` (a resumed run redoes those steps)."""
+        """Forget records past ``step`` (a resumed run redoes those steps), in TensorBoard too."""
+        self.resumed_at = step
         if not self.enabled or not self.path.is_file():
             return
         lines = self.path.read_text().splitlines()
@@ -89,6 +85,12 @@ class MetricsLogger:
         print(self.progress_line(record, total_steps, eta_s), flush=True)
         if record.get("validation"):
             print(self.validation_line(record["step"], record["validation"]), flush=True)
+        if self.tb_folder is not None and self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter  # the config check saw it installed
+
+            # A resumed run marks where it restarts: TensorBoard drops the interrupted run's later points
+            self.tb = SummaryWriter(str(self.tb_folder),
+                                    purge_step=None if self.resumed_at is None else self.resumed_at + 1)
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":

@@ -100,6 +100,9 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     if config.optimizer.implementation == "fused" and not torch.cuda.is_available():
         raise ConfigError("`optimizer.implementation` = 'fused' needs CUDA: use foreach on CPU")
     _check_profiling(config.profiling)
+    if config.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("`metrics.enable_tensorboard` = true needs the tensorboard package: pip install "
+                          "'titan_dsv4[metrics]'")
     sources = [("training", t.dataset, t.dataset_path)]
     if config.validation.enable:
         v = config.validation
