@@ -15,7 +15,7 @@ class GarbageCollection:
     """Automatic collection off from construction to :meth:`close`; a full collection every ``freq`` steps."""
 
     def __init__(self, freq: int):
-        self.freq = freq
+        self.freq, self.was_enabled = freq, gc.isenabled()
         gc.disable()
         gc.collect()
 
@@ -24,4 +24,5 @@ class GarbageCollection:
             gc.collect()
 
     def close(self) -> None:
-        gc.enable()
+        if self.was_enabled:
+            gc.enable()
