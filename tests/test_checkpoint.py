@@ -68,6 +68,19 @@ def test_kill_9_mid_training_then_rerun_equals_uninterrupted(tmp_path, uninterru
 
 
 @pytest.mark.slow
+def test_load_step_goes_back_to_an_older_checkpoint(tmp_path, uninterrupted):
+    """The finished run's folder, rerun with load_step 2 (steps 4 and 6 are newer): it continues from step 2,
+    drops the later records and redoes steps 3-6 exactly; step-4 and step-6 are rewritten."""
+    shutil.copytree(uninterrupted[0], tmp_path, dirs_exist_ok=True)
+    cmd, env = training_command(tmp_path, *BASE, *LOCAL_4, "--checkpoint.load_step", "2")
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "titan_dsv4: resumed at step 2" in result.stdout
+    assert_same_run(read_metrics(tmp_path), uninterrupted[1])
+    assert complete(tmp_path) == ["step-2", "step-4", "step-6"]
+
+
+@pytest.mark.slow
 def test_a_resumed_run_takes_its_own_learning_rate_schedule(tmp_path, uninterrupted):
     """The learning rate is not in the checkpoint: resumed at step 2 with twice the debug config's
     `optimizer.lr` (3e-3), every later step runs at twice the original run's rate."""
