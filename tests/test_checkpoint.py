@@ -81,6 +81,33 @@ def test_load_step_goes_back_to_an_older_checkpoint(tmp_path, uninterrupted):
 
 
 @pytest.mark.slow
+def test_a_weights_only_last_save_resumes_with_fresh_optimizer_state(tmp_path):
+    """last_save_model_only: step-4 holds the model and no optimizer entry (step-2 has them). Extending the
+    run to 6 steps resumes from it, says so, and trains step 5 from the weights a 6-step run has there (the
+    same loss and gradient norm; no lr decay, so the two schedules agree) but with AdamW's moments restarted
+    (step 6 differs)."""
+    constant_lr = ("--lr_scheduler.decay_ratio", "0")
+    reference = run_training(tmp_path / "reference", *BASE, *LOCAL_4, *constant_lr)
+    dump = tmp_path / "extended"
+    run_training(dump, *BASE, *LOCAL_4, *constant_lr, "--training.steps", "4", "--checkpoint.last_save_model_only")
+    saved = {step: FileSystemReader(str(dump / "checkpoint" / f"step-{step}")).read_metadata().state_dict_metadata
+             for step in (2, 4)}
+    assert any(key.startswith("optimizer.") for key in saved[2])
+    assert not any(key.startswith("optimizer.") for key in saved[4])
+    assert {k for k in saved[2] if not k.startswith("optimizer.")} == set(saved[4])
+    cmd, env = training_command(dump, *BASE, *LOCAL_4, *constant_lr)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "titan_dsv4: resumed at step 4" in result.stdout
+    assert "has no optimizer state for" in result.stdout and "AdamW state starts from zero" in result.stdout
+    records = read_metrics(dump)
+    assert_same_run(records[:4], reference[:4])
+    assert [r["step"] for r in records[4:]] == [5, 6]
+    assert (records[4]["loss"], records[4]["grad_norm"]) == (reference[4]["loss"], reference[4]["grad_norm"])
+    assert records[5]["loss"] != reference[5]["loss"]
+
+
+@pytest.mark.slow
 def test_a_resumed_run_takes_its_own_learning_rate_schedule(tmp_path, uninterrupted):
     """The learning rate is not in the checkpoint: resumed at step 2 with twice the debug config's
     `optimizer.lr` (3e-3), every later step runs at twice the original run's rate."""
