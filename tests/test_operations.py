@@ -5,8 +5,10 @@ long while starting, short after the first step, so a stalled rank ends the job 
 import gc
 import json
 import shutil
+import struct
 import subprocess
 import weakref
+from pathlib import Path
 
 import pytest
 
@@ -134,33 +136,77 @@ def expected_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def wandb_offline_runs(folder) -> list[tuple[str, dict, dict[str, list[tuple[int, float]]]]]:
+    """Each offline W&B run under ``folder``, oldest first: its id, config and scalar series, read from its
+    ``.wandb`` file (a LevelDB log of W&B's protobuf records after a 7-byte header)."""
+    from wandb.proto import wandb_internal_pb2
+
+    runs = []
+    for run_file in sorted(Path(folder).glob("offline-run-*/run-*.wandb")):
+        data, pos, pending, block = run_file.read_bytes(), 7, b"", 32768
+        run_id, config, series = None, {}, {}
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind not in (1, 4):  # FULL and LAST end a record; FIRST and MIDDLE continue it
+                continue
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "run":
+                run_id = record.run.run_id
+                config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+            elif record.WhichOneof("record_type") == "history":
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.history.item}
+                for tag, value in row.items():
+                    if not tag.startswith("_"):
+                        series.setdefault(tag, []).append((record.history.step.num, value))
+        runs.append((run_id, config, series))
+    return runs
+
+
+def assert_same_series(got: dict, want: dict, rel: float) -> None:
+    assert set(got) == set(want)
+    for tag, points in want.items():
+        assert [step for step, _ in got[tag]] == [step for step, _ in points], tag
+        assert [value for _, value in got[tag]] == pytest.approx([value for _, value in points], rel=rel), tag
+
+
 @pytest.mark.slow
-def test_tensorboard_holds_metrics_jsonl_after_a_resumed_run_redoes_steps(tmp_path):
+def test_dashboards_hold_metrics_jsonl_after_a_resumed_run_redoes_steps(tmp_path, monkeypatch):
     """A run saves at step 2 and reaches step 4; its step-4 checkpoint is lost (as in a crash before that save)
-    and the rerun, at twice the learning rate, redoes steps 3-4: TensorBoard shows each step once, the
-    rerun's values for 3-4 (float32 of metrics.jsonl's)."""
+    and the rerun, at twice the learning rate, redoes steps 3-4. TensorBoard shows each step once, the
+    rerun's values for 3-4 (float32 of metrics.jsonl's); the rerun continues the same W&B run, which holds
+    exactly what metrics.jsonl held at each run's end."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
     dump = tmp_path / "run"
     run = ("--training.steps", "4", "--training.local_batch_size", "4", "--training.seq_len", "128",
            "--checkpoint.enable", "--checkpoint.interval", "2", "--metrics.enable_tensorboard",
-           "--validation.freq", "2", "--validation.steps", "1")
+           "--metrics.enable_wandb", "--validation.freq", "2", "--validation.steps", "1")
     first = run_training(dump, *run)
     shutil.rmtree(dump / "checkpoint" / "step-4")
     records = run_training(dump, *run, "--optimizer.lr", "6e-3")
     assert [r["step"] for r in records] == [1, 2, 3, 4] and records[:2] == first[:2]
     assert records[3]["loss"] != first[3]["loss"]
-    want = expected_series(records)
-    got = tensorboard_scalars(dump / "tb")
-    assert set(got) == set(want)
-    for tag, points in want.items():
-        assert [step for step, _ in got[tag]] == [step for step, _ in points], tag
-        assert [value for _, value in got[tag]] == pytest.approx([value for _, value in points], rel=1e-6), tag
+    assert_same_series(tensorboard_scalars(dump / "tb"), expected_series(records), rel=1e-6)
+    (first_id, config, first_series), (second_id, second_config, second_series) = wandb_offline_runs(dump / "wandb")
+    assert second_id == first_id
+    assert config["training"]["steps"] == 4 and second_config["optimizer"]["lr"] == 6e-3
+    assert_same_series(first_series, expected_series(first), rel=0)
+    assert_same_series(second_series, expected_series(records[2:]), rel=0)
 
 
-def test_tensorboard_without_the_package_exits_2(tmp_path):
-    cmd, env = training_command(tmp_path, "--metrics.enable_tensorboard", module=(
-        "-c", "import sys; sys.modules['tensorboard'] = None; from titan_dsv4.train import main; "
+@pytest.mark.parametrize("key,package,extra", [("enable_tensorboard", "tensorboard", "metrics"),
+                                               ("enable_wandb", "wandb", "wandb")])
+def test_a_dashboard_without_its_package_exits_2(tmp_path, key, package, extra):
+    cmd, env = training_command(tmp_path, f"--metrics.{key}", module=(
+        "-c", f"import sys; sys.modules['{package}'] = None; from titan_dsv4.train import main; "
               "sys.exit(main(sys.argv[1:]))"))
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("titan_dsv4: config error: `metrics.enable_tensorboard` = true needs the "
-                                     "tensorboard package: pip install 'titan_dsv4[metrics]'")
+    assert result.stderr.strip() == (f"titan_dsv4: config error: `metrics.{key}` = true needs the {package} "
+                                     f"package: pip install 'titan_dsv4[{extra}]'")

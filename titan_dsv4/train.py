@@ -7,6 +7,7 @@ the run with exit code 2 and one line on stderr before any process group or mode
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -114,8 +115,6 @@ class Trainer:
         self.optimizer = build_optimizer(params, config.optimizer, matrices)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.training.steps, config.lr_scheduler)
         self.metrics = MetricsLogger(config.job.dump_folder, enabled=self.rank == 0,
-                                     tensorboard_folder=config.metrics.save_tb_folder
-                                     if config.metrics.enable_tensorboard else None,
                                      color=not config.metrics.disable_color_printing)
         self.step = 0
         ck = config.checkpoint
@@ -140,6 +139,9 @@ class Trainer:
                 self._restore(self.checkpointer.load_from(Path(ck.initial_load_path)))
         if self.pipeline is not None and (resume is not None or ck.initial_load_path):
             self.pipeline.ties.copy_from_source()
+        m = config.metrics
+        self.metrics.open_dashboards(m.save_tb_folder if m.enable_tensorboard else None,
+                                     dataclasses.asdict(config) if m.enable_wandb else None, resume)
         self._signal: int | None = None
         self._grace_timer: threading.Timer | None = None
 

@@ -1,4 +1,4 @@
-"""Step metrics: a console line, ``{dump_folder}/metrics.jsonl`` and optionally TensorBoard.
+"""Step metrics: a console line, ``{dump_folder}/metrics.jsonl`` and optionally TensorBoard and W&B.
 
 ``metrics.jsonl`` is a public contract (README "Metrics"): one JSON object per logged step with at least
 ``step``, ``loss`` (main LM cross-entropy per valid token, without MTP), ``mtp_losses`` (one float per
@@ -16,9 +16,11 @@ indexer loss: it trains only the indexer, whose inputs are detached from the mai
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,20 +56,60 @@ def memory_record(device: torch.device) -> dict:
             "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0)}
 
 
+def scalars(record: dict) -> dict[str, float]:
+    """A record's numbers as dashboard series: top-level numbers under their keys (booleans as 0/1), each
+    MTP depth and each MoE its own series, validation under ``validation/``."""
+    out = {key: float(value) for key, value in record.items()
+           if isinstance(value, (int, float)) and key != "step"}
+    for prefix, losses in (("", record), ("validation/", record.get("validation"))):
+        if not losses:
+            continue
+        if prefix:
+            out[f"{prefix}loss"] = losses["loss"]
+        for k, (loss, acceptance) in enumerate(zip(losses["mtp_losses"], losses["mtp_acceptance"])):
+            out[f"{prefix}mtp_loss/depth_{k}"] = loss
+            out[f"{prefix}mtp_acceptance/depth_{k}"] = acceptance
+    for moe, violation in record.get("moe_max_violation", {}).items():
+        out[f"moe_max_violation/{moe}"] = violation
+    return out
+
+
 class MetricsLogger:
-    def __init__(self, dump_folder: str, enabled: bool, tensorboard_folder: str | None, color: bool):
-        self.enabled = enabled
-        self.path = Path(dump_folder) / "metrics.jsonl"
+    """Global rank 0 logs (``enabled``); the others keep an inert logger."""
+
+    def __init__(self, dump_folder: str, enabled: bool, color: bool):
+        self.enabled, self.dump_folder = enabled, Path(dump_folder)
+        self.path = self.dump_folder / "metrics.jsonl"
         self.color = color and sys.stdout.isatty()
-        self.tb = None
-        self.tb_folder = Path(dump_folder) / tensorboard_folder if enabled and tensorboard_folder else None
-        self.resumed_at: int | None = None
+        self.tb: Any = None
+        self.wandb: Any = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def open_dashboards(self, tensorboard_folder: str | None, wandb_config: dict | None,
+                        resumed_at: int | None) -> None:
+        """Start TensorBoard (``{dump_folder}/{tensorboard_folder}``) and W&B (``wandb_config``: the run's
+        configuration) once the trainer knows whether it resumed. A resumed run marks its restart in
+        TensorBoard, which then drops the interrupted run's later points, and continues the W&B run whose id
+        ``{dump_folder}/wandb_run_id`` holds. The config check saw both packages installed."""
+        if not self.enabled:
+            return
+        if tensorboard_folder:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.dump_folder / tensorboard_folder),
+                                    purge_step=None if resumed_at is None else resumed_at + 1)
+        if wandb_config is not None:
+            import wandb
+
+            id_file = self.dump_folder / "wandb_run_id"
+            run_id = id_file.read_text().strip() if resumed_at is not None and id_file.is_file() else None
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "titan_dsv4"), dir=str(self.dump_folder),
+                                    config=wandb_config, id=run_id, resume="allow" if run_id else None)
+            id_file.write_text(self.wandb.id + "\n")
+
     def drop_after(self, step: int) -> None:
-        """Forget records past ``step`` (a resumed run redoes those steps), in TensorBoard too."""
-        self.resumed_at = step
+        """Forget records past ``step`` (a resumed run redoes those steps)."""
         if not self.enabled or not self.path.is_file():
             return
         lines = self.path.read_text().splitlines()
@@ -85,27 +127,13 @@ class MetricsLogger:
         print(self.progress_line(record, total_steps, eta_s), flush=True)
         if record.get("validation"):
             print(self.validation_line(record["step"], record["validation"]), flush=True)
-        if self.tb_folder is not None and self.tb is None:
-            from torch.utils.tensorboard import SummaryWriter  # the config check saw it installed
-
-            # A resumed run marks where it restarts: TensorBoard drops the interrupted run's later points
-            self.tb = SummaryWriter(str(self.tb_folder),
-                                    purge_step=None if self.resumed_at is None else self.resumed_at + 1)
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
-            self._tb_depths("", record, record["step"])
-            if record.get("validation"):
-                self.tb.add_scalar("validation/loss", record["validation"]["loss"], record["step"])
-                self._tb_depths("validation/", record["validation"], record["step"])
-            for moe, violation in record.get("moe_max_violation", {}).items():
-                self.tb.add_scalar(f"moe_max_violation/{moe}", violation, record["step"])
-
-    def _tb_depths(self, prefix: str, losses: dict, step: int) -> None:
-        for k, (loss, acc) in enumerate(zip(losses["mtp_losses"], losses["mtp_acceptance"])):
-            self.tb.add_scalar(f"{prefix}mtp_loss/depth_{k}", loss, step)
-            self.tb.add_scalar(f"{prefix}mtp_acceptance/depth_{k}", acc, step)
+        if self.tb is not None or self.wandb is not None:
+            series = scalars(record)
+            if self.tb is not None:
+                for tag, value in series.items():
+                    self.tb.add_scalar(tag, value, record["step"])
+            if self.wandb is not None:
+                self.wandb.log(series, step=record["step"])
 
     def validation_line(self, step: int, losses: dict) -> str:
         """``validation at step 100  loss 3.52  mtp0 3.91 acc 40%  (262,144 tokens)``"""
@@ -139,6 +167,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _loss_parts(losses: dict) -> list[str]:

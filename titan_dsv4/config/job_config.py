@@ -140,6 +140,9 @@ class Metrics:
     log_freq: int = 1  # steps between console lines and metrics.jsonl records
     enable_tensorboard: bool = False  # needs the metrics extra (pip install titan_dsv4[metrics])
     save_tb_folder: str = "tb"  # under job.dump_folder
+    # Weights & Biases (pip install titan_dsv4[wandb]); WANDB_PROJECT (default titan_dsv4), WANDB_ENTITY,
+    # WANDB_NAME, WANDB_MODE=offline etc. from the environment; a resumed run continues its W&B run
+    enable_wandb: bool = False
     disable_color_printing: bool = False  # plain console lines (colour only on a terminal anyway)
     peak_tflops: float | None = None  # one device's bf16 peak for MFU; None: known GPUs by name (null on CPU)
 

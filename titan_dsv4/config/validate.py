@@ -100,9 +100,10 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     if config.optimizer.implementation == "fused" and not torch.cuda.is_available():
         raise ConfigError("`optimizer.implementation` = 'fused' needs CUDA: use foreach on CPU")
     _check_profiling(config.profiling)
-    if config.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("`metrics.enable_tensorboard` = true needs the tensorboard package: pip install "
-                          "'titan_dsv4[metrics]'")
+    for key, package, extra in (("enable_tensorboard", "tensorboard", "metrics"), ("enable_wandb", "wandb", "wandb")):
+        if getattr(config.metrics, key) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"`metrics.{key}` = true needs the {package} package: pip install "
+                              f"'titan_dsv4[{extra}]'")
     sources = [("training", t.dataset, t.dataset_path)]
     if config.validation.enable:
         v = config.validation
