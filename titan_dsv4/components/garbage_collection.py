@@ -2,7 +2,7 @@
 
 Left automatic, it starts whenever allocations pass a threshold, at a different moment on each rank, and a
 pipeline or FSDP collective then waits for the slowest rank's pause; at scale some rank is always pausing.
-Training itself leaves no tensor to the collector (tests/test_train_cli.py checks a pipelined run), so the
+Training itself leaves no tensor to the collector (tests/test_operations.py checks a pipelined run), so the
 deferred garbage is a few small Python objects per step.
 """
 

@@ -176,7 +176,8 @@ class Profiling:
 @dataclass
 class Comm:
     # how long a collective may wait for the other ranks before the job fails: start-up (loading the
-    # released checkpoint from shared storage), the first step (compiling) and checkpoint saves
+    # released checkpoint from shared storage), the first step (compiling), the first validation, checkpoint
+    # saves and the HF export
     init_timeout_seconds: int = 1800
     train_timeout_seconds: int = 300  # every other step: a hung or dead rank ends the job this soon
 

@@ -6,7 +6,7 @@ import importlib
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import timedelta
 
 import torch
@@ -34,7 +34,7 @@ def init_distributed(device: torch.device, timeout_s: float | None = None) -> No
                             timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
 
 
-def set_collective_timeout(seconds: float, keep: Iterable[dist.ProcessGroup | None] = ()) -> None:
+def set_collective_timeout(seconds: float, keep: Collection[dist.ProcessGroup | None] = ()) -> None:
     """How long a collective of any process group of this rank (but ``keep``) waits for the others before it
     fails the job (NCCL's watchdog aborts the process, gloo raises). Groups made after init_process_group
     (device meshes, pipeline ties) start with the backend's default (NCCL 10 min, gloo 30 min), so this
