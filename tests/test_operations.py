@@ -179,9 +179,9 @@ def assert_same_series(got: dict, want: dict, rel: float) -> None:
 @pytest.mark.slow
 def test_dashboards_hold_metrics_jsonl_after_a_resumed_run_redoes_steps(tmp_path, monkeypatch):
     """A run saves at step 2 and reaches step 4; its step-4 checkpoint is lost (as in a crash before that save)
-    and the rerun, at twice the learning rate, redoes steps 3-4. TensorBoard shows each step once, the
-    rerun's values for 3-4 (float32 of metrics.jsonl's); the rerun continues the same W&B run, which holds
-    exactly what metrics.jsonl held at each run's end."""
+    and the rerun, at twice the learning rate, redoes steps 3-4 and goes on to 6. TensorBoard shows each step
+    once, the rerun's values from step 3 (float32 of metrics.jsonl's); the rerun continues the same W&B run
+    from step 5 (W&B keeps the steps it has), each run's part exactly its metrics.jsonl records."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     dump = tmp_path / "run"
     run = ("--training.steps", "4", "--training.local_batch_size", "4", "--training.seq_len", "128",
@@ -189,15 +189,15 @@ def test_dashboards_hold_metrics_jsonl_after_a_resumed_run_redoes_steps(tmp_path
            "--metrics.enable_wandb", "--validation.freq", "2", "--validation.steps", "1")
     first = run_training(dump, *run)
     shutil.rmtree(dump / "checkpoint" / "step-4")
-    records = run_training(dump, *run, "--optimizer.lr", "6e-3")
-    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[:2] == first[:2]
+    records = run_training(dump, *run, "--optimizer.lr", "6e-3", "--training.steps", "6")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and records[:2] == first[:2]
     assert records[3]["loss"] != first[3]["loss"]
     assert_same_series(tensorboard_scalars(dump / "tb"), expected_series(records), rel=1e-6)
     (first_id, config, first_series), (second_id, second_config, second_series) = wandb_offline_runs(dump / "wandb")
     assert second_id == first_id
-    assert config["training"]["steps"] == 4 and second_config["optimizer"]["lr"] == 6e-3
+    assert config["training"]["steps"] == 4 and second_config["training"]["steps"] == 6
     assert_same_series(first_series, expected_series(first), rel=0)
-    assert_same_series(second_series, expected_series(records[2:]), rel=0)
+    assert_same_series(second_series, expected_series(records[4:]), rel=0)
 
 
 @pytest.mark.parametrize("key,package,extra", [("enable_tensorboard", "tensorboard", "metrics"),

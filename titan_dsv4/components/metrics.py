@@ -83,6 +83,7 @@ class MetricsLogger:
         self.color = color and sys.stdout.isatty()
         self.tb: Any = None
         self.wandb: Any = None
+        self.logged_until = 0  # the last step an interrupted run logged (W&B keeps the values it has)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -91,7 +92,8 @@ class MetricsLogger:
         """Start TensorBoard (``{dump_folder}/{tensorboard_folder}``) and W&B (``wandb_config``: the run's
         configuration) once the trainer knows whether it resumed. A resumed run marks its restart in
         TensorBoard, which then drops the interrupted run's later points, and continues the W&B run whose id
-        ``{dump_folder}/wandb_run_id`` holds. The config check saw both packages installed."""
+        ``{dump_folder}/wandb_run_id`` holds from the first step the interrupted run did not log (W&B ignores
+        a step it has, with a warning). The config check saw both packages installed."""
         if not self.enabled:
             return
         if tensorboard_folder:
@@ -113,6 +115,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.is_file():
             return
         lines = self.path.read_text().splitlines()
+        self.logged_until = max((json.loads(line)["step"] for line in lines), default=0)
         kept = [line for line in lines if json.loads(line)["step"] <= step]
         if len(kept) != len(lines):
             tmp = self.path.with_suffix(".tmp")
@@ -132,7 +135,7 @@ class MetricsLogger:
             if self.tb is not None:
                 for tag, value in series.items():
                     self.tb.add_scalar(tag, value, record["step"])
-            if self.wandb is not None:
+            if self.wandb is not None and record["step"] > self.logged_until:
                 self.wandb.log(series, step=record["step"])
 
     def validation_line(self, step: int, losses: dict) -> str:
