@@ -61,6 +61,10 @@ def test_a_pipelined_run_collects_only_every_gc_freq_steps_and_leaves_no_tensor_
         assert [c["tensors"] for c in collections] == [0, 0, 0, 0], (rank, collections)
 
 
+PHASES = ["titan_dsv4/data_wait", "titan_dsv4/forward_backward", "titan_dsv4/gradients", "titan_dsv4/optimizer",
+          "titan_dsv4/expert_balance"]
+
+
 def trace_events(path) -> list[dict]:
     return json.loads(path.read_text())["traceEvents"]
 
@@ -83,6 +87,8 @@ def test_profiler_traces_each_rank_at_multiples_of_profile_freq_across_a_resume(
             steps = [e for e in events if e.get("name", "").startswith("ProfilerStep#")]
             assert len(steps) == 1, (step, rank, [e["name"] for e in steps])  # profiler_active = 1
             assert any(e.get("name") == "aten::mm" for e in events)  # the step's compute is in it
+            phases = [e["name"] for e in events if e.get("name", "").startswith("titan_dsv4/")]
+            assert sorted(phases) == sorted(PHASES), (step, rank, phases)  # each phase of the one step, once
 
 
 @pytest.mark.slow

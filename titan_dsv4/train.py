@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torch.profiler import record_function
 
 from .components.checkpoint import (
     CheckpointError,
@@ -175,7 +176,7 @@ class Trainer:
             print(f"titan_dsv4: resumed at step {self.step}", flush=True)
 
     def save_checkpoint(self, model_only: bool = False) -> None:
-        with self._long_collectives():
+        with self._long_collectives(), record_function("titan_dsv4/checkpoint"):
             self.checkpointer.save(self.step, self._trainer_state(), model_only)
 
     def finish_checkpoints(self) -> None:
@@ -227,25 +228,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
-        loading = time.perf_counter()
-        batches = [next(self.dataloader) for _ in range(self.setup.grad_accum_steps)]
-        loading = time.perf_counter() - loading
-        targets = [build_targets(b.labels, b.positions, self.num_mtp) for b in batches]
-        valid = torch.tensor(sum(int((t[..., 0] != IGNORE_INDEX).sum()) for t in targets), dtype=torch.float32)
-        # a batch without labels (conversations whose answers were all cut) has zero loss and gradient, not 0/0
-        global_valid = all_reduce_sum(valid.to(self._comm_device()), self.dp_group).to(self.device).clamp_(min=1)
-        for batch, target in zip(batches, targets):
-            ids, pos, target = (x.to(self.device) for x in (batch.input_ids, batch.positions, target))
+        """One optimizer step; its phases are named ranges in profiler traces (``titan_dsv4/...``)."""
+        with record_function("titan_dsv4/data_wait"):
+            loading = time.perf_counter()
+            batches = [next(self.dataloader) for _ in range(self.setup.grad_accum_steps)]
+            loading = time.perf_counter() - loading
+            targets = [build_targets(b.labels, b.positions, self.num_mtp) for b in batches]
+            valid = torch.tensor(sum(int((t[..., 0] != IGNORE_INDEX).sum()) for t in targets), dtype=torch.float32)
+            # a batch without labels (conversations whose answers were all cut) has zero loss and gradient
+            global_valid = all_reduce_sum(valid.to(self._comm_device()), self.dp_group).to(self.device).clamp_(min=1)
+        with record_function("titan_dsv4/forward_backward"):
+            for batch, target in zip(batches, targets):
+                ids, pos, target = (x.to(self.device) for x in (batch.input_ids, batch.positions, target))
+                if self.pipeline is not None:
+                    self.pipeline.step(ids, pos, target, global_valid)
+                else:
+                    self.loss_fn(self.model_parts[0](ids, pos, targets=target), target, global_valid).backward()
+        with record_function("titan_dsv4/gradients"):  # tied replicas, replicated parameters, clipping
             if self.pipeline is not None:
-                self.pipeline.step(ids, pos, target, global_valid)
-            else:
-                self.loss_fn(self.model_parts[0](ids, pos, targets=target), target, global_valid).backward()
-        if self.pipeline is not None:
-            self.pipeline.ties.reduce_grads()
-        reduce_replicated_grads(self.norm_params, self.dp_group)
-        grad_norm = clip_grad_norm_(self.norm_params, self.config.training.max_norm, self.pp_group)
-        n_calls = len(batches) * (self.pipeline.plan.n_microbatches if self.pipeline else 1)
-        summary = self._summarise_losses(self.loss_fn.take_parts(last=n_calls))
+                self.pipeline.ties.reduce_grads()
+            reduce_replicated_grads(self.norm_params, self.dp_group)
+            grad_norm = clip_grad_norm_(self.norm_params, self.config.training.max_norm, self.pp_group)
+            n_calls = len(batches) * (self.pipeline.plan.n_microbatches if self.pipeline else 1)
+            summary = self._summarise_losses(self.loss_fn.take_parts(last=n_calls))
         lr = self.optimizer.param_groups[0]["lr"]
         summary.update(grad_norm=float(grad_norm), lr=lr, indexer_loss=self._take_indexer_loss(), skipped=False,
                        data_loading_s=loading)
@@ -255,18 +260,20 @@ class Trainer:
             raise NonFiniteError(f"non-finite loss or gradient norm at step {self.step + 1} (loss "
                                  f"{summary['total_loss']}, grad_norm {summary['grad_norm']}); set "
                                  "training.skip_nonfinite_steps = true to skip such steps instead")
-        if finite:
-            self.optimizer.step()
-            if self.pipeline is not None:
-                self.pipeline.ties.after_optimizer_step()
-        summary["skipped"] = not finite
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        violations = update_expert_bias(self.model_parts,
-                                        self.config.training.expert_bias_update_speed if finite else 0.0,
-                                        self.dp_group)
-        summary["moe_max_violation"] = gather_max_violations(violations, self.learned_routing_moes, self.pp_group,
-                                                             self._comm_device())
+        with record_function("titan_dsv4/optimizer"):
+            if finite:
+                self.optimizer.step()
+                if self.pipeline is not None:
+                    self.pipeline.ties.after_optimizer_step()
+            summary["skipped"] = not finite
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with record_function("titan_dsv4/expert_balance"):
+            violations = update_expert_bias(self.model_parts,
+                                            self.config.training.expert_bias_update_speed if finite else 0.0,
+                                            self.dp_group)
+            summary["moe_max_violation"] = gather_max_violations(violations, self.learned_routing_moes,
+                                                                 self.pp_group, self._comm_device())
         return summary
 
     def _summarise_losses(self, parts: torch.Tensor | None) -> dict:
@@ -319,7 +326,8 @@ class Trainer:
         """Main and per-depth MTP loss and acceptance on the validation batches; the model in eval mode (it
         counts no expert loads and trains no indexer). The first runs under the start-up timeout (a compiled
         model compiles its eval graphs then)."""
-        with contextlib.nullcontext() if self._validated else self._long_collectives():
+        with contextlib.nullcontext() if self._validated else self._long_collectives(), \
+                record_function("titan_dsv4/validation"):
             self._validated = True
             return self._validate()
 
