@@ -106,6 +106,8 @@ class MetricsLogger:
 
             id_file = self.dump_folder / "wandb_run_id"
             run_id = id_file.read_text().strip() if resumed_at is not None and id_file.is_file() else None
+            if run_id is None:  # a new W&B run has none of the interrupted run's steps
+                self.logged_until = 0
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "titan_dsv4"), dir=str(self.dump_folder),
                                     config=wandb_config, id=run_id, resume="allow" if run_id else None)
             id_file.write_text(self.wandb.id + "\n")
