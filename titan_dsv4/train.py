@@ -418,7 +418,7 @@ class Trainer:
                                                       or self.step == cfg.training.steps):
                     final = self.step == cfg.training.steps
                     self.save_checkpoint(model_only=final and cfg.checkpoint.last_save_model_only)
-                profiler.step()
+                profiler.step(self.step)
                 collector.step(self.step)
             if self.checkpointer is not None:
                 self.finish_checkpoints()

@@ -117,8 +117,9 @@ class MetricsLogger:
         if not self.enabled or not self.path.is_file():
             return
         lines = self.path.read_text().splitlines()
-        self.logged_until = max((json.loads(line)["step"] for line in lines), default=0)
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        steps = [json.loads(line)["step"] for line in lines]
+        self.logged_until = max(steps, default=0)
+        kept = [line for line, logged in zip(lines, steps) if logged <= step]
         if len(kept) != len(lines):
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))

@@ -19,11 +19,11 @@ MEMORY_SNAPSHOT_MAX_ENTRIES = 100_000  # allocation events kept (a ring): enough
 
 
 class StepProfiler:
-    """Call :meth:`step` after every training step and :meth:`close` at the end; :meth:`snapshot_oom`
+    """Call :meth:`step` with each training step done and :meth:`close` at the end; :meth:`snapshot_oom`
     on a CUDA out-of-memory error before it propagates."""
 
     def __init__(self, config: Profiling, dump_folder: str, rank: int, first_step: int):
-        self.config, self.rank, self.step_count = config, rank, first_step
+        self.config, self.rank, self.step_count = config, rank, first_step  # the last step done
         self.trace_folder = Path(dump_folder) / config.save_traces_folder
         self.snapshot_folder = Path(dump_folder) / config.save_memory_snapshot_folder
         self.profiler: profile | None = None
@@ -39,8 +39,8 @@ class StepProfiler:
         if config.enable_memory_snapshot:
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_SNAPSHOT_MAX_ENTRIES)
 
-    def step(self) -> None:
-        self.step_count += 1
+    def step(self, step: int) -> None:
+        self.step_count = step
         if self.profiler is not None:
             self.profiler.step()
         if self.config.enable_memory_snapshot and self.step_count % self.config.profile_freq == 0:
