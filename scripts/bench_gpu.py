@@ -125,13 +125,16 @@ def step_fn(model, loss_fn, ids, targets):
 
 
 def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = False,
-                 checkpointing: tuple[str, str] | None = None, fused_attention: bool = True) -> dict:
+                 checkpointing: tuple[str, str] | None = None, fused_attention: bool = True,
+                 expert_qat: str = "none") -> dict:
     """``checkpointing``: ``(activation_checkpoint.mode, selective_ac_option)`` applied to every block;
-    ``fused_attention=False``: the blocked torch attention instead of the Triton kernel."""
+    ``fused_attention=False``: the blocked torch attention instead of the Triton kernel; ``expert_qat``: the
+    routed experts' quantisation-aware training (``[model] expert_qat``)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     model = build(mtp, device)
     model.set_attention_kernel("auto" if fused_attention else "torch")
+    model.set_expert_qat(expert_qat)
     args = model.args
     ids, targets = batch(args, opts.batch, opts.seq, device)
     loss_fn = MTPLoss()
@@ -354,7 +357,11 @@ def check_fast_paths_on_gpu(device) -> dict:
     exact_paths(True)
     plain = fp32_linear.fp32_linear(a, w)
     exact_paths(False)
+    from titan_dsv4.models.deepseek_v4.moe import EXPERT_QAT
+    qat_equal = {fmt: torch.equal(rounding(experts.w2.detach()).cpu(), rounding(experts.w2.detach().cpu()))
+                 for fmt, rounding in EXPERT_QAT.items()}  # compiled on CUDA vs the CPU's eager ops, bit for bit
     return dict(model_out_rel_err=out_err, model_grad_rel_err=grad_err, grouped_mm_rel_err=gmm_err,
+                qat_rounding_equal=qat_equal,
                 fp32_linear_max_err=(split - ref).abs().max().item(),
                 fp32_gemm_max_err=(plain - ref).abs().max().item(),
                 fused_attention_rel_err=fused_attention_error(device) if attention_kernel.available(device) else None)
@@ -395,6 +402,7 @@ def main() -> None:
     summary["datasheet_peak_tflops"] = peak
     part("fast_mtp0", lambda: measure_step(0, opts, device, peak))
     part("fast_mtp1", lambda: measure_step(1, opts, device, peak))
+    part("qat_fp4_mtp1", lambda: measure_step(1, opts, device, peak, expert_qat="fp4"))  # its cost vs fast_mtp1
     if opts.compile_blocks:  # whole blocks compiled (no graph breaks on these paths): the step users run
         part("compiled_mtp1", lambda: measure_step(1, opts, device, peak, compile_blocks=True))
 

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 for overrides in "--training.seq_len 4096 --training.local_batch_size 4" \
                  "--training.seq_len 4096 --training.local_batch_size 4 --activation_checkpoint.mode full" \
+                 "--training.seq_len 4096 --training.local_batch_size 4 --model.expert_qat fp4" \
                  "--model.flavor debugmodel_mtp2 --training.seq_len 8192 --training.local_batch_size 2"; do
   args="--job.config_file $PWD/train_configs/debug_model.toml --parallelism.pipeline_parallel_degree 1 $overrides"
   (cd tests && python3 memory_worker.py /tmp/plan_gpu.json $args --job.dump_folder /tmp/plan_gpu_run >/tmp/plan_gpu.log 2>&1) \

@@ -344,9 +344,10 @@ def component_hooks(model: torch.nn.Module, forward: _Forward):
             h.remove()
 
 
-def estimate(seq: int, batch: int, mtp: int, roofline: Roofline) -> tuple[CostModel, float]:
+def estimate(seq: int, batch: int, mtp: int, roofline: Roofline, expert_qat: str = "none") -> tuple[CostModel, float]:
     device = torch.device("meta")
     model = bench_gpu.build(mtp, device)
+    model.set_expert_qat(expert_qat)
     args = model.args
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     targets = torch.zeros(batch, seq, 1 + args.num_mtp_layers, dtype=torch.long, device=device)
@@ -402,10 +403,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp32-gemm-tflops", type=float, default=50.0)
     parser.add_argument("--bandwidth-tbs", type=float, default=4.0, help="attainable HBM bandwidth (H200 peak 4.8)")
     parser.add_argument("--kernel-floor-us", type=float, default=4.0)
+    parser.add_argument("--expert-qat", default="none", choices=["none", "fp4", "fp8"],
+                        help="the routed experts' quantisation-aware training ([model] expert_qat)")
     opts = parser.parse_args(argv)
     roofline = Roofline(opts.gemm_tflops * 1e12, opts.fp32_gemm_tflops * 1e12, opts.bandwidth_tbs * 1e12,
                         opts.kernel_floor_us * 1e-6)
-    costs, model_flops = estimate(opts.seq, opts.batch, opts.mtp, roofline)
+    costs, model_flops = estimate(opts.seq, opts.batch, opts.mtp, roofline, opts.expert_qat)
     print(report(costs, model_flops, opts.top))
 
 

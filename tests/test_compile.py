@@ -42,8 +42,8 @@ def test_compiled_blocks_and_loss_equal_eager(monkeypatch):
 
 def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(gpu_code_paths):
     """What an H100 run compiles (bf16, grouped expert GEMMs, bf16-part fp32 GEMMs, query-blocked attention,
-    a training indexer, full activation checkpointing) traces each block whole, still recomputes under
-    compile, and counts the expert loads and the indexer KL once, as the eager model without recompute does."""
+    a training indexer, full activation checkpointing, FP4 quantisation-aware experts) traces each block whole,
+    still recomputes under compile, and counts the expert loads and the indexer KL once, as the eager model without recompute does."""
     from torch._dynamo.utils import counters
 
     from titan_dsv4.models.deepseek_v4.parallelize import apply_activation_checkpointing
@@ -57,6 +57,7 @@ def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(gpu_c
         model.init_weights(0)
         model.train().to(torch.bfloat16)
         model.set_mtp_loss_scale(0.3)
+        model.set_expert_qat("fp4")
         for layer in model.modules():
             if hasattr(layer, "indexer_loss_scale") and layer.indexer is not None:
                 layer.indexer_loss_scale = 0.5

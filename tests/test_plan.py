@@ -102,3 +102,16 @@ def test_shipped_cluster_configs_fit_80gb(capsys, name, ngpu):
     out = capsys.readouterr().out
     assert "worst rank" in out and ": fits (" in out, out
     assert f"--ngpu {ngpu}" in path.read_text() and "--nodes" in path.read_text()
+
+
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["--parallelism.data_parallel_shard_degree", "2",
+                                                         "--parallelism.expert_parallel_degree", "2"])])
+def test_quantisation_aware_experts_add_their_rounded_copies(nproc, layout):
+    """Without activation checkpointing each MoE layer's GEMMs keep the rounded weights of the rank's experts
+    for backward: 3 matrices x (8 experts / EP) x 64 x 64 fp32 values, in 4 decoder + 1 MTP layers."""
+    base = ["--job.config_file", DEBUG_TOML, "--parallelism.pipeline_parallel_degree", "1",
+            "--training.local_batch_size", "4", *layout]
+    plain = plan_memory(load_config(base), nproc, device="cpu")[0]
+    qat = plan_memory(load_config([*base, "--model.expert_qat", "fp4"]), nproc, device="cpu")[0]
+    assert qat.activations - plain.activations == 5 * 3 * (8 // nproc) * 64 * 64 * 4
+    assert qat.total - plain.total == qat.activations - plain.activations

@@ -31,8 +31,9 @@ def from_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, de
 
 
 def save_pretrained(model, path: str | Path, *, dtype: torch.dtype = torch.bfloat16, quantize: str | None = None):
-    """Write ``model`` in the released DeepSeek-V4 layout (``quantize="fp8"``: 128x128 block FP8 with E8M0
-    scales for the weights the release stores in FP8)."""
+    """Write ``model`` in the released DeepSeek-V4 layout. ``quantize="fp8"``: 128x128-block FP8 with E8M0
+    scales for the weights the release stores in FP8 and the routed experts (the Base release); ``"fp4"``: the
+    same with the routed experts in FP4 (the instruct release)."""
     from .components.hf_checkpoint import checkpoint_tensors, save_hf
 
     save_hf(checkpoint_tensors(model), model.args, path, dtype=dtype, quantize=quantize)

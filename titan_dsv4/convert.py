@@ -1,7 +1,7 @@
 """Convert between Hugging Face safetensors and DCP checkpoints, one tensor at a time.
 
     python -m titan_dsv4.convert hf-to-dcp HF_DIR DCP_DIR [--dtype bfloat16] [--num-mtp-layers N]
-    python -m titan_dsv4.convert dcp-to-hf DCP_DIR HF_DIR [--dtype bfloat16] [--quantize fp8] [--max-shard-mb 4096]
+    python -m titan_dsv4.convert dcp-to-hf DCP_DIR HF_DIR [--dtype bfloat16] [--quantize fp8|fp4] [--max-shard-mb 4096]
 
 The DCP checkpoint holds the model's tensors under their FQNs (a model-only checkpoint, as torchtitan's)
 and a ``config.json`` beside it. Neither direction holds the model in memory: DCP's writer pulls each tensor
@@ -23,6 +23,7 @@ from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, F
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full_shapes, save_hf, storage_dtype
+from .components.quantization import QUANTIZE_FORMATS
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
 
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("destination")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--num-mtp-layers", type=int, default=None)
-    parser.add_argument("--quantize", default=None, choices=["fp8"])
+    parser.add_argument("--quantize", default=None, choices=list(QUANTIZE_FORMATS))
     parser.add_argument("--max-shard-mb", type=int, default=4096, help="dcp-to-hf: largest output shard")
     opts = parser.parse_args(argv)
     dtype = getattr(torch, opts.dtype)

@@ -162,13 +162,16 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
     model.set_mtp_loss_scale(config.mtp.loss_scaling_factor)
     model.set_attention_kernel(config.model.attention_kernel)
     model.set_sinkhorn_kernel(config.model.sinkhorn_kernel)
+    model.set_expert_qat(config.model.expert_qat)
     if config.training.indexer_loss_coeff > 0:
         model.set_indexer_loss_scale(1.0)
     for p in model.parameters():  # FSDP frees each unit's unsharded gradient after reduce-scatter: free now
         p.register_post_accumulate_grad_hook(lambda param: setattr(param, "grad", None))
     loss_fn = setup.spec.build_loss_fn(config, setup.model_args)
     original, deterministic = RoutedExperts.forward, torch.are_deterministic_algorithms_enabled()
-    RoutedExperts.forward = _shape_only_experts  # the exact loop needs expert counts, which meta lacks
+    ep = setup.parallel_dims.ep
+    # the exact loop needs expert counts, which meta lacks
+    RoutedExperts.forward = lambda experts, *inputs: _shape_only_experts(experts, *inputs, ep=ep)
     torch.use_deterministic_algorithms(config.training.deterministic)  # as the trainer: it picks the attention core
     try:
         with meta_as_gpu() if gpu else contextlib.nullcontext(), \
@@ -188,12 +191,17 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
                             weight_grad_inputs=tracker.param_outputs)
 
 
-def _shape_only_experts(self, xs: torch.Tensor, ws: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _shape_only_experts(self, xs: torch.Tensor, ws: torch.Tensor, counts: torch.Tensor, ep: int) -> torch.Tensor:
     """The routed experts' activations with the shapes of the grouped computation: every row through one
-    expert (weights detached: expert weight gradients are FSDP's per-unit term)."""
-    from .models.deepseek_v4.moe import local_tensor
+    expert (weights detached: expert weight gradients are FSDP's per-unit term). Under quantisation-aware
+    training the GEMMs keep the rounded weights of this rank's experts (``E / ep`` of each matrix) for
+    backward, as the real forward does."""
+    from .models.deepseek_v4.moe import FakeQuantized, local_tensor
 
-    return self.expert_ffn(xs, ws, *(local_tensor(w)[0].detach() for w in (self.w1, self.w2, self.w3)))
+    weights = [local_tensor(w).detach() for w in (self.w1, self.w2, self.w3)]
+    if self.qat != "none":
+        weights = [FakeQuantized.apply(w[: w.shape[0] // ep], self.qat) for w in weights]
+    return self.expert_ffn(xs, ws, *(w[0] for w in weights))
 
 
 def worst_moment(actions: list[tuple[str, int]], acts: dict[int, StageActivations]) -> tuple[int, dict[int, int]]:

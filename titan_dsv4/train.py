@@ -218,6 +218,7 @@ class Trainer:
         part.set_mtp_loss_scale(self.config.mtp.loss_scaling_factor)
         part.set_attention_kernel(self.config.model.attention_kernel)
         part.set_sinkhorn_kernel(self.config.model.sinkhorn_kernel)
+        part.set_expert_qat(self.config.model.expert_qat)
         coeff = self.config.training.indexer_loss_coeff
         if coeff > 0:  # the KL is summed per token: normalise by the global batch's token count
             part.set_indexer_loss_scale(coeff / self.tokens_per_step)
@@ -475,9 +476,10 @@ class Trainer:
             state = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
                      for name, tensor in model_state(self.model_parts).items()}
             result = ({}, 0)
+            quantize = None if cfg.checkpoint.export_quantize == "none" else cfg.checkpoint.export_quantize
             if self.parallel_dims.dp_rank() == 0:
                 pp_rank = self.parallel_dims.mesh["pp"].get_local_rank() if self.distributed else 0
-                result = write_shards(state, path, getattr(torch, cfg.checkpoint.export_dtype), None,
+                result = write_shards(state, path, getattr(torch, cfg.checkpoint.export_dtype), quantize,
                                       lambda i, n: f"model-pp{pp_rank:03d}-{i:05d}-of-{n:05d}.safetensors")
             results = [result]
             if self.distributed:
@@ -485,7 +487,7 @@ class Trainer:
                 dist.all_gather_object(results, result)
             if self.rank == 0:
                 weight_map = {k: f for m, _ in results for k, f in m.items()}
-                write_index(path, weight_map, sum(n for _, n in results), self.model_args, None)
+                write_index(path, weight_map, sum(n for _, n in results), self.model_args, quantize)
             if self.distributed:
                 dist.barrier()
         return path

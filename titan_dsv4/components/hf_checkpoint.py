@@ -1,5 +1,6 @@
 """Hugging Face DeepSeek-V4 checkpoints: read (released layout, transformers' ``save_pretrained`` layout, the
-three MTP key forms, FP8/FP4 weights) and write (released layout, sharded, bf16 or FP8), tensor by tensor.
+three MTP key forms, FP8/FP4 weights) and write (released layout, sharded, bf16/fp32, FP8 as the Base release or
+FP8 with FP4 experts as the instruct release), tensor by tensor.
 
 Loading never initialises silently: every model tensor must come from the checkpoint and every checkpoint
 tensor must be used, else the error lists them. Extra MTP depths beyond the configured ones are skipped with
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from ..models.deepseek_v4.args import DeepseekV4ModelArgs
 from ..models.deepseek_v4.init import EXPERT_WEIGHTS
 from ..models.deepseek_v4.state_dict_adapter import EXPERT_HF, _TRANSFORMERS_GLOBAL, _rename, fqn_from_hf, iter_hf
-from .quantization import dequantize_fp4, dequantize_fp8, quantize_fp8
+from .quantization import QUANTIZE_FORMATS, dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # dense weights the released files store as FP8 with 128x128 block scales
 FP8_WEIGHTS = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|shared_experts\.w[123]|"
                          r"e_proj|h_proj)\.weight$")
+ROUTED_EXPERT_WEIGHT = re.compile(r"experts\.\d+\.w[123]\.weight$")
 
 
 _FROM_TRANSFORMERS_GLOBAL = {v: k for k, v in _TRANSFORMERS_GLOBAL.items()}
@@ -261,10 +263,13 @@ def hf_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype, quantize: str
 
 
 def _encode(name: str, tensor: torch.Tensor, dtype: torch.dtype, quantize: str | None):
+    """One tensor as the file stores it. Quantised weights are rounded from their ``dtype`` values: those a
+    bf16 GPU run's forward saw, so quantisation-aware training exports exactly what it trained."""
     if not tensor.is_floating_point():
         yield name, tensor.contiguous()
-    elif quantize == "fp8" and (FP8_WEIGHTS.search(name) or re.search(r"experts\.\d+\.w[123]\.weight$", name)):
-        weight, scale = quantize_fp8(tensor)
+    elif quantize is not None and (FP8_WEIGHTS.search(name) or ROUTED_EXPERT_WEIGHT.search(name)):
+        fp4 = quantize == "fp4" and ROUTED_EXPERT_WEIGHT.search(name)
+        weight, scale = (quantize_fp4 if fp4 else quantize_fp8)(tensor.to(dtype))
         yield name, weight
         yield name[: -len(".weight")] + ".scale", scale
     elif tensor.dtype == torch.float32 and _keeps_fp32(name):
@@ -290,8 +295,8 @@ def write_shards(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype,
                  file_name, max_shard_bytes: int = 4 * 2**30) -> tuple[dict[str, str], int]:
     """Stream ``state`` into safetensors shards named ``file_name(i, count)``; returns (weight map, bytes).
     At most one shard is held in memory; files appear under their final names only when complete."""
-    if quantize not in (None, "fp8"):
-        raise ValueError(f"quantize = {quantize!r} is invalid: allowed None, 'fp8'")
+    if quantize not in (None, *QUANTIZE_FORMATS):
+        raise ValueError(f"quantize = {quantize!r} is invalid: allowed None, " + ", ".join(map(repr, QUANTIZE_FORMATS)))
     path.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, list[str], int]] = []  # (temporary file, keys, bytes); renamed once counted
     shard: dict[str, torch.Tensor] = {}
@@ -322,10 +327,10 @@ def write_index(path: Path, weight_map: dict[str, str], total_bytes: int, args: 
                 quantize: str | None) -> None:
     """``config.json`` and the index, written last (atomically): a folder without an index is incomplete."""
     config = args.to_hf_config()
-    if quantize == "fp8":
+    if quantize is not None:
         config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                          "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
-        config["expert_dtype"] = "fp8"
+        config["expert_dtype"] = quantize
     (path / "config.json").write_text(json.dumps(config, indent=2))
     tmp = path / f".{INDEX_FILE}.tmp"
     tmp.write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))

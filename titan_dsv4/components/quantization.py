@@ -5,13 +5,15 @@
 * FP4 E2M1 routed experts: two values per int8 byte (low nibble = even column), one E8M0 scale per row and
   32 columns: ``W[r, c] = TABLE[nibble(r, c)] * S[r, c // 32]``.
 
-The quantisers produce exactly what the dequantisers invert (power-of-two scales, as the released files).
+The quantisers produce exactly what the dequantisers invert (power-of-two scales, as the released files); the
+``fake_quantize_*`` functions give the dequantised result directly, for quantisation-aware training.
 """
 
 from __future__ import annotations
 
 import torch
 
+QUANTIZE_FORMATS = ("fp8", "fp4")  # fp8: every matrix FP8 (the Base release); fp4: routed experts FP4
 FP8_BLOCK = 128
 FP4_GROUP = 32
 FP8_MAX = 448.0
@@ -48,29 +50,82 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_G
 
 
 def _pow2_scale(amax: torch.Tensor, limit: float) -> torch.Tensor:
-    """Smallest power of two s with amax / s <= limit (E8M0-representable)."""
-    return torch.exp2(torch.ceil(torch.log2(amax.clamp(min=2.0**-126) / limit)))
+    """Smallest power of two s with amax / s <= limit, at least E8M0's smallest, 2^-127."""
+    return torch.exp2(torch.ceil(torch.log2((amax / limit).clamp(min=2.0**-127))))
+
+
+def _exact(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in a dtype that holds every step of the rounding exactly: scaling by powers of two and
+    rounding to a grid of at most 4 significant bits lose nothing in bf16 (fp32's exponent range), so bf16
+    and fp32 weights are rounded as they are (no fp32 copy of a bf16 model's experts); others in fp32."""
+    return weight if weight.dtype in (torch.bfloat16, torch.float32) else weight.float()
+
+
+def _fp8_blocks(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values / their block's scale ``[..., br, block, bc, block]``, fp32 scales ``[..., br, bc]``) of
+    ``[..., rows, cols]``, edge blocks partial (zero padding never raises a block's maximum)."""
+    weight = _exact(weight)
+    *lead, rows, cols = weight.shape
+    br, bc = -(-rows // block), -(-cols // block)
+    padded = weight.new_zeros(*lead, br * block, bc * block)
+    padded[..., :rows, :cols] = weight
+    blocks = padded.view(*lead, br, block, bc, block)
+    scale = _pow2_scale(blocks.abs().amax(dim=(-3, -1)).float(), FP8_MAX)
+    return blocks / scale[..., :, None, :, None].to(blocks.dtype), scale
+
+
+def _unblock(blocks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    *lead, br, block, bc, _ = blocks.shape
+    return blocks.reshape(*lead, br * block, bc * block)[..., :rows, :cols]
 
 
 def quantize_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn weight, float8_e8m0fnu block scales)."""
-    rows, cols = weight.shape
-    br, bc = -(-rows // block), -(-cols // block)
-    padded = torch.zeros(br * block, bc * block, dtype=torch.float32)
-    padded[:rows, :cols] = weight.float()
-    blocks = padded.view(br, block, bc, block)
-    scale = _pow2_scale(blocks.abs().amax(dim=(1, 3)), FP8_MAX)
-    q = (blocks / scale[:, None, :, None]).view(br * block, bc * block)[:rows, :cols]
-    return q.to(torch.float8_e4m3fn), scale.to(torch.float8_e8m0fnu)
+    values, scale = _fp8_blocks(weight, block)
+    return _unblock(values, *weight.shape[-2:]).to(torch.float8_e4m3fn), scale.to(torch.float8_e8m0fnu)
+
+
+def fake_quantize_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """``dequantize_fp8(*quantize_fp8(w))`` for ``[..., rows, cols]`` (each trailing matrix on its own), in
+    ``weight``'s dtype."""
+    values, scale = _fp8_blocks(weight, block)
+    rounded = values.to(torch.float8_e4m3fn).to(values.dtype) * scale[..., :, None, :, None].to(values.dtype)
+    return _unblock(rounded, *weight.shape[-2:]).to(weight.dtype)
+
+
+def _fp4_values(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E2M1 grid values ``[..., rows, cols / group, group]``, fp32 scales ``[..., rows, cols / group]``): each
+    row's 32-column group scaled by the smallest power of two that brings its maximum to 6, then rounded to the
+    nearest grid value, ties to the even code (IEEE round-to-nearest-even, as hardware conversions do). The
+    grid's spacing is 0.5 below 2, 1 below 4 and 2 up to 6, so that rounding is ``torch.round`` (half to
+    even) of the value over its spacing."""
+    *lead, rows, cols = weight.shape
+    if cols % group:
+        raise ValueError(f"FP4 quantisation needs a column count divisible by {group}, got {cols}")
+    grouped = _exact(weight).reshape(*lead, rows, cols // group, group)
+    scale = _pow2_scale(grouped.abs().amax(dim=-1).float(), FP4_MAX)
+    scaled = grouped / scale[..., None].to(grouped.dtype)
+    magnitude = scaled.abs()
+    spacing = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
+    return torch.copysign(torch.round(magnitude / spacing) * spacing, scaled), scale
 
 
 def quantize_fp4(weight: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 packed weight [rows, cols/2], float8_e8m0fnu scales [rows, cols/32]); round to nearest."""
+    """(int8 packed weight [rows, cols/2], float8_e8m0fnu scales [rows, cols/32]); round to nearest even."""
+    values, scale = _fp4_values(weight, group)
     rows, cols = weight.shape
-    grouped = weight.float().view(rows, cols // group, group)
-    scale = _pow2_scale(grouped.abs().amax(dim=-1), FP4_MAX)
-    values = (grouped / scale[..., None]).view(rows, cols)
-    codes = (values.unsqueeze(-1) - FP4_TABLE).abs().argmin(dim=-1)  # nearest table entry (+0 before -0)
+    values = values.reshape(rows, cols)
+    magnitude = values.abs()
+    # grid value -> code: 0..2 in steps of 0.5 are codes 0..4, 3 and 4 are 5 and 6, 6 is 7; bit 3 the sign
+    codes = torch.where(magnitude <= 2, magnitude * 2, torch.where(magnitude <= 4, magnitude + 2, 7.0))
+    codes = codes.to(torch.uint8) | (torch.signbit(values).to(torch.uint8) << 3)
     pairs = codes.view(rows, cols // 2, 2)
-    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8).view(torch.int8)
+    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).view(torch.int8)
     return packed, scale.to(torch.float8_e8m0fnu)
+
+
+def fake_quantize_fp4(weight: torch.Tensor, group: int = FP4_GROUP) -> torch.Tensor:
+    """``dequantize_fp4(*quantize_fp4(w))`` for ``[..., rows, cols]``, in ``weight``'s dtype (exact in bf16:
+    a grid value times a power of two has at most 2 significant bits)."""
+    values, scale = _fp4_values(weight, group)
+    return (values * scale[..., None].to(values.dtype)).reshape(weight.shape).to(weight.dtype)

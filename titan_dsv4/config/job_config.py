@@ -27,6 +27,9 @@ class Model:
     # (CUDA builds of torch bring it), the blocked torch path elsewhere | torch: the torch path everywhere
     sinkhorn_kernel: str = "auto"  # auto: each mHC site's Sinkhorn as one Triton kernel each way on CUDA when
     # Triton is installed and hc_mult is a power of two, the torch Sinkhorn elsewhere | torch: everywhere
+    expert_qat: str = "none"  # none | fp4 | fp8: routed experts train quantisation-aware, their forward
+    # rounding each weight to the released instruct (fp4: E2M1, a power-of-two scale per row and 32 columns) or
+    # Base (fp8: 128x128 blocks) format, gradients straight through; export in that format loses nothing
 
 
 @dataclass
@@ -112,6 +115,8 @@ class Checkpoint:
     last_save_in_hf: bool = False  # at the end, also export the weights in the released HF layout
     last_save_model_only: bool = False  # the final checkpoint without optimizer state
     export_dtype: str = "bfloat16"  # dtype of exported weights (tensors released in fp32 stay fp32)
+    export_quantize: str = "none"  # none | fp8 (128x128-block FP8 weights and experts, as the Base release) |
+    # fp4 (FP8 weights, FP4 routed experts, as the instruct release); quantised from export_dtype's values
     async_mode: str = "disabled"  # disabled | async
     keep_latest_k: int = 10  # 0 keeps all
     load_step: int = -1  # -1: the latest complete checkpoint

@@ -13,6 +13,7 @@ import torch
 from ..components.dataloader import (DATA_SUFFIXES, DATASETS, FORMATS, OPTIONAL_READERS, DataError, data_files,
                                      data_suffix)
 from ..components.pretokenized import check_tokenizer, pretokenized_parts
+from ..components.quantization import FP4_GROUP, QUANTIZE_FORMATS
 from .job_config import JobConfig
 from .manager import ConfigError
 
@@ -80,6 +81,7 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     _choice("activation_checkpoint.mode", config.activation_checkpoint.mode, AC_MODES)
     _choice("model.attention_kernel", config.model.attention_kernel, KERNEL_CHOICES)
     _choice("model.sinkhorn_kernel", config.model.sinkhorn_kernel, KERNEL_CHOICES)
+    _choice("model.expert_qat", config.model.expert_qat, ("none", *QUANTIZE_FORMATS))
     option = config.activation_checkpoint.selective_ac_option
     if not (option == "op" or (option.isdigit() and int(option) >= 1)):
         raise ConfigError(f"`activation_checkpoint.selective_ac_option` = {option!r} is invalid: allowed 'op' or "
@@ -156,6 +158,12 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
             raise ConfigError(f"`checkpoint.load_step` = {ck.load_step} is invalid: complete checkpoints in "
                               f"{Path(config.job.dump_folder) / ck.folder}: {steps or 'none'}")
     _choice("checkpoint.export_dtype", ck.export_dtype, DTYPES)
+    _choice("checkpoint.export_quantize", ck.export_quantize, ("none", *QUANTIZE_FORMATS))
+    for key, fmt in (("model.expert_qat", config.model.expert_qat), ("checkpoint.export_quantize", ck.export_quantize)):
+        if fmt == "fp4" and (model_args.hidden_size % FP4_GROUP or model_args.moe_intermediate_size % FP4_GROUP):
+            raise ConfigError(f"`{key}` = 'fp4' needs the experts' input widths (hidden_size "
+                              f"{model_args.hidden_size}, moe_intermediate_size {model_args.moe_intermediate_size}) "
+                              f"to be multiples of {FP4_GROUP}, the FP4 scale group")
     if config.mtp.num_layers is not None:
         _at_least("mtp.num_layers", config.mtp.num_layers, 0)
         model_args = model_args.with_mtp_layers(config.mtp.num_layers)

@@ -14,6 +14,7 @@ from .fp32_linear import fp32_linear
 from .head_loss import head_loss
 from .hyper_connection import HyperConnection, HyperHead
 from .init import canonical_fqn, init_weights
+from .moe import RoutedExperts
 from .mtp import MTPBlock, mtp_input_ids
 from .norm import RMSNorm
 from .pipeline import PIPELINE_REPLICAS, pipeline_stage_metas, pipeline_stage_modules
@@ -130,6 +131,13 @@ class DeepseekV4Model(nn.Module):
         for module in self.modules():
             if isinstance(module, HyperConnection):
                 module.sinkhorn_kernel = kernel
+
+    def set_expert_qat(self, fmt: str) -> None:
+        """Routed experts (MTP blocks' included) train through ``fmt``'s rounding: ``"none"`` | ``"fp4"`` (the
+        released instruct checkpoints' format) | ``"fp8"`` (the Base checkpoints')."""
+        for module in self.modules():
+            if isinstance(module, RoutedExperts):
+                module.qat = fmt
 
     def set_mtp_loss_scale(self, scale: float) -> None:
         """lambda in ``main + lambda / D · Σ_k mtp_k``: the fused head's objective needs it in its forward."""

@@ -1,5 +1,7 @@
 """DeepSeek-V4 MoE: fp32 router (sqrt-softplus scores, bias for selection only, or a fixed token->expert
 hash table on the first layers), clamped SwiGLU experts stored stacked for grouped GEMM, one shared expert.
+The routed experts optionally train quantisation-aware: their forward sees the weights as the released files
+store them (FP4, or the Base checkpoints' FP8), their gradients pass straight through to the weights.
 """
 
 from __future__ import annotations
@@ -8,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...components.quantization import fake_quantize_fp4, fake_quantize_fp8
 from . import gpu_paths
 from .args import DeepseekV4ModelArgs
 from .fp32_linear import fp32_linear
+from .fused import compiled_on_cuda
 from .norm import fp32
 from .running_stats import recomputing
 
@@ -59,18 +63,36 @@ class Router(nn.Module):
         return weights * self.route_scale, idx
 
 
+# checkpoint formats of routed experts; on CUDA each rounding is a few compiled kernels, not a dozen passes
+EXPERT_QAT = {"fp4": compiled_on_cuda(fake_quantize_fp4), "fp8": compiled_on_cuda(fake_quantize_fp8)}
+
+
+class FakeQuantized(torch.autograd.Function):
+    """Forward: the weight rounded to a checkpoint format and back (``EXPERT_QAT``); backward: the gradient
+    unchanged, the straight-through estimator, so the full-precision weight keeps learning below the grid."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, fmt: str) -> torch.Tensor:
+        return EXPERT_QAT[fmt](weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 class RoutedExperts(nn.Module):
     """Clamped-SwiGLU experts stored stacked: w1/w3 ``[E, I, H]``, w2 ``[E, H, I]``.
 
     Works on token rows already grouped by expert, so expert parallelism only has to move rows around it
-    (``distributed/expert_parallel.py``); ``E`` is then the number of experts this rank holds.
+    (``distributed/expert_parallel.py``); ``E`` is then the number of experts this rank holds. ``qat``
+    (``"none"`` | ``"fp4"`` | ``"fp8"``): the format the forward rounds each expert matrix to.
     """
 
     use_grouped_mm: bool | None = None  # None: torch._grouped_mm for bf16 on CUDA (fast kernels), else the loop
 
     def __init__(self, n_experts: int, hidden: int, inter: int, limit: float):
         super().__init__()
-        self.limit = limit
+        self.limit, self.qat = limit, "none"
         self.w1 = nn.Parameter(torch.empty(n_experts, inter, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, inter))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter, hidden))
@@ -81,6 +103,8 @@ class RoutedExperts(nn.Module):
         ``MoE`` sums them in fp32): expert parallelism's combine moves them at that width, exactly. The
         routing weight is applied before ``w2``."""
         w1, w2, w3 = (local_tensor(w) for w in (self.w1, self.w2, self.w3))
+        if self.qat != "none":
+            w1, w2, w3 = (FakeQuantized.apply(w, self.qat) for w in (w1, w2, w3))
         grouped = self.use_grouped_mm
         if grouped is None:
             grouped = gpu_paths.fast_kernels and xs.is_cuda and xs.dtype == torch.bfloat16

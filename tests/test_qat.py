@@ -1,0 +1,190 @@
+"""Quantisation-aware training of the routed experts and the quantised exports it is for: the rounding against
+a brute-force search, the released formats as fixed points, the model's forward and straight-through
+gradients against a model holding the rounded weights, and a trainer run under expert parallelism whose
+FP4 export holds exactly the weights its forward used."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import titan_dsv4
+from hf_reference import random_model
+from launch import run_training
+from titan_dsv4.components.dataloader import build_dataloader
+from titan_dsv4.components.hf_checkpoint import checkpoint_tensors
+from titan_dsv4.components.loss import MTPLoss, build_targets
+from titan_dsv4.components.quantization import (dequantize_fp4, dequantize_fp8, fake_quantize_fp4, fake_quantize_fp8,
+                                                quantize_fp4)
+from titan_dsv4.components.tokenizer import Tokenizer
+from titan_dsv4.models.deepseek_v4 import FLAVORS
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # code k's magnitude (bit 3 is the sign)
+
+
+def brute_force_fp4(row: list[float]) -> list[float]:
+    """One 32-value group, written out: the smallest power of two that brings the largest magnitude to 6 or
+    below, then the nearest E2M1 magnitude, a tie going to the even code."""
+    amax = max(abs(v) for v in row)
+    exponent = -127
+    while amax / 2.0**exponent > 6.0:
+        exponent += 1
+    scale = 2.0**exponent
+    out = []
+    for v in row:
+        m = abs(v) / scale
+        code = min(range(8), key=lambda k: (abs(E2M1[k] - m), k % 2))  # nearest; on a tie the even code
+        out.append(math.copysign(E2M1[code] * scale, v))
+    return out
+
+
+def test_fp4_rounding_matches_a_brute_force_search():
+    torch.manual_seed(0)
+    weight = torch.randn(6, 64) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1.0, 1.0])[:, None]
+    # every midpoint between grid values (and 6, which makes the scale 1): ties both ways, either sign
+    midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    weight[3, :16] = torch.cat([midpoints, -midpoints])
+    weight[4, :32] = torch.tensor([0.125, 0.375, 0.625, 0.875, 1.25, 1.75, 2.5, 3.0] * 4)  # max 3: scale 1/2
+    weight[5, :32] = 0.0  # an all-zero group
+    expected = torch.tensor([sum((brute_force_fp4(row[i:i + 32]) for i in range(0, 64, 32)), [])
+                             for row in weight.tolist()])
+    got = fake_quantize_fp4(weight)
+    assert torch.equal(got, expected)
+    assert torch.equal(torch.signbit(got), torch.signbit(expected))  # -0 for a negative value rounded to 0
+    assert torch.equal(dequantize_fp4(*quantize_fp4(weight)), expected)  # the packed export holds the same
+
+
+@pytest.mark.parametrize("fake_quantize", [fake_quantize_fp4, fake_quantize_fp8])
+def test_bf16_weights_round_in_bf16_as_in_fp32(fake_quantize):
+    """A bf16 model's experts are rounded without an fp32 copy; every step is exact, at any magnitude."""
+    torch.manual_seed(0)
+    for magnitude in (1e-30, 1e-3, 1.0, 1e3, 1e30):
+        weight = (torch.randn(2, 256, 320) * magnitude).to(torch.bfloat16)
+        assert torch.equal(fake_quantize(weight).float(), fake_quantize(weight.float())), magnitude
+
+
+def test_released_formats_are_fixed_points():
+    """Weights as the released files hold them (random codes and scales, written here byte by byte) come
+    through the forward's rounding unchanged: training from the released checkpoint starts from its model."""
+    g = torch.Generator().manual_seed(1)
+    packed = torch.randint(0, 256, (3, 16, 32), dtype=torch.uint8, generator=g).view(torch.int8)
+    scales = torch.randint(100, 140, (3, 16, 2), dtype=torch.uint8, generator=g)
+    fp4 = torch.stack([dequantize_fp4(packed[e], scales[e]) for e in range(3)])
+    assert torch.equal(fake_quantize_fp4(fp4), fp4)
+    codes = torch.randint(0, 256, (2, 200, 136), dtype=torch.uint8, generator=g)
+    codes[(codes & 0x7F) == 0x7F] = 0  # e4m3's NaN
+    blocks = torch.randint(110, 135, (2, 2, 2), dtype=torch.uint8, generator=g)
+    fp8 = torch.stack([dequantize_fp8(codes[e].view(torch.float8_e4m3fn), blocks[e]) for e in range(2)])
+    assert torch.equal(fake_quantize_fp8(fp8), fp8)
+
+
+def _quantized_twin(model, fake_quantize):
+    twin = random_model(model.args)
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
+                p.copy_(fake_quantize(p))
+    return twin
+
+
+def _loss_and_grads(model, batch):
+    targets = build_targets(batch.labels, batch.positions, model.args.num_nextn_predict_layers)
+    loss_fn = MTPLoss()
+    loss_fn(model(batch.input_ids, batch.positions, targets=targets), targets).backward()
+    total, tokens = loss_fn.take_parts()[:2]
+    return (total / tokens).item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fmt,fake_quantize", [("fp4", fake_quantize_fp4), ("fp8", fake_quantize_fp8)])
+def test_forward_sees_the_rounded_experts_and_gradients_pass_straight_through(fmt, fake_quantize):
+    model = random_model(FLAVORS["debugmodel"], seed=3).train()
+    twin = _quantized_twin(model, fake_quantize).train()  # holds the rounded weights; trains without QAT
+    for m in (model, twin):
+        m.set_mtp_loss_scale(0.3)
+    batch = next(build_dataloader("pydocs", None, Tokenizer(), 64, 2, 0, 1))
+    plain_loss, _ = _loss_and_grads(model, batch)
+    model.zero_grad()
+    model.set_expert_qat(fmt)
+    qat_loss, qat_grads = _loss_and_grads(model, batch)
+    twin_loss, twin_grads = _loss_and_grads(twin, batch)
+    assert qat_loss == twin_loss and qat_loss != plain_loss
+    assert qat_grads.keys() == twin_grads.keys()
+    for name, grad in qat_grads.items():  # d loss / d w = d loss / d rounded(w): the straight-through estimate
+        assert torch.equal(grad, twin_grads[name]), name
+    assert any(name.startswith("mtp.") and "experts.w" in name for name in qat_grads)  # MTP's experts too
+
+
+RUN = ("--training.steps", "1", "--training.seq_len", "128", "--training.local_batch_size", "2",
+       "--checkpoint.initial_load_in_hf", "--checkpoint.last_save_in_hf", "--checkpoint.export_dtype", "float32",
+       "--parallelism.expert_parallel_degree", "2", "--model.expert_qat", "fp4")
+
+
+@pytest.mark.slow
+def test_expert_parallel_qat_run_exports_the_weights_its_forward_used(tmp_path):
+    source = tmp_path / "source"
+    titan_dsv4.save_pretrained(random_model(FLAVORS["debugmodel"], seed=5), source, dtype=torch.float32)
+    load = ("--checkpoint.initial_load_path", str(source))
+    quantized = run_training(tmp_path / "fp4", *RUN, *load, "--checkpoint.export_quantize", "fp4", nproc=2)
+    plain = run_training(tmp_path / "plain", *RUN, *load, nproc=2)  # the same run, exported unquantised
+
+    # step 1's loss: the source weights with the experts rounded, computed here in one process
+    model = titan_dsv4.from_pretrained(source, dtype=torch.float32).train()
+    model.set_mtp_loss_scale(0.3)
+    model.set_expert_qat("fp4")
+    batch = next(build_dataloader("pydocs", None, Tokenizer(), 128, 4, 0, 1))
+    targets = build_targets(batch.labels, batch.positions, 1)
+    loss_fn = MTPLoss()
+    with torch.no_grad():
+        loss_fn(model(batch.input_ids, batch.positions, targets=targets), targets)
+    total, tokens = loss_fn.take_parts()[:2]
+    assert quantized[0]["loss"] == pytest.approx((total / tokens).item(), rel=1e-5)
+    model.set_expert_qat("none")
+    with torch.no_grad():
+        loss_fn(model(batch.input_ids, batch.positions, targets=targets), targets)
+    total, tokens = loss_fn.take_parts()[:2]
+    assert quantized[0]["loss"] != pytest.approx((total / tokens).item(), rel=1e-5)  # the rounding mattered
+
+    export = tmp_path / "fp4" / "checkpoint" / "step-1-hf"
+    config = json.loads((export / "config.json").read_text())
+    assert config["expert_dtype"] == "fp4" and config["quantization_config"]["weight_block_size"] == [128, 128]
+    files = {}
+    for file in export.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            files.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+    assert files["layers.1.ffn.experts.3.w2.weight"] == "I8" and files["layers.1.ffn.experts.3.w2.scale"] == "F8_E8M0"
+    assert files["mtp.0.ffn.experts.0.w1.weight"] == "I8"
+    assert files["layers.1.attn.wq_a.weight"] == files["layers.1.ffn.shared_experts.w1.weight"] == "F8_E4M3"
+    trained = checkpoint_tensors(titan_dsv4.from_pretrained(tmp_path / "plain" / "checkpoint" / "step-1-hf",
+                                                            dtype=torch.float32))
+    exported = checkpoint_tensors(titan_dsv4.from_pretrained(export, dtype=torch.float32))
+    assert plain[0]["loss"] == quantized[0]["loss"]  # the export setting changes nothing before the export
+    fp8_matrices = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight",
+                    "attn.wo_b.weight", "indexer.wq_b.weight", "shared_experts.w1.weight",
+                    "shared_experts.w2.weight", "shared_experts.w3.weight", "e_proj.weight", "h_proj.weight")
+    for name, weight in trained.items():
+        if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
+            expected = fake_quantize_fp4(weight)  # exactly what the run's next forward would use
+        elif name.endswith(fp8_matrices):
+            expected = fake_quantize_fp8(weight)
+        else:
+            expected = weight
+        assert torch.equal(exported[name], expected), name
+    assert not torch.equal(exported["layers.2.ffn.experts.w1"], trained["layers.2.ffn.experts.w1"])
+
+
+@pytest.mark.parametrize("key", ["model.expert_qat", "checkpoint.export_quantize"])
+def test_fp4_needs_expert_widths_in_whole_scale_groups(tmp_path, key):
+    from titan_dsv4.config import ConfigError, load_config
+    from titan_dsv4.config.validate import validate
+
+    hf_config = FLAVORS["debugmodel"].to_hf_config()
+    hf_config["moe_intermediate_size"] = 48  # w2's input width: one and a half groups of 32
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    argv = ["--checkpoint.initial_load_path", str(tmp_path), "--checkpoint.initial_load_in_hf"]
+    validate(load_config([*argv, f"--{key}", "fp8"]), 1)  # FP8's 128x128 blocks take partial edges
+    with pytest.raises(ConfigError, match=rf"`{key}` = 'fp4' needs the experts' input widths \(hidden_size 64, "
+                                          r"moe_intermediate_size 48\) to be multiples of 32"):
+        validate(load_config([*argv, f"--{key}", "fp4"]), 1)
