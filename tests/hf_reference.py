@@ -68,3 +68,20 @@ def random_model(args: DeepseekV4ModelArgs, seed: int = 0) -> DeepseekV4Model:
             if name.endswith("gate.bias"):
                 b.normal_(0, 0.1)
     return model.float()
+
+
+def first_batch_loss(model: DeepseekV4Model, seq_len: int, batch_size: int) -> float:
+    """The main loss of ``model`` (MTP weight 0.3, as the trainer's default) on a run's first global batch of
+    the embedded corpus, computed in this process: what a training run's step 1 must log."""
+    from titan_dsv4.components.dataloader import build_dataloader
+    from titan_dsv4.components.loss import MTPLoss, build_targets
+    from titan_dsv4.components.tokenizer import Tokenizer
+
+    model.train().set_mtp_loss_scale(0.3)
+    batch = next(build_dataloader("pydocs", None, Tokenizer(), seq_len, batch_size, 0, 1))
+    targets = build_targets(batch.labels, batch.positions, model.args.num_nextn_predict_layers)
+    loss_fn = MTPLoss()
+    with torch.no_grad():
+        loss_fn(model(batch.input_ids, batch.positions, targets=targets), targets)
+    parts = loss_fn.take_parts()
+    return (parts[0] / parts[1]).item()

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import titan_dsv4
-from hf_reference import random_model
+from hf_reference import first_batch_loss, random_model
 from launch import run_training
 from titan_dsv4.components.dataloader import build_dataloader
 from titan_dsv4.components.hf_checkpoint import checkpoint_tensors
@@ -131,21 +131,11 @@ def test_expert_parallel_qat_run_exports_the_weights_its_forward_used(tmp_path):
     plain = run_training(tmp_path / "plain", *RUN, *load, nproc=2)  # the same run, exported unquantised
 
     # step 1's loss: the source weights with the experts rounded, computed here in one process
-    model = titan_dsv4.from_pretrained(source, dtype=torch.float32).train()
-    model.set_mtp_loss_scale(0.3)
+    model = titan_dsv4.from_pretrained(source, dtype=torch.float32)
     model.set_expert_qat("fp4")
-    batch = next(build_dataloader("pydocs", None, Tokenizer(), 128, 4, 0, 1))
-    targets = build_targets(batch.labels, batch.positions, 1)
-    loss_fn = MTPLoss()
-    with torch.no_grad():
-        loss_fn(model(batch.input_ids, batch.positions, targets=targets), targets)
-    total, tokens = loss_fn.take_parts()[:2]
-    assert quantized[0]["loss"] == pytest.approx((total / tokens).item(), rel=1e-5)
+    assert quantized[0]["loss"] == pytest.approx(first_batch_loss(model, 128, 4), rel=1e-5)
     model.set_expert_qat("none")
-    with torch.no_grad():
-        loss_fn(model(batch.input_ids, batch.positions, targets=targets), targets)
-    total, tokens = loss_fn.take_parts()[:2]
-    assert quantized[0]["loss"] != pytest.approx((total / tokens).item(), rel=1e-5)  # the rounding mattered
+    assert quantized[0]["loss"] != pytest.approx(first_batch_loss(model, 128, 4), rel=1e-5)  # rounding mattered
 
     export = tmp_path / "fp4" / "checkpoint" / "step-1-hf"
     config = json.loads((export / "config.json").read_text())
