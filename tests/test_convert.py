@@ -57,3 +57,24 @@ def test_training_starts_from_the_converted_dcp_as_from_the_hf_folder(tmp_path):
     assert [r["loss"] for r in from_dcp] == [r["loss"] for r in from_hf]
     fresh = run_training(tmp_path / "c", *run)
     assert fresh[0]["loss"] != from_dcp[0]["loss"]
+
+
+def test_a_pipelined_training_checkpoint_converts_to_the_runs_own_export(tmp_path):
+    """Each ``step-N`` checkpoint (model spread over two pipeline ranks, optimizer state beside it) converts
+    to the Hugging Face layout; the last one equals the trainer's own export of the same step."""
+    from launch import run_training
+
+    run_training(tmp_path, "--training.steps", "2", "--training.seq_len", "64", "--training.local_batch_size", "2",
+                 "--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size",
+                 "1", "--checkpoint.enable", "--checkpoint.interval", "1", "--checkpoint.last_save_in_hf",
+                 "--checkpoint.export_dtype", "float32", nproc=2)
+    folder = tmp_path / "checkpoint"
+    for step in (1, 2):
+        checkpoint = folder / f"step-{step}"
+        assert json.loads((checkpoint / "config.json").read_text()) == FLAVORS["debugmodel"].to_hf_config()
+        assert main(["dcp-to-hf", str(checkpoint), str(tmp_path / f"hf-{step}"), "--dtype", "float32"]) == 0
+    converted, exported, first = (checkpoint_tensors(titan_dsv4.from_pretrained(path, dtype=torch.float32))
+                                  for path in (tmp_path / "hf-2", folder / "step-2-hf", tmp_path / "hf-1"))
+    assert converted.keys() == exported.keys()
+    assert all(torch.equal(converted[k], exported[k]) for k in converted)
+    assert not torch.equal(first["layers.0.attn.wq_a.weight"], converted["layers.0.attn.wq_a.weight"])

@@ -4,9 +4,10 @@
     python -m titan_dsv4.convert dcp-to-hf DCP_DIR HF_DIR [--dtype bfloat16] [--quantize fp8|fp4] [--max-shard-mb 4096]
 
 The DCP checkpoint holds the model's tensors under their FQNs (a model-only checkpoint, as torchtitan's)
-and a ``config.json`` beside it. Neither direction holds the model in memory: DCP's writer pulls each tensor
-from the HF reader when it writes it, and the HF writer pulls each tensor from DCP as it fills one output
-shard at a time (so the peak is about one output shard).
+and a ``config.json`` beside it; ``dcp-to-hf`` also reads a training checkpoint (a ``step-N`` folder, which
+has its ``config.json`` too) and leaves its optimizer state out. Neither direction holds the model in memory:
+DCP's writer pulls each tensor from the HF reader when it writes it, and the HF writer pulls each tensor from
+DCP as it fills one output shard at a time (so the peak is about one output shard).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from .components.checkpoint import OPTIMIZER_PREFIX
 from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full_shapes, save_hf, storage_dtype
 from .components.quantization import QUANTIZE_FORMATS
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
@@ -60,7 +62,8 @@ class _DCPTensors:
     def __init__(self, dcp_dir: str | Path):
         self.dcp_dir = str(dcp_dir)
         metadata = FileSystemReader(self.dcp_dir).read_metadata()
-        self.specs = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        self.specs = {k: v for k, v in metadata.state_dict_metadata.items()
+                      if isinstance(v, TensorStorageMetadata) and not k.startswith(OPTIMIZER_PREFIX)}
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, spec in self.specs.items():

@@ -123,7 +123,7 @@ class Trainer:
         if ck.enable:
             self.checkpointer = CheckpointManager(Path(config.job.dump_folder) / ck.folder, self.model_parts,
                                                   self.optimizer, followers, ck.keep_latest_k,
-                                                  ck.async_mode == "async")
+                                                  ck.async_mode == "async", self.model_args.to_hf_config())
         # groups made since init_process_group (meshes, pipeline ties) get the start-up timeout too
         self._steady_timeout = self._validated = False
         set_collective_timeout(config.comm.init_timeout_seconds)

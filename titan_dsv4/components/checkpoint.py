@@ -3,8 +3,10 @@
 A checkpoint is ``{dump_folder}/{checkpoint.folder}/step-{N}/``: DCP files holding the model under its
 FQNs (the same keys as the converter's model-only checkpoints; the MTP embedding replica is not stored, it
 is refreshed from ``embed``), the optimizer state as ``optimizer.{fqn}.{key}`` (AdamW: ``exp_avg``,
-``exp_avg_sq``, ``step``; Muon: ``momentum_buffer``), and ``trainer_state.pt`` (step, data position, RNG;
-the learning rate is the schedule's at the step) written by rank 0. Sharded tensors are saved as DTensors
+``exp_avg_sq``, ``step``; Muon: ``momentum_buffer``), ``trainer_state.pt`` (step, data position, RNG;
+the learning rate is the schedule's at the step) and the model's ``config.json`` (its shape, in the released
+config's keys: ``python -m titan_dsv4.convert dcp-to-hf`` turns the folder into a Hugging Face checkpoint),
+both written by rank 0. Sharded tensors are saved as DTensors
 with their global shapes, so any PP / FSDP / EP layout can load any checkpoint.
 
 Atomicity: everything is written into ``step-{N}.partial/`` and renamed to ``step-{N}`` by rank 0 only after
@@ -15,6 +17,7 @@ previous checkpoints are untouched until the new one is complete.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -35,6 +38,7 @@ from .optimizer import empty_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
+CONFIG_FILE = "config.json"
 OPTIMIZER_PREFIX = "optimizer."
 
 
@@ -124,8 +128,9 @@ class CheckpointManager:
     """Saves every ``interval`` steps (and on request), keeps the newest ``keep_latest_k``, resumes."""
 
     def __init__(self, folder: Path, model_parts: list[nn.Module], optimizer: torch.optim.Optimizer,
-                 followers: set[int], keep_latest_k: int, async_mode: bool):
+                 followers: set[int], keep_latest_k: int, async_mode: bool, model_config: dict):
         self.folder, self.model_parts, self.optimizer = folder, model_parts, optimizer
+        self.model_config = model_config  # written beside each checkpoint as config.json
         self.keep_latest_k = keep_latest_k
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.names = {id(p): canonical_fqn(n) for part in model_parts for n, p in part.named_parameters()}
@@ -208,9 +213,12 @@ class CheckpointManager:
     def _finalize(self, partial: Path, trainer_state: dict, step: int) -> None:
         _barrier()  # every rank's files are written (DCP's metadata too)
         if self.rank == 0:
-            target = partial / TRAINER_STATE
-            with open(target, "wb") as f:
+            with open(partial / TRAINER_STATE, "wb") as f:
                 torch.save(trainer_state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            with open(partial / CONFIG_FILE, "w") as f:
+                json.dump(self.model_config, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
             final = self.folder / f"step-{step}"
