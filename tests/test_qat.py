@@ -118,8 +118,8 @@ def test_forward_sees_the_rounded_experts_and_gradients_pass_straight_through(fm
 
 
 RUN = ("--training.steps", "1", "--training.seq_len", "128", "--training.local_batch_size", "2",
-       "--checkpoint.initial_load_in_hf", "--checkpoint.last_save_in_hf", "--checkpoint.export_dtype", "float32",
-       "--parallelism.expert_parallel_degree", "2", "--model.expert_qat", "fp4")
+       "--checkpoint.initial_load_in_hf", "--checkpoint.last_save_in_hf", "--parallelism.expert_parallel_degree", "2",
+       "--model.expert_qat", "fp4")
 
 
 @pytest.mark.slow
@@ -127,8 +127,9 @@ def test_expert_parallel_qat_run_exports_the_weights_its_forward_used(tmp_path):
     source = tmp_path / "source"
     titan_dsv4.save_pretrained(random_model(FLAVORS["debugmodel"], seed=5), source, dtype=torch.float32)
     load = ("--checkpoint.initial_load_path", str(source))
+    # bf16 export (the default) of what a CPU run computes in fp32: the quantised weights round from fp32
     quantized = run_training(tmp_path / "fp4", *RUN, *load, "--checkpoint.export_quantize", "fp4", nproc=2)
-    plain = run_training(tmp_path / "plain", *RUN, *load, nproc=2)  # the same run, exported unquantised
+    plain = run_training(tmp_path / "plain", *RUN, *load, "--checkpoint.export_dtype", "float32", nproc=2)
 
     # step 1's loss: the source weights with the experts rounded, computed here in one process
     model = titan_dsv4.from_pretrained(source, dtype=torch.float32)
@@ -159,8 +160,9 @@ def test_expert_parallel_qat_run_exports_the_weights_its_forward_used(tmp_path):
             expected = fake_quantize_fp4(weight)  # exactly what the run's next forward would use
         elif name.endswith(fp8_matrices):
             expected = fake_quantize_fp8(weight)
-        else:
-            expected = weight
+        else:  # in bf16, or kept in fp32 as the release keeps the mHC mixes, sinks and biases
+            assert torch.equal(exported[name], weight.to(torch.bfloat16).float()) or torch.equal(exported[name], weight)
+            continue
         assert torch.equal(exported[name], expected), name
     assert not torch.equal(exported["layers.2.ffn.experts.w1"], trained["layers.2.ffn.experts.w1"])
 

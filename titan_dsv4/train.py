@@ -479,8 +479,10 @@ class Trainer:
             quantize = None if cfg.checkpoint.export_quantize == "none" else cfg.checkpoint.export_quantize
             if self.parallel_dims.dp_rank() == 0:
                 pp_rank = self.parallel_dims.mesh["pp"].get_local_rank() if self.distributed else 0
+                # quantised from the weights as the forward computed with them: QAT exports what it trained
                 result = write_shards(state, path, getattr(torch, cfg.checkpoint.export_dtype), quantize,
-                                      lambda i, n: f"model-pp{pp_rank:03d}-{i:05d}-of-{n:05d}.safetensors")
+                                      lambda i, n: f"model-pp{pp_rank:03d}-{i:05d}-of-{n:05d}.safetensors",
+                                      quantize_from=self._activation_dtype())
             results = [result]
             if self.distributed:
                 results = [None] * dist.get_world_size()

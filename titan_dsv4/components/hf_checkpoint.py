@@ -256,20 +256,22 @@ def _full_shapes(args: DeepseekV4ModelArgs) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- writing
-def hf_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype, quantize: str | None):
+def hf_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype, quantize: str | None,
+               quantize_from: torch.dtype | None = None):
     """Our tensors -> released names (experts unstacked), encoded and yielded one at a time."""
     for name, tensor in iter_hf(state):
-        yield from _encode(name, tensor.detach().cpu(), dtype, quantize)
+        yield from _encode(name, tensor.detach().cpu(), dtype, quantize, quantize_from or dtype)
 
 
-def _encode(name: str, tensor: torch.Tensor, dtype: torch.dtype, quantize: str | None):
-    """One tensor as the file stores it. Quantised weights are rounded from their ``dtype`` values: those a
-    bf16 GPU run's forward saw, so quantisation-aware training exports exactly what it trained."""
+def _encode(name: str, tensor: torch.Tensor, dtype: torch.dtype, quantize: str | None, quantize_from: torch.dtype):
+    """One tensor as the file stores it. Quantised weights are rounded from their ``quantize_from`` values: the
+    trainer passes the dtype its forward computed in, so quantisation-aware training exports exactly what its
+    forward used."""
     if not tensor.is_floating_point():
         yield name, tensor.contiguous()
     elif quantize is not None and (FP8_WEIGHTS.search(name) or ROUTED_EXPERT_WEIGHT.search(name)):
         fp4 = quantize == "fp4" and ROUTED_EXPERT_WEIGHT.search(name)
-        weight, scale = (quantize_fp4 if fp4 else quantize_fp8)(tensor.to(dtype))
+        weight, scale = (quantize_fp4 if fp4 else quantize_fp8)(tensor.to(quantize_from))
         yield name, weight
         yield name[: -len(".weight")] + ".scale", scale
     elif tensor.dtype == torch.float32 and _keeps_fp32(name):
@@ -292,9 +294,11 @@ def _keeps_fp32(name: str) -> bool:
 
 
 def write_shards(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, quantize: str | None,
-                 file_name, max_shard_bytes: int = 4 * 2**30) -> tuple[dict[str, str], int]:
+                 file_name, max_shard_bytes: int = 4 * 2**30,
+                 quantize_from: torch.dtype | None = None) -> tuple[dict[str, str], int]:
     """Stream ``state`` into safetensors shards named ``file_name(i, count)``; returns (weight map, bytes).
-    At most one shard is held in memory; files appear under their final names only when complete."""
+    At most one shard is held in memory; files appear under their final names only when complete. Quantised
+    weights are rounded from ``quantize_from`` (default ``dtype``)."""
     if quantize not in (None, *QUANTIZE_FORMATS):
         raise ValueError(f"quantize = {quantize!r} is invalid: allowed None, " + ", ".join(map(repr, QUANTIZE_FORMATS)))
     path.mkdir(parents=True, exist_ok=True)
@@ -307,7 +311,7 @@ def write_shards(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype,
         save_file(shard, str(tmp), metadata={"format": "pt"})
         written.append((tmp, list(shard), size))
 
-    for name, tensor in hf_tensors(state, dtype, quantize):
+    for name, tensor in hf_tensors(state, dtype, quantize, quantize_from):
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > max_shard_bytes:
             flush()

@@ -116,7 +116,7 @@ class Checkpoint:
     last_save_model_only: bool = False  # the final checkpoint without optimizer state
     export_dtype: str = "bfloat16"  # dtype of exported weights (tensors released in fp32 stay fp32)
     export_quantize: str = "none"  # none | fp8 (128x128-block FP8 weights and experts, as the Base release) |
-    # fp4 (FP8 weights, FP4 routed experts, as the instruct release); quantised from export_dtype's values
+    # fp4 (FP8 weights, FP4 routed experts, as the instruct release); rounded from the weights the forward used
     async_mode: str = "disabled"  # disabled | async
     keep_latest_k: int = 10  # 0 keeps all
     load_step: int = -1  # -1: the latest complete checkpoint
