@@ -6,8 +6,8 @@ is refreshed from ``embed``), the optimizer state as ``optimizer.{fqn}.{key}`` (
 ``exp_avg_sq``, ``step``; Muon: ``momentum_buffer``), ``trainer_state.pt`` (step, data position, RNG;
 the learning rate is the schedule's at the step) and the model's ``config.json`` (its shape, in the released
 config's keys: ``python -m titan_dsv4.convert dcp-to-hf`` turns the folder into a Hugging Face checkpoint),
-both written by rank 0. Sharded tensors are saved as DTensors
-with their global shapes, so any PP / FSDP / EP layout can load any checkpoint.
+both written by rank 0. Sharded tensors are saved as DTensors with their global shapes, so any PP / FSDP / EP
+layout can load any checkpoint.
 
 Atomicity: everything is written into ``step-{N}.partial/`` and renamed to ``step-{N}`` by rank 0 only after
 every rank's data, DCP's metadata and the trainer state are on disk. A save killed at any point (or failing

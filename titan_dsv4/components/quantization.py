@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-QUANTIZE_FORMATS = ("fp8", "fp4")  # fp8: every matrix FP8 (the Base release); fp4: routed experts FP4
+# exports: fp8 (the Base release: the released FP8 matrices and the routed experts in FP8); fp4 (the instruct
+# release: the same with the routed experts in FP4)
+QUANTIZE_FORMATS = ("fp8", "fp4")
 FP8_BLOCK = 128
 FP4_GROUP = 32
 FP8_MAX = 448.0
