@@ -82,6 +82,8 @@ BAD_RUNS = [
     (["--model.expert_qat", "int4"], "`model.expert_qat` = 'int4' is invalid: allowed none, fp8, fp4"),
     (["--checkpoint.export_quantize", "fp6"],
      "`checkpoint.export_quantize` = 'fp6' is invalid: allowed none, fp8, fp4"),
+    (["--checkpoint.export_quantize", "fp4"], "`checkpoint.export_quantize` = 'fp4' formats the final Hugging Face "
+     "export: set checkpoint.last_save_in_hf = true"),
     (["--optimizer.name", "Lion"], "`optimizer.name` = 'Lion' is invalid: allowed AdamW, Muon"),
     (["--optimizer.muon_momentum", "1"], "`optimizer.muon_momentum` = 1.0 is invalid: must be in [0, 1)"),
     (["--job.config_file", "/nonexistent.toml"], "no such file"),

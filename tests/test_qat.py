@@ -175,7 +175,8 @@ def test_fp4_needs_expert_widths_in_whole_scale_groups(tmp_path, key):
     hf_config = FLAVORS["debugmodel"].to_hf_config()
     hf_config["moe_intermediate_size"] = 48  # w2's input width: one and a half groups of 32
     (tmp_path / "config.json").write_text(json.dumps(hf_config))
-    argv = ["--checkpoint.initial_load_path", str(tmp_path), "--checkpoint.initial_load_in_hf"]
+    argv = ["--checkpoint.initial_load_path", str(tmp_path), "--checkpoint.initial_load_in_hf",
+            "--checkpoint.last_save_in_hf"]
     validate(load_config([*argv, f"--{key}", "fp8"]), 1)  # FP8's 128x128 blocks take partial edges
     with pytest.raises(ConfigError, match=rf"`{key}` = 'fp4' needs the experts' input widths \(hidden_size 64, "
                                           r"moe_intermediate_size 48\) to be multiples of 32"):

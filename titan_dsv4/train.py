@@ -509,8 +509,9 @@ def describe_run(config: JobConfig, setup: RunSetup, world: int) -> str:
         layout += f", EP {dims.ep}"
     checkpointing = ac.mode + (f" ({ac.selective_ac_option})" if ac.mode == "selective" else "")
     compiled = "on" if config.compile.enable else "off"
+    qat = "" if config.model.expert_qat == "none" else f", experts trained {config.model.expert_qat.upper()}-aware"
     return (f"{config.job.description}: {config.model.flavor}, {_count(args.num_params())} parameters "
-            f"({_count(args.num_active_params())} active), MTP depth {args.num_nextn_predict_layers}; "
+            f"({_count(args.num_active_params())} active), MTP depth {args.num_nextn_predict_layers}{qat}; "
             f"{world} process{'es' if world > 1 else ''}: {layout}; activation checkpointing {checkpointing}, "
             f"compile {compiled}; {t.steps} step{'s' if t.steps > 1 else ''} of {setup.global_batch_size} x "
             f"{t.seq_len} tokens")

@@ -159,6 +159,10 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                               f"{Path(config.job.dump_folder) / ck.folder}: {steps or 'none'}")
     _choice("checkpoint.export_dtype", ck.export_dtype, DTYPES)
     _choice("checkpoint.export_quantize", ck.export_quantize, ("none", *QUANTIZE_FORMATS))
+    if ck.export_quantize != "none" and not ck.last_save_in_hf:
+        raise ConfigError(f"`checkpoint.export_quantize` = {ck.export_quantize!r} formats the final Hugging Face "
+                          "export: set checkpoint.last_save_in_hf = true (or convert a checkpoint later with "
+                          "python -m titan_dsv4.convert dcp-to-hf --quantize)")
     for key, fmt in (("model.expert_qat", config.model.expert_qat), ("checkpoint.export_quantize", ck.export_quantize)):
         if fmt == "fp4" and (model_args.hidden_size % FP4_GROUP or model_args.moe_intermediate_size % FP4_GROUP):
             raise ConfigError(f"`{key}` = 'fp4' needs the experts' input widths (hidden_size "
