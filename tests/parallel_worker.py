@@ -53,6 +53,8 @@ def job_config(options: dict[str, str]) -> JobConfig:
             config.training.indexer_loss_coeff = float(value)
         elif key == "schedule":
             config.parallelism.pipeline_parallel_schedule = value
+        elif key == "qat":
+            config.model.expert_qat = value
         elif key == "compile":  # every block and the loss's chunk functions, with this backend
             config.compile.enable, config.compile.backend = True, value
             config.compile.components = ["model", "loss"]
@@ -68,6 +70,7 @@ def reference_step(trainer: Trainer, global_batch: int) -> dict:
     model.init_weights(config.training.seed)
     model.train()
     model.set_mtp_loss_scale(config.mtp.loss_scaling_factor)
+    model.set_expert_qat(config.model.expert_qat)
     coeff = config.training.indexer_loss_coeff
     if coeff > 0:
         model.set_indexer_loss_scale(coeff / (global_batch * SEQ))

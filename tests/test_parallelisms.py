@@ -1,5 +1,6 @@
 """FSDP2, HSDP, expert parallelism and activation checkpointing, each with MTP on and pipeline parallelism
-where it applies: one real Trainer step on 4 gloo processes against a single-process model (fp32).
+where it applies (and quantisation-aware experts): one real Trainer step on 4 gloo processes against a
+single-process model (fp32).
 
 Tolerances: fp32 alone moves the worst gradient by ~1.5e-3 of its scale against fp64 (measured on this
 model), so gradients are compared at 3e-3 of each tensor's largest entry — a lost or doubled contribution
@@ -31,6 +32,8 @@ CASES = {
     "indexer_kl_ep2_pp2_zbv": "pp:2,ep:2,schedule:ZBVZeroBubble,indexer:1.0",
     # op-level selective checkpointing (projection GEMMs kept): experts' FSDP unit inside the checkpoint
     "ep2_pp2_ac_op_mtp2": "pp:2,ep:2,ac:selective,sac:op,mtp:2",
+    # FP4 quantisation-aware experts, each rank rounding the experts it holds (one process rounds all)
+    "qat_fp4_ep2_pp2_ac_full": "pp:2,ep:2,ac:full,qat:fp4",
     # last: compiling the loss's chunk functions lasts for the process. aot_eager traces the graphs inductor
     # would get. Whole blocks compiled under FSDP, PP and full AC; and with EP (the experts an FSDP unit of
     # their own: the rest of each block compiled around them), the trained indexer inside
