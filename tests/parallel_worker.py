@@ -55,6 +55,8 @@ def job_config(options: dict[str, str]) -> JobConfig:
             config.parallelism.pipeline_parallel_schedule = value
         elif key == "qat":
             config.model.expert_qat = value
+        elif key == "lora":
+            config.lora.rank = int(value)
         elif key == "compile":  # every block and the loss's chunk functions, with this backend
             config.compile.enable, config.compile.backend = True, value
             config.compile.components = ["model", "loss"]
@@ -71,6 +73,9 @@ def reference_step(trainer: Trainer, global_batch: int) -> dict:
     model.train()
     model.set_mtp_loss_scale(config.mtp.loss_scaling_factor)
     model.set_expert_qat(config.model.expert_qat)
+    if args.lora_rank:  # only the adapters train
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith((".lora_a", ".lora_b")))
     coeff = config.training.indexer_loss_coeff
     if coeff > 0:
         model.set_indexer_loss_scale(coeff / (global_batch * SEQ))

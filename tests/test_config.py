@@ -84,6 +84,10 @@ BAD_RUNS = [
      "`checkpoint.export_quantize` = 'fp6' is invalid: allowed none, fp8, fp4"),
     (["--checkpoint.export_quantize", "fp4"], "`checkpoint.export_quantize` = 'fp4' formats the final Hugging Face "
      "export: set checkpoint.last_save_in_hf = true"),
+    (["--lora.rank", "4", "--lora.target_modules", "attn.wo_a"],
+     "`lora.target_modules` = ['attn.wo_a'] is invalid: a non-empty list of attn.wq_a, attn.wq_b"),
+    (["--lora.rank", "4", "--training.indexer_loss_coeff", "1"],
+     "`training.indexer_loss_coeff` = 1.0 trains the lightning indexer, but `lora.rank` > 0 freezes"),
     (["--optimizer.name", "Lion"], "`optimizer.name` = 'Lion' is invalid: allowed AdamW, Muon"),
     (["--optimizer.muon_momentum", "1"], "`optimizer.muon_momentum` = 1.0 is invalid: must be in [0, 1)"),
     (["--job.config_file", "/nonexistent.toml"], "no such file"),

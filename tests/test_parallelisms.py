@@ -34,6 +34,8 @@ CASES = {
     "ep2_pp2_ac_op_mtp2": "pp:2,ep:2,ac:selective,sac:op,mtp:2",
     # FP4 quantisation-aware experts, each rank rounding the experts it holds (one process rounds all)
     "qat_fp4_ep2_pp2_ac_full": "pp:2,ep:2,ac:full,qat:fp4",
+    # LoRA adapters alone training, every other weight frozen inside the FSDP units (experts too)
+    "lora_ep2_pp2_ac_full_mtp2": "pp:2,ep:2,ac:full,mtp:2,lora:4",
     # last: compiling the loss's chunk functions lasts for the process. aot_eager traces the graphs inductor
     # would get. Whole blocks compiled under FSDP, PP and full AC; and with EP (the experts an FSDP unit of
     # their own: the rest of each block compiled around them), the trained indexer inside

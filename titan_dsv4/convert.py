@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from .components.checkpoint import OPTIMIZER_PREFIX
 from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full_shapes, save_hf, storage_dtype
 from .components.quantization import QUANTIZE_FORMATS
+from .models.deepseek_v4.lora import is_adapter, merged_weight
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
 
 
@@ -57,18 +58,30 @@ def hf_to_dcp(hf_dir: str | Path, dcp_dir: str | Path, dtype: torch.dtype = torc
 
 
 class _DCPTensors:
-    """A read-only mapping whose ``items()`` loads one tensor at a time from a DCP checkpoint."""
+    """A read-only mapping whose ``items()`` loads one tensor at a time from a DCP checkpoint, LoRA adapters
+    merged into their weights (``lora_scaling``: alpha / rank)."""
 
-    def __init__(self, dcp_dir: str | Path):
-        self.dcp_dir = str(dcp_dir)
+    def __init__(self, dcp_dir: str | Path, lora_scaling: float = 0.0):
+        self.dcp_dir, self.lora_scaling = str(dcp_dir), lora_scaling
         metadata = FileSystemReader(self.dcp_dir).read_metadata()
         self.specs = {k: v for k, v in metadata.state_dict_metadata.items()
                       if isinstance(v, TensorStorageMetadata) and not k.startswith(OPTIMIZER_PREFIX)}
 
+    def _load(self, name: str) -> torch.Tensor:
+        spec = self.specs[name]
+        tensor = torch.empty(spec.size, dtype=spec.properties.dtype)
+        dcp.load({name: tensor}, storage_reader=FileSystemReader(self.dcp_dir), no_dist=True)
+        return tensor
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, spec in self.specs.items():
-            tensor = torch.empty(spec.size, dtype=spec.properties.dtype)
-            dcp.load({name: tensor}, storage_reader=FileSystemReader(self.dcp_dir), no_dist=True)
+        for name in self.specs:
+            if is_adapter(name):
+                continue
+            tensor = self._load(name)
+            base = name[: -len(".weight")]
+            if f"{base}.lora_a" in self.specs:
+                tensor = merged_weight(tensor, self._load(f"{base}.lora_a"), self._load(f"{base}.lora_b"),
+                                       self.lora_scaling)
             yield name, tensor
 
 
@@ -77,8 +90,8 @@ def dcp_to_hf(dcp_dir: str | Path, hf_dir: str | Path, dtype: torch.dtype = torc
     config = Path(dcp_dir) / "config.json"
     if not config.is_file():
         raise CheckpointError(f"{dcp_dir}: no config.json beside the DCP checkpoint")
-    args = DeepseekV4ModelArgs.from_hf_config(config)
-    tensors = _DCPTensors(dcp_dir)
+    args = DeepseekV4ModelArgs.from_hf_config(config)  # with a LoRA run's adapters (merged on the way out)
+    tensors = _DCPTensors(dcp_dir, args.lora_alpha / args.lora_rank if args.lora_rank else 0.0)
     expected = set(_full_shapes(args))
     if set(tensors.specs) != expected:
         missing, extra = sorted(expected - set(tensors.specs)), sorted(set(tensors.specs) - expected)

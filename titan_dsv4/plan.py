@@ -35,6 +35,7 @@ from .config.job_config import JobConfig
 from .config.validate import RunSetup, validate
 from .distributed.pipeline import prune_to_stage, schedule_actions
 from .models.deepseek_v4.init import EXPERT_WEIGHTS
+from .models.deepseek_v4.lora import is_adapter
 
 GIB = 2**30
 CUDA_RESERVE_GIB = 3.0  # CUDA context, NCCL buffers and cuBLAS workspaces per GPU (not tensors we allocate)
@@ -165,8 +166,11 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
     model.set_expert_qat(config.model.expert_qat)
     if config.training.indexer_loss_coeff > 0:
         model.set_indexer_loss_scale(1.0)
-    for p in model.parameters():  # FSDP frees each unit's unsharded gradient after reduce-scatter: free now
-        p.register_post_accumulate_grad_hook(lambda param: setattr(param, "grad", None))
+    for name, p in model.named_parameters():
+        if setup.model_args.lora_rank and not is_adapter(name):  # LoRA: frozen, as the trainer freezes them
+            p.requires_grad_(False)
+        elif p.requires_grad:  # FSDP frees each unit's unsharded gradient after reduce-scatter: free now
+            p.register_post_accumulate_grad_hook(lambda param: setattr(param, "grad", None))
     loss_fn = setup.spec.build_loss_fn(config, setup.model_args)
     original, deterministic = RoutedExperts.forward, torch.are_deterministic_algorithms_enabled()
     ep = setup.parallel_dims.ep
@@ -240,14 +244,15 @@ def without_cluster_files(config: JobConfig) -> JobConfig:
     return config
 
 
-def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool,
-                 stateless: tuple[str, ...], muon: bool) -> tuple[int, int, int, int, int, float]:
+def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool, stateless: tuple[str, ...],
+                 muon: bool, adapters_only: bool = False) -> tuple[int, int, int, int, int, float]:
     """Elements of a stage's parameters: this rank's shards, the trainable part of them (gradients), the
     optimizer's state (two AdamW moments per element, or one Muon momentum for ``matrix_parameters``),
     gathered (FSDP's unsharded copies), and the largest FSDP unit gathered; and Muon's Newton-Schulz FLOPs
     per step on this rank (experts and FSDP-sharded weights split over the ``shard`` ranks: each
     orthogonalizes its own experts, or the weights dealt to it). The fp32 tensors FSDP leaves out are whole
-    on every rank, used in place, and orthogonalized on every rank."""
+    on every rank, used in place, and orthogonalized on every rank. ``adapters_only``: LoRA, only the
+    adapters train."""
     from .components.muon import matrix_shape, newton_schulz_flops
     from .models.deepseek_v4.parallelize import fp32_replicated_parameters
 
@@ -264,7 +269,7 @@ def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool,
         if id(p) in replicated:
             local, numel = p.numel(), 0
         params += local
-        frozen = frozen_indexer and ".attn.indexer." in f".{name}"
+        frozen = (frozen_indexer and ".attn.indexer." in f".{name}") or (adapters_only and not is_adapter(name))
         if not (frozen or name.startswith(stateless)):
             trainable += local
             optimizer += local * (1 if id(p) in matrices else 2)
@@ -298,7 +303,7 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
     for stage, fqns in enumerate(stage_fqns):
         part = prune_to_stage(model, fqns) if fqns is not None else copy.deepcopy(model)
         state[stage] = _stage_state(part, shard, ep, frozen_indexer, replicas if plan and plan.style == "v" else (),
-                                    config.optimizer.name == "Muon")
+                                    config.optimizer.name == "Muon", adapters_only=args.lora_rank > 0)
         acts[stage] = measure_stage(part, setup, config, stage == 0, stage == len(stage_fqns) - 1, dtype,
                                     gpu=device == "cuda")
 

@@ -50,6 +50,7 @@ from .distributed.utils import (
     set_collective_timeout,
     shutdown_distributed,
 )
+from .models.deepseek_v4.lora import is_adapter, merge_adapters
 from .models.deepseek_v4.mtp import IGNORE_INDEX
 
 
@@ -123,7 +124,8 @@ class Trainer:
         if ck.enable:
             self.checkpointer = CheckpointManager(Path(config.job.dump_folder) / ck.folder, self.model_parts,
                                                   self.optimizer, followers, ck.keep_latest_k,
-                                                  ck.async_mode == "async", self.model_args.to_hf_config())
+                                                  ck.async_mode == "async",
+                                                  self.model_args.to_hf_config(adapters=True))
         # groups made since init_process_group (meshes, pipeline ties) get the start-up timeout too
         self._steady_timeout = self._validated = False
         set_collective_timeout(config.comm.init_timeout_seconds)
@@ -225,6 +227,10 @@ class Trainer:
         else:  # top-k selection gives them no gradient from the LM loss: frozen, and not in the optimizer
             for p in part.indexer_parameters():
                 p.requires_grad_(False)
+        if self.model_args.lora_rank:  # LoRA: only the adapters train
+            for name, p in part.named_parameters():
+                if not is_adapter(name):
+                    p.requires_grad_(False)
         return part
 
     # ------------------------------------------------------------------ one step
@@ -475,6 +481,8 @@ class Trainer:
         with self._long_collectives():  # dp rank 0 of each stage writes while the others wait
             state = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
                      for name, tensor in model_state(self.model_parts).items()}
+            if self.model_args.lora_rank:  # the released layout: adapters merged into their weights
+                state = merge_adapters(state, self.model_args.lora_alpha / self.model_args.lora_rank)
             result = ({}, 0)
             quantize = None if cfg.checkpoint.export_quantize == "none" else cfg.checkpoint.export_quantize
             if self.parallel_dims.dp_rank() == 0:
@@ -510,6 +518,8 @@ def describe_run(config: JobConfig, setup: RunSetup, world: int) -> str:
     checkpointing = ac.mode + (f" ({ac.selective_ac_option})" if ac.mode == "selective" else "")
     compiled = "on" if config.compile.enable else "off"
     qat = "" if config.model.expert_qat == "none" else f", experts trained {config.model.expert_qat.upper()}-aware"
+    if args.lora_rank:
+        qat += f", LoRA rank {args.lora_rank} on {', '.join(args.lora_targets)} (all else frozen)"
     return (f"{config.job.description}: {config.model.flavor}, {_count(args.num_params())} parameters "
             f"({_count(args.num_active_params())} active), MTP depth {args.num_nextn_predict_layers}{qat}; "
             f"{world} process{'es' if world > 1 else ''}: {layout}; activation checkpointing {checkpointing}, "

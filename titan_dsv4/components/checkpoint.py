@@ -32,6 +32,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..models.deepseek_v4.init import canonical_fqn
+from ..models.deepseek_v4.lora import is_adapter
 from ..models.deepseek_v4.pipeline import replica_source
 from .hf_checkpoint import checkpoint_tensors
 from .optimizer import empty_state
@@ -102,6 +103,12 @@ def load_model_only(model_parts: list[nn.Module], path: str | Path) -> None:
     """Fill the model from a DCP checkpoint (a training checkpoint or the converter's model-only one)."""
     path = Path(path)
     state = model_state(model_parts)
+    try:
+        saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    except Exception:  # noqa: BLE001 - _checked_metadata names the problem
+        saved = set(state)
+    # LoRA adapters a checkpoint of the base model lacks keep their initial values (B = 0: the base model)
+    state = {k: v for k, v in state.items() if k in saved or not is_adapter(k)}
     _checked_metadata(path, state)
     _load(state, path)
 

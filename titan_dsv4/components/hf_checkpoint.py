@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from ..models.deepseek_v4.args import DeepseekV4ModelArgs
 from ..models.deepseek_v4.init import EXPERT_WEIGHTS
+from ..models.deepseek_v4.lora import is_adapter
 from ..models.deepseek_v4.state_dict_adapter import EXPERT_HF, _TRANSFORMERS_GLOBAL, _rename, fqn_from_hf, iter_hf
 from .quantization import QUANTIZE_FORMATS, dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
 
@@ -233,12 +234,13 @@ def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_hf_into(model: torch.nn.Module, path: str | Path, names: Iterable[str] | None = None) -> None:
-    """Fill ``model``'s tensors (or only ``names``) from the checkpoint at ``path``, one tensor at a time."""
+    """Fill ``model``'s tensors (or only ``names``) from the checkpoint at ``path``, one tensor at a time. LoRA
+    adapters are not in released checkpoints: they keep their initial values."""
     from ..models.deepseek_v4.init import canonical_fqn, copy_full_into, local_box
 
-    targets = checkpoint_tensors(model)
+    targets = {k: v for k, v in checkpoint_tensors(model).items() if not is_adapter(k)}
     args = model.args
-    full = {k: v.shape for k, v in _full_shapes(args).items()}
+    full = {k: v.shape for k, v in _full_shapes(args).items() if not is_adapter(k)}
     reader = HFCheckpointReader(path, args, full)
     for name in (names if names is not None else targets):
         # an expert-parallel rank reads only its own experts' weights

@@ -194,6 +194,15 @@ class MTP:
 
 
 @dataclass
+class LoRA:
+    rank: int = 0  # > 0: train low-rank adapters on target_modules, every other weight frozen; 0: full fine-tuning
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    # projections inside each block (MTP blocks too) that get an adapter: attn.wq_a, attn.wq_b, attn.wkv,
+    # attn.wo_b, ffn.shared_experts.w1/w2/w3, e_proj, h_proj
+    target_modules: list[str] = field(default_factory=lambda: ["attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b"])
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -209,3 +218,4 @@ class JobConfig:
     profiling: Profiling = field(default_factory=Profiling)
     comm: Comm = field(default_factory=Comm)
     mtp: MTP = field(default_factory=MTP)
+    lora: LoRA = field(default_factory=LoRA)

@@ -38,6 +38,20 @@ class RunSetup:
     meta_model: Any | None  # the meta-device model the plan was made on (its hooks may have added modules)
 
 
+def _with_adapters(model_args: Any, lora: Any) -> Any:
+    """The model args with the ``[lora]`` section's adapters (the section decides, whatever a checkpoint's
+    config.json says)."""
+    import dataclasses
+
+    try:
+        return dataclasses.replace(model_args, lora_rank=lora.rank, lora_alpha=lora.alpha,
+                                   lora_targets=list(lora.target_modules))
+    except ValueError as e:  # "model arg `lora_targets` = ... is invalid: ..." -> the config key
+        message = str(e).replace("model arg `lora_rank`", "`lora.rank`").replace("model arg `lora_alpha`",
+                                                                                  "`lora.alpha`")
+        raise ConfigError(message.replace("model arg `lora_targets`", "`lora.target_modules`")) from None
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"`{key}` = {value!r} is invalid: allowed {', '.join(map(str, allowed))}")
@@ -171,6 +185,10 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     if config.mtp.num_layers is not None:
         _at_least("mtp.num_layers", config.mtp.num_layers, 0)
         model_args = model_args.with_mtp_layers(config.mtp.num_layers)
+    model_args = _with_adapters(model_args, config.lora)
+    if config.lora.rank and t.indexer_loss_coeff > 0:
+        raise ConfigError(f"`training.indexer_loss_coeff` = {t.indexer_loss_coeff} trains the lightning indexer, but "
+                          "`lora.rank` > 0 freezes every weight but the adapters: set it to 0")
 
     tokenizer_path = config.model.tokenizer_path or config.model.hf_assets_path
     try:

@@ -14,6 +14,7 @@ from .fp32_linear import fp32_linear
 from .head_loss import head_loss
 from .hyper_connection import HyperConnection, HyperHead
 from .init import canonical_fqn, init_weights
+from .lora import add_adapters
 from .moe import RoutedExperts
 from .mtp import MTPBlock, mtp_input_ids
 from .norm import RMSNorm
@@ -39,6 +40,8 @@ class DeepseekV4Model(nn.Module):
         # Pipeline parallelism may give the last stage its own copy of the embedding for MTP.
         self.mtp_embed: nn.Embedding | None = None
         self.mtp_loss_scale: float | None = None  # set_mtp_loss_scale
+        if args.lora_rank:
+            add_adapters(self, args.lora_rank, args.lora_alpha, args.lora_targets)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -1,0 +1,113 @@
+"""LoRA fine-tuning: the adapted model against the plain model holding the merged weights, only the adapters
+training, the released checkpoint loading under adapters, exports and checkpoint conversion merging them, and
+the planner counting state for the adapters alone."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import titan_dsv4
+from hf_reference import first_batch_loss, random_model
+from launch import run_training
+from titan_dsv4.components.dataloader import build_dataloader
+from titan_dsv4.components.hf_checkpoint import checkpoint_tensors
+from titan_dsv4.components.loss import MTPLoss, build_targets
+from titan_dsv4.components.tokenizer import Tokenizer
+from titan_dsv4.convert import main as convert
+from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
+from titan_dsv4.models.deepseek_v4.lora import LORA_TARGETS
+
+TARGETS = list(LORA_TARGETS)  # every kind of target, MTP's projections included
+
+
+def _objective_and_grads(model, batch):
+    model.train().set_mtp_loss_scale(0.3)
+    targets = build_targets(batch.labels, batch.positions, model.args.num_nextn_predict_layers)
+    loss = MTPLoss()(model(batch.input_ids, batch.positions, targets=targets), targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_adapters_equal_the_merged_weights_and_only_they_train():
+    base = random_model(FLAVORS["debugmodel"], seed=2)
+    adapted = DeepseekV4Model(dataclasses.replace(base.args, lora_rank=4, lora_alpha=8.0, lora_targets=TARGETS))
+    adapted.init_weights(0)
+    missing, unexpected = adapted.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.endswith((".lora_a", ".lora_b")) for k in missing)
+    assert len(missing) == 2 * (5 * 7 + 2)  # 7 targets in each of 4 blocks + MTP, and MTP's e_proj and h_proj
+    batch = next(build_dataloader("pydocs", None, Tokenizer(), 64, 2, 0, 1))
+    with torch.no_grad():  # B starts at zero: the adapted model is the base model
+        for m in (base, adapted):
+            m.set_mtp_loss_scale(0.3)
+        assert first_batch_loss(adapted, 64, 2) == first_batch_loss(base, 64, 2)
+        for name, p in adapted.named_parameters():
+            if name.endswith(".lora_b"):
+                p.normal_(0, 0.05)  # a trained adapter
+    merged = random_model(FLAVORS["debugmodel"], seed=2)
+    with torch.no_grad():  # W + (alpha / r) B A, written out here
+        for name, module in adapted.named_modules():
+            if hasattr(module, "lora_a"):
+                merged.get_submodule(name).weight += 2.0 * module.lora_b @ module.lora_a
+    for name, p in adapted.named_parameters():  # as the trainer freezes them
+        p.requires_grad_(name.endswith((".lora_a", ".lora_b")))
+    loss, grads = _objective_and_grads(adapted, batch)
+    merged_loss, merged_grads = _objective_and_grads(merged, batch)
+    torch.testing.assert_close(loss, merged_loss, rtol=1e-5, atol=0)
+    assert grads and all(n.endswith((".lora_a", ".lora_b")) for n in grads)
+    for name, module in adapted.named_modules():  # dL/dB = s (dL/dW) Aᵀ and dL/dA = s Bᵀ (dL/dW)
+        if hasattr(module, "lora_a"):
+            g = merged_grads[f"{name}.weight"]
+            torch.testing.assert_close(module.lora_b.grad, 2.0 * g @ module.lora_a.T, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(module.lora_a.grad, 2.0 * module.lora_b.T @ g, rtol=1e-4, atol=1e-7)
+
+
+RUN = ("--training.steps", "2", "--training.seq_len", "64", "--training.local_batch_size", "2",
+       "--lora.rank", "4", "--lora.target_modules", ",".join(TARGETS), "--checkpoint.enable",
+       "--checkpoint.last_save_in_hf", "--checkpoint.export_dtype", "float32")
+
+
+@pytest.mark.slow
+def test_pipelined_lora_run_trains_only_adapters_and_exports_them_merged(tmp_path):
+    source = tmp_path / "source"
+    titan_dsv4.save_pretrained(random_model(FLAVORS["debugmodel"], seed=7), source, dtype=torch.float32)
+    load = ("--checkpoint.initial_load_path", str(source), "--checkpoint.initial_load_in_hf")
+    records = run_training(tmp_path / "run", *RUN, *load, "--parallelism.pipeline_parallel_degree", "2",
+                           "--parallelism.pipeline_parallel_microbatch_size", "1", nproc=2)
+    # step 1 is the released model's loss (the adapters start as zero updates)
+    released_model = titan_dsv4.from_pretrained(source, dtype=torch.float32)
+    assert records[0]["loss"] == pytest.approx(first_batch_loss(released_model, 64, 2), rel=1e-5)
+    assert records[1]["loss"] != pytest.approx(records[0]["loss"], rel=1e-4)  # the adapters did train
+
+    folder = tmp_path / "run" / "checkpoint"
+    config = json.loads((folder / "step-2" / "config.json").read_text())
+    assert (config["lora_rank"], config["lora_alpha"], config["lora_targets"]) == (4, 16.0, TARGETS)
+    exported = titan_dsv4.from_pretrained(folder / "step-2-hf", dtype=torch.float32)
+    assert not exported.args.lora_rank
+    assert "lora_rank" not in json.loads((folder / "step-2-hf" / "config.json").read_text())
+    assert convert(["dcp-to-hf", str(folder / "step-2"), str(tmp_path / "converted"), "--dtype", "float32"]) == 0
+    converted = checkpoint_tensors(titan_dsv4.from_pretrained(tmp_path / "converted", dtype=torch.float32))
+    released, merged = checkpoint_tensors(released_model), checkpoint_tensors(exported)
+    assert merged.keys() == released.keys() == converted.keys()
+    blocks = [f"layers.{i}" for i in range(4)] + ["mtp.0"]
+    adapted = [f"{block}.{target}.weight" for block in blocks for target in TARGETS
+               if block == "mtp.0" or target not in ("e_proj", "h_proj")]
+    for name in merged:
+        assert torch.equal(converted[name], merged[name]), name  # the checkpoint merges as the export did
+        if name in adapted:
+            assert not torch.equal(merged[name], released[name]), name  # W + s B A moved
+        elif not name.endswith(".bias"):  # frozen (the expert-balancing biases are buffers and keep moving)
+            assert torch.equal(merged[name], released[name]), name
+
+
+def test_lora_trains_the_adapters_alone_in_the_plan():
+    from titan_dsv4.config import load_config
+    from titan_dsv4.plan import plan_memory
+
+    argv = ["--job.config_file", "train_configs/debug_model.toml", "--parallelism.pipeline_parallel_degree", "1",
+            "--lora.rank", "4"]
+    plan = plan_memory(load_config(argv), 1, device="cpu")[0]
+    # 4 default targets (wq_a 64->32, wq_b 32->128, wkv 64->32, wo_b 32->64) in 5 blocks: r x (in + out) each
+    adapters = 5 * 4 * ((64 + 32) + (32 + 128) + (64 + 32) + (32 + 64))
+    assert plan.grads == adapters * 4 and plan.optimizer == 2 * adapters * 4

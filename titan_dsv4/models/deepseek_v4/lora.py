@@ -1,0 +1,65 @@
+"""LoRA adapters for fine-tuning on fewer GPUs: chosen projections compute ``x Wᵀ + (α / r) (x Aᵀ) Bᵀ`` with
+the base weight ``W`` frozen and only ``A`` [r, in] and ``B`` [out, r] trained (``B`` starts at zero, so
+training starts from the base model). Exports merge ``W + (α / r) B A`` back into the released layout.
+
+The targets are projections the model calls as modules, named by their path inside a block: the attention's
+``wq_a``, ``wq_b``, ``wkv``, ``wo_b``, the shared expert's ``w1``/``w2``/``w3`` and the MTP blocks' ``e_proj``
+and ``h_proj``. (``wo_a`` is applied group by group from its weight, the compressors and the indexer through
+fp32 GEMMs of their weights, and the routed experts as stacked weights: none of them takes an adapter.)
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LORA_TARGETS = ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "ffn.shared_experts.w1",
+                "ffn.shared_experts.w2", "ffn.shared_experts.w3", "e_proj", "h_proj")
+ADAPTER_WEIGHTS = (".lora_a", ".lora_b")
+_BLOCK_PATH = re.compile(r"^(?:layers|mtp)\.\d+\.(.+)$")
+
+
+class LoRALinear(nn.Linear):
+    """A bias-free linear layer with a low-rank adapter beside its weight."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        self.weight = base.weight  # the base weight itself (values, sharding and all), frozen by the trainer
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, device=base.weight.device))
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
+
+
+def add_adapters(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+    """Replace every target projection of every block (MTP blocks included) by a ``LoRALinear``."""
+    for name, module in list(model.named_modules()):
+        match = _BLOCK_PATH.match(name)
+        if match and match.group(1) in targets and isinstance(module, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, LoRALinear(module, rank, alpha))
+
+
+def is_adapter(name: str) -> bool:
+    return name.endswith(ADAPTER_WEIGHTS)
+
+
+def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``W + scaling · B A`` in fp32, returned in ``W``'s dtype."""
+    return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+
+
+def merge_adapters(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """Full tensors by FQN -> the same without adapters, each adapted weight merged (the released layout)."""
+    merged = {k: v for k, v in state.items() if not is_adapter(k)}
+    for name in state:
+        if name.endswith(".lora_a"):
+            base = name[: -len(".lora_a")]
+            merged[f"{base}.weight"] = merged_weight(state[f"{base}.weight"], state[name], state[f"{base}.lora_b"],
+                                                     scaling)
+    return merged
