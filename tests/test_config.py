@@ -85,7 +85,7 @@ BAD_RUNS = [
     (["--checkpoint.export_quantize", "fp4"], "`checkpoint.export_quantize` = 'fp4' formats the final Hugging Face "
      "export: set checkpoint.last_save_in_hf = true"),
     (["--lora.rank", "4", "--lora.target_modules", "attn.wo_a"],
-     "`lora.target_modules` = ['attn.wo_a'] is invalid: a non-empty list of attn.wq_a, attn.wq_b"),
+     "`lora.target_modules` = 'attn.wo_a' is invalid: allowed attn.wq_a, attn.wq_b"),
     (["--lora.rank", "4", "--training.indexer_loss_coeff", "1"],
      "`training.indexer_loss_coeff` = 1.0 trains the lightning indexer, but `lora.rank` > 0 freezes"),
     (["--optimizer.name", "Lion"], "`optimizer.name` = 'Lion' is invalid: allowed AdamW, Muon"),

@@ -26,8 +26,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from .components.checkpoint import OPTIMIZER_PREFIX
 from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full_shapes, save_hf, storage_dtype
 from .components.quantization import QUANTIZE_FORMATS
-from .models.deepseek_v4.lora import is_adapter, merged_weight
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
+from .models.deepseek_v4.lora import is_adapter, merged_weight
 
 
 class _PullFromHF(DefaultSavePlanner):

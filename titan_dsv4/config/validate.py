@@ -3,6 +3,7 @@ model weight or data exists. Every failure is a one-line :class:`ConfigError`.""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..components.dataloader import (DATA_SUFFIXES, DATASETS, FORMATS, OPTIONAL_
                                      data_suffix)
 from ..components.pretokenized import check_tokenizer, pretokenized_parts
 from ..components.quantization import FP4_GROUP, QUANTIZE_FORMATS
+from ..models.deepseek_v4.lora import LORA_TARGETS
 from .job_config import JobConfig
 from .manager import ConfigError
 
@@ -41,15 +43,16 @@ class RunSetup:
 def _with_adapters(model_args: Any, lora: Any) -> Any:
     """The model args with the ``[lora]`` section's adapters (the section decides, whatever a checkpoint's
     config.json says)."""
-    import dataclasses
-
-    try:
-        return dataclasses.replace(model_args, lora_rank=lora.rank, lora_alpha=lora.alpha,
-                                   lora_targets=list(lora.target_modules))
-    except ValueError as e:  # "model arg `lora_targets` = ... is invalid: ..." -> the config key
-        message = str(e).replace("model arg `lora_rank`", "`lora.rank`").replace("model arg `lora_alpha`",
-                                                                                  "`lora.alpha`")
-        raise ConfigError(message.replace("model arg `lora_targets`", "`lora.target_modules`")) from None
+    _at_least("lora.rank", lora.rank, 0)
+    if lora.rank:
+        if not lora.alpha > 0:
+            raise ConfigError(f"`lora.alpha` = {lora.alpha!r} is invalid: must be > 0")
+        if not lora.target_modules:
+            raise ConfigError("`lora.target_modules` = [] is invalid: name at least one of " + ", ".join(LORA_TARGETS))
+        for target in lora.target_modules:
+            _choice("lora.target_modules", target, LORA_TARGETS)
+    return dataclasses.replace(model_args, lora_rank=lora.rank, lora_alpha=lora.alpha,
+                               lora_targets=list(lora.target_modules))
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

@@ -75,10 +75,10 @@ class DeepseekV4ModelArgs:
     initializer_range: float = 0.02
     bos_token_id: int = 0
     eos_token_id: int = 1
-    # LoRA adapters (lora.py), not part of the released config: rank 0 = none
+    # LoRA adapters (lora.py; set from the job's [lora] section), not part of the released config: rank 0 = none
     lora_rank: int = 0
     lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b"])
+    lora_targets: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.compress_ratios = [int(r) for r in self.compress_ratios]
@@ -110,14 +110,6 @@ class DeepseekV4ModelArgs:
         rope = self.qk_rope_head_dim
         if rope < 2 or rope % 2 or rope > self.head_dim:
             raise bad("qk_rope_head_dim", rope, f"must be even and in [2, head_dim={self.head_dim}]")
-        from .lora import LORA_TARGETS
-
-        if self.lora_rank < 0:
-            raise bad("lora_rank", self.lora_rank, "must be >= 0 (0: no adapters)")
-        if self.lora_rank and (not self.lora_targets or set(self.lora_targets) - set(LORA_TARGETS)):
-            raise bad("lora_targets", self.lora_targets, f"a non-empty list of {', '.join(LORA_TARGETS)}")
-        if self.lora_rank and not self.lora_alpha > 0:
-            raise bad("lora_alpha", self.lora_alpha, "must be > 0")
         if rope > self.index_head_dim:
             raise bad("qk_rope_head_dim", rope, f"must be <= index_head_dim={self.index_head_dim}")
         if self.num_attention_heads % self.o_groups:

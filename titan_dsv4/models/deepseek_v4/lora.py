@@ -38,6 +38,9 @@ class LoRALinear(nn.Linear):
 
 def add_adapters(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
     """Replace every target projection of every block (MTP blocks included) by a ``LoRALinear``."""
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown or not targets:
+        raise ValueError(f"LoRA targets {unknown or targets} are invalid: name some of {', '.join(LORA_TARGETS)}")
     for name, module in list(model.named_modules()):
         match = _BLOCK_PATH.match(name)
         if match and match.group(1) in targets and isinstance(module, nn.Linear):
