@@ -111,3 +111,16 @@ def test_lora_trains_the_adapters_alone_in_the_plan():
     # 4 default targets (wq_a 64->32, wq_b 32->128, wkv 64->32, wo_b 32->64) in 5 blocks: r x (in + out) each
     adapters = 5 * 4 * ((64 + 32) + (32 + 128) + (64 + 32) + (32 + 64))
     assert plan.grads == adapters * 4 and plan.optimizer == 2 * adapters * 4
+
+
+def test_a_checkpoint_with_adapters_does_not_lose_them_silently(tmp_path):
+    from titan_dsv4.config import ConfigError, load_config
+    from titan_dsv4.config.validate import validate
+
+    args = dataclasses.replace(FLAVORS["debugmodel"], lora_rank=4, lora_targets=["attn.wq_a"])
+    (tmp_path / ".metadata").write_bytes(b"")  # validate checks the DCP folder's presence, not its contents
+    (tmp_path / "config.json").write_text(json.dumps(args.to_hf_config(adapters=True)))
+    argv = ["--checkpoint.initial_load_path", str(tmp_path)]
+    assert validate(load_config([*argv, "--lora.rank", "4"]), 1).model_args.lora_rank == 4
+    with pytest.raises(ConfigError, match=r"holds LoRA adapters of rank 4 \(its config.json\): set lora.rank = 4"):
+        validate(load_config(argv), 1)

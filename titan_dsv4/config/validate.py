@@ -167,6 +167,11 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                 model_args = type(model_args).from_hf_config(hf_config)
             except ValueError as e:
                 raise ConfigError(f"{hf_config}: {e}") from None
+            if model_args.lora_rank and config.lora.rank != model_args.lora_rank:  # adapters would be dropped
+                raise ConfigError(f"`checkpoint.initial_load_path` = {ck.initial_load_path!r} holds LoRA adapters "
+                                  f"of rank {model_args.lora_rank} (its config.json): set lora.rank = "
+                                  f"{model_args.lora_rank} to train them on, or start from its merged weights "
+                                  "(python -m titan_dsv4.convert dcp-to-hf, then initial_load_in_hf)")
     if ck.enable and ck.load_step >= 0:
         from ..components.checkpoint import complete_steps
 
