@@ -7,6 +7,7 @@ attention sinks, compressor position biases), bf16 for the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -22,8 +23,11 @@ from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 from titan_dsv4.models.deepseek_v4.parallelize import apply_fsdp, fp32_replicated_parameters
 
 
-def build() -> DeepseekV4Model:
-    model = DeepseekV4Model(FLAVORS["debugmodel"])
+def build(lora_rank: int = 0) -> DeepseekV4Model:
+    args = FLAVORS["debugmodel"]
+    if lora_rank:
+        args = dataclasses.replace(args, lora_rank=lora_rank, lora_targets=["attn.wq_a", "attn.wkv", "e_proj"])
+    model = DeepseekV4Model(args)
     model.init_weights(0)
     model.set_mtp_loss_scale(0.3)
     return model.train()
@@ -90,7 +94,9 @@ def main() -> None:
     flat = torch.cat([params[n].grad.reshape(-1) for n in sorted(ref_grads)])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
+    lora = lora_case(dims, rank)
     finish_worker(out, {
+        "lora": lora,
         "seen": seen, "kept_whole": sorted(kept),
         "kept_dtypes": sorted({str(params[n].dtype) for n in kept}),
         "replicated_names": replicated_names,
@@ -98,6 +104,27 @@ def main() -> None:
         "replicated_grad_rel_err": grad_err / grad_scale,
         "ranks_hold_equal_grads": all(torch.equal(g, gathered[0]) for g in gathered),
     })
+
+
+def lora_case(dims: ParallelDims, rank: int) -> dict:
+    """LoRA under the same mixed precision: the frozen weights are stored in bf16 (FSDP's compute dtype), the
+    adapters and fp32-kept tensors in fp32; with B = 0 each rank's objective is the base model's, bit for bit
+    the reference's above; only the adapters get gradients."""
+    config = JobConfig()
+    config.lora.rank = 4
+    model = build(lora_rank=4)
+    for name, p in model.named_parameters():  # as the trainer freezes them
+        p.requires_grad_(name.endswith((".lora_a", ".lora_b")))
+    apply_fsdp(model, dims, config, torch.device("cpu"), param_dtype=torch.bfloat16)
+    stored = {n: str(p.dtype) for n, p in model.named_parameters()}
+    seen = record_compute_dtypes(model)
+    ids, positions, targets = batch(rank, model.args)
+    outputs = model(ids, positions, targets=targets)
+    MTPLoss()(outputs, targets, 1.0).backward()
+    objectives = [torch.zeros(()) for _ in range(dist.get_world_size())]
+    dist.all_gather(objectives, outputs[0].detach().float())
+    return {"stored": stored, "seen": seen, "objectives": [o.item() for o in objectives],
+            "with_grads": sorted(n for n, p in model.named_parameters() if p.grad is not None)}
 
 
 if __name__ == "__main__":

@@ -138,3 +138,13 @@ def test_bf16_mixed_precision_keeps_the_released_fp32_tensors_in_fp32(tmp_path):
     assert replicated <= set(r["seen"])  # every fp32 tensor was used in forward, in fp32
     assert r["objectives"] == r["ref_objectives"]  # the same bf16 / fp32 computation, bit for bit
     assert r["replicated_grad_rel_err"] < 1e-2 and r["ranks_hold_equal_grads"]
+    # LoRA: frozen weights stored in bf16 (half the memory), adapters and the fp32-kept tensors in fp32
+    lora = r["lora"]
+    adapters = {n for n in lora["stored"] if n.endswith((".lora_a", ".lora_b"))}
+    assert len(adapters) == 2 * (5 * 2 + 1)  # wq_a and wkv in 4 + 1 blocks, MTP's e_proj
+    for name, dtype in lora["stored"].items():
+        assert dtype == ("torch.float32" if name in adapters or name in replicated else "torch.bfloat16"), name
+    for name, dtype in lora["seen"].items():  # computed as without adapters: all bf16 but the fp32-kept
+        assert dtype == ("torch.float32" if name in replicated else "torch.bfloat16"), (name, dtype)
+    assert lora["objectives"] == r["ref_objectives"]  # B = 0: the base model's bf16 computation, bit for bit
+    assert set(lora["with_grads"]) == adapters  # and nothing frozen

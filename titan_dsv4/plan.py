@@ -245,8 +245,10 @@ def without_cluster_files(config: JobConfig) -> JobConfig:
 
 
 def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool, stateless: tuple[str, ...],
-                 muon: bool, adapters_only: bool = False) -> tuple[int, int, int, int, int, float]:
-    """Elements of a stage's parameters: this rank's shards, the trainable part of them (gradients), the
+                 muon: bool, adapters_only: bool = False,
+                 frozen_bytes: int = 4) -> tuple[int, int, int, int, int, float]:
+    """Bytes of this rank's parameter shards (fp32; LoRA's frozen weights ``frozen_bytes`` each: the compute
+    dtype under FSDP's mixed precision), then elements: the trainable part of them (gradients), the
     optimizer's state (two AdamW moments per element, or one Muon momentum for ``matrix_parameters``),
     gathered (FSDP's unsharded copies), and the largest FSDP unit gathered; and Muon's Newton-Schulz FLOPs
     per step on this rank (experts and FSDP-sharded weights split over the ``shard`` ranks: each
@@ -268,8 +270,9 @@ def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool, sta
                              shard // ep if experts else shard)
         if id(p) in replicated:
             local, numel = p.numel(), 0
-        params += local
-        frozen = (frozen_indexer and ".attn.indexer." in f".{name}") or (adapters_only and not is_adapter(name))
+        lora_frozen = adapters_only and not is_adapter(name)
+        params += local * (frozen_bytes if lora_frozen and id(p) not in replicated else 4)
+        frozen = (frozen_indexer and ".attn.indexer." in f".{name}") or lora_frozen
         if not (frozen or name.startswith(stateless)):
             trainable += local
             optimizer += local * (1 if id(p) in matrices else 2)
@@ -303,7 +306,8 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
     for stage, fqns in enumerate(stage_fqns):
         part = prune_to_stage(model, fqns) if fqns is not None else copy.deepcopy(model)
         state[stage] = _stage_state(part, shard, ep, frozen_indexer, replicas if plan and plan.style == "v" else (),
-                                    config.optimizer.name == "Muon", adapters_only=args.lora_rank > 0)
+                                    config.optimizer.name == "Muon", adapters_only=args.lora_rank > 0,
+                                    frozen_bytes=compute_bytes if fsdp else 4)
         acts[stage] = measure_stage(part, setup, config, stage == 0, stage == len(stage_fqns) - 1, dtype,
                                     gpu=device == "cuda")
 
@@ -333,7 +337,7 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
         if ep > 1:  # dispatch and combine, send and receive, in the compute dtype; one MoE at a time
             tokens = _microbatch(config, setup) * config.training.seq_len * args.num_experts_per_tok
             all_to_all = tokens * args.hidden_size * 4 * compute_bytes
-        ranks.append(RankPlan(pp_rank=pp_rank, stages=stages, params=4 * params, grads=4 * trainable,
+        ranks.append(RankPlan(pp_rank=pp_rank, stages=stages, params=params, grads=4 * trainable,
                               optimizer=4 * optimizer, unsharded=unsharded, activations=activations,
                               in_flight=in_flight, all_to_all=all_to_all,
                               newton_schulz_flops=sum(state[s][5] for s in stages), model_flops=model_flops))

@@ -19,6 +19,7 @@ from ...distributed.parallel_dims import ParallelDims
 from .attention import Attention, Compressor
 from .head_loss import compile_cross_entropy
 from .hyper_connection import HyperConnection, HyperHead
+from .lora import is_adapter
 from .moe import RoutedExperts
 from .running_stats import checkpoint_contexts
 
@@ -145,6 +146,17 @@ def cast_to_compute_dtypes(model: nn.Module, dtype: torch.dtype = torch.bfloat16
             p.data = p.data.to(dtype)
 
 
+@torch.no_grad()
+def store_frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """LoRA: the weights that do not train are only ever read in the compute dtype, so they are stored in it
+    (half the memory of fp32 copies, the same values FSDP's cast would give; the release's FP8 and bf16
+    weights are exact in bf16). The adapters and the fp32-kept tensors stay fp32."""
+    keep = {id(p) for p in fp32_replicated_parameters(model)}
+    for name, p in model.named_parameters():
+        if id(p) not in keep and not is_adapter(name):
+            p.data = p.data.to(dtype)
+
+
 def apply_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig, device: torch.device,
                param_dtype: torch.dtype | None = None) -> None:
     """FSDP2 per block (experts their own unit under EP), embeddings, head, root. ``param_dtype``: the
@@ -158,6 +170,8 @@ def apply_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobCon
     reshard = policy == "always" or (policy == "default" and not parallel_dims.pp_enabled)
     kwargs = dict(mesh=parallel_dims.fsdp_mesh(), mp_policy=mp, reshard_after_forward=reshard,
                   ignored_params=set(fp32_replicated_parameters(model)))
+    if job_config.lora.rank and param_dtype is not None:
+        store_frozen_weights_in(model, param_dtype)
     for container in block_containers(model):
         for block in container.values():
             if parallel_dims.ep_enabled:  # expert weights: their own unit over the ranks EP left to FSDP
