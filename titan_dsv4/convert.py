@@ -91,7 +91,7 @@ def dcp_to_hf(dcp_dir: str | Path, hf_dir: str | Path, dtype: torch.dtype = torc
     if not config.is_file():
         raise CheckpointError(f"{dcp_dir}: no config.json beside the DCP checkpoint")
     args = DeepseekV4ModelArgs.from_hf_config(config)  # with a LoRA run's adapters (merged on the way out)
-    tensors = _DCPTensors(dcp_dir, args.lora_alpha / args.lora_rank if args.lora_rank else 0.0)
+    tensors = _DCPTensors(dcp_dir, args.lora_scaling)
     expected = set(_full_shapes(args))
     if set(tensors.specs) != expected:
         missing, extra = sorted(expected - set(tensors.specs)), sorted(set(tensors.specs) - expected)

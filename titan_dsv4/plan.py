@@ -35,7 +35,7 @@ from .config.job_config import JobConfig
 from .config.validate import RunSetup, validate
 from .distributed.pipeline import prune_to_stage, schedule_actions
 from .models.deepseek_v4.init import EXPERT_WEIGHTS
-from .models.deepseek_v4.lora import is_adapter
+from .models.deepseek_v4.lora import freeze_all_but_adapters, is_adapter
 
 GIB = 2**30
 CUDA_RESERVE_GIB = 3.0  # CUDA context, NCCL buffers and cuBLAS workspaces per GPU (not tensors we allocate)
@@ -166,10 +166,10 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
     model.set_expert_qat(config.model.expert_qat)
     if config.training.indexer_loss_coeff > 0:
         model.set_indexer_loss_scale(1.0)
-    for name, p in model.named_parameters():
-        if setup.model_args.lora_rank and not is_adapter(name):  # LoRA: frozen, as the trainer freezes them
-            p.requires_grad_(False)
-        elif p.requires_grad:  # FSDP frees each unit's unsharded gradient after reduce-scatter: free now
+    if setup.model_args.lora_rank:  # as the trainer
+        freeze_all_but_adapters(model)
+    for p in model.parameters():  # FSDP frees each unit's unsharded gradient after reduce-scatter: free now
+        if p.requires_grad:
             p.register_post_accumulate_grad_hook(lambda param: setattr(param, "grad", None))
     loss_fn = setup.spec.build_loss_fn(config, setup.model_args)
     original, deterministic = RoutedExperts.forward, torch.are_deterministic_algorithms_enabled()

@@ -50,7 +50,7 @@ from .distributed.utils import (
     set_collective_timeout,
     shutdown_distributed,
 )
-from .models.deepseek_v4.lora import is_adapter, merge_adapters
+from .models.deepseek_v4.lora import freeze_all_but_adapters, merge_adapters
 from .models.deepseek_v4.mtp import IGNORE_INDEX
 
 
@@ -227,10 +227,8 @@ class Trainer:
         else:  # top-k selection gives them no gradient from the LM loss: frozen, and not in the optimizer
             for p in part.indexer_parameters():
                 p.requires_grad_(False)
-        if self.model_args.lora_rank:  # LoRA: only the adapters train
-            for name, p in part.named_parameters():
-                if not is_adapter(name):
-                    p.requires_grad_(False)
+        if self.model_args.lora_rank:
+            freeze_all_but_adapters(part)
         return part
 
     # ------------------------------------------------------------------ one step
@@ -482,7 +480,7 @@ class Trainer:
             state = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
                      for name, tensor in model_state(self.model_parts).items()}
             if self.model_args.lora_rank:  # the released layout: adapters merged into their weights
-                state = merge_adapters(state, self.model_args.lora_alpha / self.model_args.lora_rank)
+                state = merge_adapters(state, self.model_args.lora_scaling)
             result = ({}, 0)
             quantize = None if cfg.checkpoint.export_quantize == "none" else cfg.checkpoint.export_quantize
             if self.parallel_dims.dp_rank() == 0:
@@ -517,11 +515,11 @@ def describe_run(config: JobConfig, setup: RunSetup, world: int) -> str:
         layout += f", EP {dims.ep}"
     checkpointing = ac.mode + (f" ({ac.selective_ac_option})" if ac.mode == "selective" else "")
     compiled = "on" if config.compile.enable else "off"
-    qat = "" if config.model.expert_qat == "none" else f", experts trained {config.model.expert_qat.upper()}-aware"
+    trained = "" if config.model.expert_qat == "none" else f", experts trained {config.model.expert_qat.upper()}-aware"
     if args.lora_rank:
-        qat += f", LoRA rank {args.lora_rank} on {', '.join(args.lora_targets)} (all else frozen)"
+        trained += f", LoRA rank {args.lora_rank} on {', '.join(args.lora_targets)} (all else frozen)"
     return (f"{config.job.description}: {config.model.flavor}, {_count(args.num_params())} parameters "
-            f"({_count(args.num_active_params())} active), MTP depth {args.num_nextn_predict_layers}{qat}; "
+            f"({_count(args.num_active_params())} active), MTP depth {args.num_nextn_predict_layers}{trained}; "
             f"{world} process{'es' if world > 1 else ''}: {layout}; activation checkpointing {checkpointing}, "
             f"compile {compiled}; {t.steps} step{'s' if t.steps > 1 else ''} of {setup.global_batch_size} x "
             f"{t.seq_len} tokens")

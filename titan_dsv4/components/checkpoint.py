@@ -102,23 +102,25 @@ def check_compatible(path: Path, metadata, wanted: dict[str, torch.Tensor]) -> N
 def load_model_only(model_parts: list[nn.Module], path: str | Path) -> None:
     """Fill the model from a DCP checkpoint (a training checkpoint or the converter's model-only one)."""
     path = Path(path)
-    state = model_state(model_parts)
-    try:
-        saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    except Exception:  # noqa: BLE001 - _checked_metadata names the problem
-        saved = set(state)
+    metadata = _read_metadata(path)
     # LoRA adapters a checkpoint of the base model lacks keep their initial values (B = 0: the base model)
-    state = {k: v for k, v in state.items() if k in saved or not is_adapter(k)}
-    _checked_metadata(path, state)
+    state = {k: v for k, v in model_state(model_parts).items()
+             if k in metadata.state_dict_metadata or not is_adapter(k)}
+    _checked_metadata(path, state, metadata)
     _load(state, path)
 
 
-def _checked_metadata(path: Path, model: dict[str, torch.Tensor]):
-    """The checkpoint's DCP metadata, once it is known to hold ``model``'s tensors with all their bytes."""
+def _read_metadata(path: Path):
     try:
-        metadata = FileSystemReader(str(path)).read_metadata()
+        return FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same user-facing problem
         raise CheckpointError(f"{path / '.metadata'}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+
+
+def _checked_metadata(path: Path, model: dict[str, torch.Tensor], metadata=None):
+    """The checkpoint's DCP metadata (read here unless given), once it is known to hold ``model``'s tensors with
+    all their bytes."""
+    metadata = _read_metadata(path) if metadata is None else metadata
     check_compatible(path, metadata, model)
     verify_files(path, metadata)
     return metadata

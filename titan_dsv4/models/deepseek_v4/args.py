@@ -217,6 +217,11 @@ class DeepseekV4ModelArgs:
         kwargs.setdefault("num_nextn_predict_layers", n_mtp)
         return cls(**kwargs)
 
+    @property
+    def lora_scaling(self) -> float:
+        """``alpha / rank``: what the adapters' output is multiplied by (0 without adapters)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
     def to_hf_config(self, adapters: bool = False) -> dict[str, Any]:
         """The released ``config.json`` form; ``adapters``: with the LoRA fields (a training checkpoint's
         config; exports merge the adapters and leave them out)."""

@@ -25,18 +25,18 @@ _BLOCK_PATH = re.compile(r"^(?:layers|mtp)\.\d+\.(.+)$")
 class LoRALinear(nn.Linear):
     """A bias-free linear layer with a low-rank adapter beside its weight."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, scaling: float):
         super().__init__(base.in_features, base.out_features, bias=False, device="meta")
         self.weight = base.weight  # the base weight itself (values, sharding and all), frozen by the trainer
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, device=base.weight.device))
-        self.scaling = alpha / rank
+        self.scaling = scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
 
 
-def add_adapters(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+def add_adapters(model: nn.Module, rank: int, scaling: float, targets: list[str]) -> None:
     """Replace every target projection of every block (MTP blocks included) by a ``LoRALinear``."""
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown or not targets:
@@ -45,11 +45,18 @@ def add_adapters(model: nn.Module, rank: int, alpha: float, targets: list[str]) 
         match = _BLOCK_PATH.match(name)
         if match and match.group(1) in targets and isinstance(module, nn.Linear):
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, LoRALinear(module, rank, alpha))
+            setattr(model.get_submodule(parent_name), child, LoRALinear(module, rank, scaling))
 
 
 def is_adapter(name: str) -> bool:
     return name.endswith(ADAPTER_WEIGHTS)
+
+
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """LoRA training: no gradient (hence no optimizer state) for any weight but the adapters."""
+    for name, p in model.named_parameters():
+        if not is_adapter(name):
+            p.requires_grad_(False)
 
 
 def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -41,7 +41,7 @@ class DeepseekV4Model(nn.Module):
         self.mtp_embed: nn.Embedding | None = None
         self.mtp_loss_scale: float | None = None  # set_mtp_loss_scale
         if args.lora_rank:
-            add_adapters(self, args.lora_rank, args.lora_alpha, args.lora_targets)
+            add_adapters(self, args.lora_rank, args.lora_scaling, args.lora_targets)
 
     # ------------------------------------------------------------------ forward
     def forward(
