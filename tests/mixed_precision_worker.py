@@ -83,7 +83,7 @@ def main() -> None:
     MTPLoss()(outputs, targets, 1.0).backward()
     params = dict(model.named_parameters())
     kept = [n for n, p in params.items() if not isinstance(p, DTensor)]
-    reduce_replicated_grads(model.parameters(), dims.dp_group())
+    reduce_replicated_grads(model.parameters(), dims.dp_cp_group())
     objectives = [torch.zeros(()) for _ in range(world)]
     dist.all_gather(objectives, outputs[0].detach().float())
     assert {n for n in kept if params[n].grad is not None} == ref_grads.keys()

@@ -3,10 +3,11 @@ checkpointing) for one step, against a single-process model on the same weights 
 
     torchrun --nproc_per_node N tests/parallel_worker.py OUT.json CASE [CASE ...]
 
-CASE is ``name=key:value,key:value`` over ``parallelism.*`` / ``activation_checkpoint.*`` (``ac``, ``sac``) / ``mtp`` /
-``training.indexer_loss_coeff`` / ``compile`` (its backend) keys, e.g. ``ep2_fsdp2=ep:2`` (the shard degree
-fills the world). Compared per case: loss parts, every gradient after clipping (gathered from its shards),
-the clipping norm, and every expert bias after the step; reported: the step's graph breaks.
+CASE is ``name=key:value,key:value`` over ``parallelism.*`` / ``activation_checkpoint.*`` (``ac``, ``sac``) /
+``mtp`` / ``training.indexer_loss_coeff`` / ``compile`` (its backend) / ``seq`` (``training.seq_len``, 64) keys,
+e.g. ``ep2_fsdp2=ep:2`` (the shard degree fills the world). Compared per case: loss parts, every gradient after
+clipping (gathered from its shards), the clipping norm, and every expert bias after the step; reported: the
+step's graph breaks.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from titan_dsv4.train import Trainer
 
 KEYS = {"pp": "pipeline_parallel_degree", "dp_replicate": "data_parallel_replicate_degree",
         "dp_shard": "data_parallel_shard_degree", "ep": "expert_parallel_degree",
-        "schedule": "pipeline_parallel_schedule"}
-MAX_NORM, BIAS_SPEED, SEQ, LOCAL_BATCH = 0.5, 1e-3, 64, 2
+        "schedule": "pipeline_parallel_schedule", "cp": "context_parallel_degree"}
+MAX_NORM, BIAS_SPEED, LOCAL_BATCH = 0.5, 1e-3, 2
 
 
 def job_config(options: dict[str, str]) -> JobConfig:
     config = JobConfig()
-    config.training.seq_len, config.training.local_batch_size = SEQ, LOCAL_BATCH
+    config.training.seq_len, config.training.local_batch_size = int(options.pop("seq", 64)), LOCAL_BATCH
     config.training.max_norm, config.training.expert_bias_update_speed = MAX_NORM, BIAS_SPEED
     config.training.steps = 1
     config.lr_scheduler.warmup_steps = 0
@@ -76,13 +77,13 @@ def reference_step(trainer: Trainer, global_batch: int) -> dict:
     if args.lora_rank:  # only the adapters train
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith((".lora_a", ".lora_b")))
-    coeff = config.training.indexer_loss_coeff
+    coeff, seq = config.training.indexer_loss_coeff, config.training.seq_len
     if coeff > 0:
-        model.set_indexer_loss_scale(coeff / (global_batch * SEQ))
+        model.set_indexer_loss_scale(coeff / (global_batch * seq))
     else:
         for p in model.indexer_parameters():
             p.requires_grad_(False)
-    data = build_dataloader(config.training.dataset, None, trainer.setup.tokenizer, SEQ, global_batch, 0, 1)
+    data = build_dataloader(config.training.dataset, None, trainer.setup.tokenizer, seq, global_batch, 0, 1)
     batch = next(data)
     targets = build_targets(batch.labels, batch.positions, args.num_nextn_predict_layers)
     valid = (targets[..., 0] != -100).sum().float()
@@ -92,7 +93,7 @@ def reference_step(trainer: Trainer, global_batch: int) -> dict:
     update_expert_bias([model], BIAS_SPEED, None)
     summary = summarise_parts(loss_fn.take_parts(), args.num_nextn_predict_layers, config.mtp.loss_scaling_factor)
     kl = sum(float(b) for n, b in model.named_buffers() if n.endswith("indexer.kl_sum"))
-    summary["indexer_loss"] = kl / (global_batch * SEQ) if coeff > 0 else None
+    summary["indexer_loss"] = kl / (global_batch * seq) if coeff > 0 else None
     return {"summary": summary, "norm": float(norm),
             "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
             "biases": {n: b for n, b in model.named_buffers() if n.endswith("gate.bias")}}

@@ -73,7 +73,8 @@ BAD_RUNS = [
      "`parallelism.pipeline_parallel_schedule` = 'Zigzag' is invalid"),
     (["--parallelism.pipeline_parallel_degree", "2"], "launched"),  # 1 process, pp 2
     (["--training.global_batch_size", "12"], "multiple of local_batch_size"),
-    (["--parallelism.expert_parallel_degree", "2"], "must divide data_parallel_shard_degree (1)"),
+    (["--parallelism.expert_parallel_degree", "2"], "must divide data_parallel_shard_degree x "
+     "context_parallel_degree (1)"),
     (["--mtp.num_layers", "-1"], "`mtp.num_layers` = -1 is invalid"),
     (["--activation_checkpoint.selective_ac_option", "0"],
      "`activation_checkpoint.selective_ac_option` = '0' is invalid: allowed 'op' or a positive integer"),
@@ -164,6 +165,20 @@ def test_expert_parallel_degree_must_divide_the_experts():
                      "--parallelism.pipeline_parallel_degree", "1", "--parallelism.expert_parallel_degree", "3",
                      "--parallelism.data_parallel_shard_degree", "3", env={"WORLD_SIZE": "3"})
     assert result.returncode == 2 and "must divide the model's n_routed_experts (8)" in result.stderr
+
+
+@pytest.mark.parametrize("world,argv,message", [
+    (3, ["--parallelism.context_parallel_degree", "3"], "`parallelism.context_parallel_degree` = 3 is invalid: it "
+     "must divide training.seq_len (64)"),
+    (4, ["--parallelism.context_parallel_degree", "4"], "shards of training.seq_len / 4 = 16 tokens are shorter "
+     "than the 32 tokens of the previous shard"),
+    (2, ["--parallelism.context_parallel_degree", "2", "--parallelism.expert_parallel_degree", "4"],
+     "must divide data_parallel_shard_degree x context_parallel_degree (2)"),
+])
+def test_context_parallel_degree_is_checked_before_any_process_group(world, argv, message):
+    result = run_cli("--job.config_file", str(REPO / "train_configs/debug_model.toml"), "--training.seq_len", "64",
+                     "--parallelism.pipeline_parallel_degree", "1", *argv, env={"WORLD_SIZE": str(world)})
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def test_help_lists_every_key_with_the_value_this_command_line_gives():

@@ -36,6 +36,10 @@ CASES = {
     "qat_fp4_ep2_pp2_ac_full": "pp:2,ep:2,ac:full,qat:fp4",
     # LoRA adapters alone training, every other weight frozen inside the FSDP units (experts too)
     "lora_ep2_pp2_ac_full_mtp2": "pp:2,ep:2,ac:full,mtp:2,lora:4",
+    # context parallelism: each sequence in 2 shards of 64 tokens (the batch's documents cross them), FSDP over
+    # dp_shard x cp; and under PP with EP borrowing the cp ranks, MTP depth 2 and the indexer training
+    "cp2_fsdp2": "cp:2,seq:128",
+    "cp2_ep2_pp2_ac_full_mtp2_indexer_kl": "cp:2,pp:2,ep:2,seq:128,ac:full,mtp:2,indexer:1.0",
     # last: compiling the loss's chunk functions lasts for the process. aot_eager traces the graphs inductor
     # would get. Whole blocks compiled under FSDP, PP and full AC; and with EP (the experts an FSDP unit of
     # their own: the rest of each block compiled around them), the trained indexer inside
@@ -43,6 +47,8 @@ CASES = {
     "compiled_ep2_pp2_ac_full_indexer_kl": "pp:2,ep:2,ac:full,indexer:1.0,compile:aot_eager",
     # and op-level checkpointing there: each compiled part around the experts checkpointed on its own
     "compiled_ep2_ac_op_indexer_kl": "ep:2,ac:selective,sac:op,indexer:1.0,compile:aot_eager",
+    # and the sequence shards' collectives inside compiled, checkpointed blocks
+    "compiled_cp2_fsdp2_ac_full": "cp:2,seq:128,ac:full,compile:aot_eager",
 }
 
 
@@ -78,6 +84,24 @@ def test_layout_equals_single_process(results, case):
     elif "compile:" in CASES[case]:  # only the CPU's per-expert loop (counts.tolist(), a host sync; the GPU
         # paths have no break, test_compile.py)
         assert all("aten._local_scalar_dense" in reason for reason in r["graph_breaks"]), r
+
+
+@pytest.mark.slow
+def test_context_parallel_equals_whole_sequences_in_fp64(tmp_path):
+    """4 sequence shards of 64 tokens, documents starting inside shards, on a boundary and spanning one, MTP
+    depth 2, the indexer training: the objective and every gradient equal the whole sequence's in fp64 (so no
+    entry, halo token or gradient is lost or counted twice)."""
+    r = _run_worker("context_parallel_worker.py", 4, tmp_path / "out.json", "torch_fp64")["torch_fp64"]
+    assert r["missing_grads"] == [] and r["indexer_kl"] > 0, r
+    assert r["loss_rel_err"] < 1e-12 and r["grad_rel_err"] < 1e-9, r
+
+
+@pytest.mark.slow
+def test_context_parallel_through_the_fused_kernels(tmp_path):
+    """The same with the fused Triton attention and indexer kernels (run by Triton's interpreter), 2 shards, in
+    fp32: they take the shard's halo and the gathered entries like the torch path."""
+    r = _run_worker("context_parallel_worker.py", 2, tmp_path / "out.json", "triton_fp32")["triton_fp32"]
+    assert r["missing_grads"] == [] and r["loss_rel_err"] < 1e-6 and r["grad_rel_err"] < 1e-3, r
 
 
 def test_grouped_gemm_path_equals_the_per_expert_loop():

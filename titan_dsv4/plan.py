@@ -130,7 +130,7 @@ def _compute_dtype(config: JobConfig, setup: RunSetup, device: str) -> torch.dty
 def _stage_inputs(setup: RunSetup, config: JobConfig, first: bool, dtype: torch.dtype):
     """What a stage receives for one microbatch: token ids (first stage) or the mHC stream; positions and
     the targets (which the last stage's fused head uses) as keywords."""
-    args, mb, seq = setup.model_args, _microbatch(config, setup), config.training.seq_len
+    args, mb, seq = setup.model_args, _microbatch(config, setup), config.training.seq_len // setup.parallel_dims.cp
     ids = torch.zeros(mb, seq, dtype=torch.long, device="meta")
     kwargs = dict(positions=torch.arange(seq, device="meta").expand(mb, seq),
                   targets=torch.zeros(mb, seq, 1 + args.num_nextn_predict_layers, dtype=torch.long, device="meta"))
@@ -139,6 +139,26 @@ def _stage_inputs(setup: RunSetup, config: JobConfig, first: bool, dtype: torch.
     stream = torch.zeros(mb, seq, args.hc_mult, args.hidden_size, dtype=dtype, device="meta",
                          requires_grad=True)
     return (stream,), dict(kwargs, input_ids=ids)
+
+
+class _ShapeOnlyShard:
+    """Context parallelism's shapes without its collectives, as the last shard (it sees every entry): what a
+    rank's attention holds is its shard after the halo and the gathered entries of the whole sequence."""
+
+    def __init__(self, size: int, halo: int):
+        self.index, self.size, self.halo = size - 1, size, halo
+
+    def gather_with_grad(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t] * self.size, dim=1)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self.gather_with_grad(t.detach())
+
+    def extend(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, : self.halo], x], dim=1)
+
+    def part(self, t: torch.Tensor) -> torch.Tensor:
+        return t[:, : t.shape[1] // self.size]
 
 
 def _microbatch(config: JobConfig, setup: RunSetup) -> int:
@@ -164,6 +184,8 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
     model.set_attention_kernel(config.model.attention_kernel)
     model.set_sinkhorn_kernel(config.model.sinkhorn_kernel)
     model.set_expert_qat(config.model.expert_qat)
+    if setup.parallel_dims.cp_enabled:
+        model.set_sequence_shard(_ShapeOnlyShard(setup.parallel_dims.cp, setup.model_args.context_parallel_halo))
     if config.training.indexer_loss_coeff > 0:
         model.set_indexer_loss_scale(1.0)
     if setup.model_args.lora_rank:  # as the trainer
@@ -296,7 +318,7 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
             model = setup.spec.model_cls(args)
     plan = setup.pipeline_plan
     fsdp = dims.dp_enabled
-    shard = dims.dp_shard if fsdp else 1
+    shard = dims.dp_shard_cp if fsdp else 1
     ep = dims.ep if dims.ep_enabled else 1
     frozen_indexer = config.training.indexer_loss_coeff == 0
     stage_fqns = plan.fqns_per_stage if plan else [None]
@@ -335,7 +357,7 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
                                                   {s: acts[s] for s in stages})
         all_to_all = 0
         if ep > 1:  # dispatch and combine, send and receive, in the compute dtype; one MoE at a time
-            tokens = _microbatch(config, setup) * config.training.seq_len * args.num_experts_per_tok
+            tokens = _microbatch(config, setup) * config.training.seq_len // dims.cp * args.num_experts_per_tok
             all_to_all = tokens * args.hidden_size * 4 * compute_bytes
         ranks.append(RankPlan(pp_rank=pp_rank, stages=stages, params=params, grads=4 * trainable,
                               optimizer=4 * optimizer, unsharded=unsharded, activations=activations,
@@ -359,7 +381,7 @@ def report(config: JobConfig, ranks: list[RankPlan], world_size: int, device: st
     unit, scale = ("GiB", GIB) if worst.total >= GIB else ("MiB", 2**20)
     optimizer = config.optimizer.name[:4].lower()  # adam | muon
     lines = [f"{config.model.flavor}: {world_size} ranks, PP={p.pipeline_parallel_degree} "
-             f"({p.pipeline_parallel_schedule}), EP={p.expert_parallel_degree}, "
+             f"({p.pipeline_parallel_schedule}), EP={p.expert_parallel_degree}, CP={p.context_parallel_degree}, "
              f"AC={config.activation_checkpoint.mode}, local batch {config.training.local_batch_size} x seq "
              f"{config.training.seq_len}, microbatch {p.pipeline_parallel_microbatch_size}, on {device}; "
              f"{unit} per rank",
@@ -406,7 +428,8 @@ def _world_from_degrees(config: JobConfig) -> int:
     p = config.parallelism
     if p.data_parallel_shard_degree < 1:
         raise ConfigError("`parallelism.data_parallel_shard_degree` = -1 needs the world size: pass --ngpu N")
-    return p.pipeline_parallel_degree * p.data_parallel_replicate_degree * p.data_parallel_shard_degree
+    return (p.pipeline_parallel_degree * p.data_parallel_replicate_degree * p.data_parallel_shard_degree
+            * p.context_parallel_degree)
 
 
 if __name__ == "__main__":

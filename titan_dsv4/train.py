@@ -40,6 +40,7 @@ from .components.optimizer import build_lr_scheduler, build_optimizer, unique_tr
 from .components.profiling import StepProfiler
 from .config import ConfigError, JobConfig, config_help, load_config, print_help
 from .config.validate import RunSetup, validate
+from .distributed.context_parallel import ContextParallel
 from .distributed.utils import (
     all_reduce_sum,
     clip_grad_norm_,
@@ -86,7 +87,9 @@ class Trainer:
                   flush=True)
         self._warn_if_cut(self._validation_first_cut, "validation")
         self.loss_fn = setup.spec.build_loss_fn(config, self.model_args)
-        self.dp_group = dims.dp_group() if self.distributed else None
+        self.dp_cp_group = dims.dp_cp_group() if self.distributed else None
+        self.context_parallel = (ContextParallel(dims.cp_group(), self.model_args.context_parallel_halo)
+                                 if dims.cp_enabled else None)
         self.pp_group = dims.mesh["pp"].get_group() if self.distributed and dims.pp_enabled else None
         self.dataloader = build_dataloader(  # the next step's batches are read while this one computes
             config.training.dataset, config.training.dataset_path, setup.tokenizer, config.training.seq_len,
@@ -102,7 +105,7 @@ class Trainer:
             pp_mesh = dims.mesh["pp"]
             self.pipeline = setup.spec.pipelining_fn(
                 model, setup.pipeline_plan, pp_mesh.get_local_rank(), pp_mesh.get_group(), dims.mesh.mesh,
-                self.device, self.loss_fn, self._parallelize_and_materialize, config.training.seq_len,
+                self.device, self.loss_fn, self._parallelize_and_materialize, config.training.seq_len // dims.cp,
                 self._activation_dtype())
             self.model_parts = self.pipeline.model_parts
         else:
@@ -221,6 +224,7 @@ class Trainer:
         part.set_attention_kernel(self.config.model.attention_kernel)
         part.set_sinkhorn_kernel(self.config.model.sinkhorn_kernel)
         part.set_expert_qat(self.config.model.expert_qat)
+        part.set_sequence_shard(self.context_parallel)
         coeff = self.config.training.indexer_loss_coeff
         if coeff > 0:  # the KL is summed per token: normalise by the global batch's token count
             part.set_indexer_loss_scale(coeff / self.tokens_per_step)
@@ -238,13 +242,13 @@ class Trainer:
             loading = time.perf_counter()
             batches = [next(self.dataloader) for _ in range(self.setup.grad_accum_steps)]
             loading = time.perf_counter() - loading
-            targets = [build_targets(b.labels, b.positions, self.num_mtp) for b in batches]
-            valid = torch.tensor(sum(int((t[..., 0] != IGNORE_INDEX).sum()) for t in targets), dtype=torch.float32)
+            inputs = [self._this_shard(b) for b in batches]
+            valid = torch.tensor(sum(int((t[..., 0] != IGNORE_INDEX).sum()) for *_, t in inputs), dtype=torch.float32)
             # a batch without labels (conversations whose answers were all cut) has zero loss and gradient
-            global_valid = all_reduce_sum(valid.to(self._comm_device()), self.dp_group).to(self.device).clamp_(min=1)
+            global_valid = all_reduce_sum(valid.to(self._comm_device()), self.dp_cp_group).to(self.device)
+            global_valid.clamp_(min=1)
         with record_function("titan_dsv4/forward_backward"):
-            for batch, target in zip(batches, targets):
-                ids, pos, target = (x.to(self.device) for x in (batch.input_ids, batch.positions, target))
+            for ids, pos, target in inputs:
                 if self.pipeline is not None:
                     self.pipeline.step(ids, pos, target, global_valid)
                 else:
@@ -252,7 +256,7 @@ class Trainer:
         with record_function("titan_dsv4/gradients"):  # tied replicas, replicated parameters, clipping
             if self.pipeline is not None:
                 self.pipeline.ties.reduce_grads()
-            reduce_replicated_grads(self.norm_params, self.dp_group)
+            reduce_replicated_grads(self.norm_params, self.dp_cp_group)
             grad_norm = clip_grad_norm_(self.norm_params, self.config.training.max_norm, self.pp_group)
             n_calls = len(batches) * (self.pipeline.plan.n_microbatches if self.pipeline else 1)
             summary = self._summarise_losses(self.loss_fn.take_parts(last=n_calls))
@@ -276,10 +280,19 @@ class Trainer:
         with record_function("titan_dsv4/expert_balance"):
             violations = update_expert_bias(self.model_parts,
                                             self.config.training.expert_bias_update_speed if finite else 0.0,
-                                            self.dp_group)
+                                            self.dp_cp_group)
             summary["moe_max_violation"] = gather_max_violations(violations, self.learned_routing_moes,
                                                                  self.pp_group, self._comm_device())
         return summary
+
+    def _this_shard(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch's input ids, positions and targets (main + MTP depths, built from the whole sequences) on
+        the device: under context parallelism, this rank's shard of each sequence."""
+        target = build_targets(batch.labels, batch.positions, self.num_mtp)
+        tensors = (batch.input_ids, batch.positions, target)
+        if self.context_parallel is not None:
+            tensors = tuple(self.context_parallel.part(t) for t in tensors)
+        return tuple(t.to(self.device) for t in tensors)
 
     def _summarise_losses(self, parts: torch.Tensor | None) -> dict:
         """The logged losses from this rank's loss parts, summed over all ranks (last-stage ranks hold them;
@@ -341,8 +354,7 @@ class Trainer:
             part.eval()
         try:
             for batch in self.validation_batches:
-                target = build_targets(batch.labels, batch.positions, self.num_mtp)
-                ids, pos, target = (x.to(self.device) for x in (batch.input_ids, batch.positions, target))
+                ids, pos, target = self._this_shard(batch)
                 if self.pipeline is not None:
                     self.pipeline.forward_only(ids, pos, target, self.loss_fn)
                 else:
@@ -483,7 +495,7 @@ class Trainer:
                 state = merge_adapters(state, self.model_args.lora_scaling)
             result = ({}, 0)
             quantize = None if cfg.checkpoint.export_quantize == "none" else cfg.checkpoint.export_quantize
-            if self.parallel_dims.dp_rank() == 0:
+            if self.parallel_dims.dp_cp_rank() == 0:
                 pp_rank = self.parallel_dims.mesh["pp"].get_local_rank() if self.distributed else 0
                 # quantised from the weights as the forward computed with them: QAT exports what it trained
                 result = write_shards(state, path, getattr(torch, cfg.checkpoint.export_dtype), quantize,
@@ -511,6 +523,8 @@ def describe_run(config: JobConfig, setup: RunSetup, world: int) -> str:
     args, dims, t, ac = setup.model_args, setup.parallel_dims, config.training, config.activation_checkpoint
     p = config.parallelism
     layout = f"PP {dims.pp} ({p.pipeline_parallel_schedule}) x DP {dims.dp}" if dims.pp > 1 else f"DP {dims.dp}"
+    if dims.cp > 1:
+        layout += f", CP {dims.cp} ({t.seq_len // dims.cp} tokens per rank)"
     if dims.ep > 1:
         layout += f", EP {dims.ep}"
     checkpointing = ac.mode + (f" ({ac.selective_ac_option})" if ac.mode == "selective" else "")

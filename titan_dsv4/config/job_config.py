@@ -102,6 +102,8 @@ class Parallelism:
     # explicit stages: module FQNs per stage, e.g. [["embed", "layers.0"], ["layers.1", "norm", "head"]]
     module_fqns_per_model_part: list[list[str]] | None = None
     expert_parallel_degree: int = 1  # experts split by expert over this many ranks, borrowed from FSDP
+    # every sequence split into this many contiguous shards, one per rank (long context); FSDP shards over them
+    context_parallel_degree: int = 1
 
 
 @dataclass

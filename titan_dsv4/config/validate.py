@@ -215,7 +215,8 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
 
     parallel_dims = ParallelDims(dp_replicate=p.data_parallel_replicate_degree,
                                  dp_shard=p.data_parallel_shard_degree, pp=p.pipeline_parallel_degree,
-                                 ep=p.expert_parallel_degree, world_size=world_size)
+                                 ep=p.expert_parallel_degree, world_size=world_size, cp=p.context_parallel_degree)
+    _check_context_parallel(parallel_dims.cp, t.seq_len, model_args)
     if model_args.n_routed_experts % parallel_dims.ep:
         raise ConfigError(f"`parallelism.expert_parallel_degree` = {parallel_dims.ep} is invalid: it must divide "
                           f"the model's n_routed_experts ({model_args.n_routed_experts})")
@@ -237,6 +238,22 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     return RunSetup(spec=spec, model_args=model_args, tokenizer=tokenizer, parallel_dims=parallel_dims,
                     grad_accum_steps=global_batch // per_step, global_batch_size=global_batch,
                     pipeline_plan=plan, meta_model=meta_model)
+
+
+def _check_context_parallel(cp: int, seq_len: int, model_args) -> None:
+    """Each shard's attention reads the previous shard's last ``context_parallel_halo`` tokens, so a shard must
+    hold that many."""
+    if cp == 1:
+        return
+    if seq_len % cp:
+        raise ConfigError(f"`parallelism.context_parallel_degree` = {cp} is invalid: it must divide training.seq_len "
+                          f"({seq_len}) into equal shards")
+    halo = model_args.context_parallel_halo
+    if seq_len // cp < halo:
+        raise ConfigError(f"`parallelism.context_parallel_degree` = {cp} is invalid: shards of training.seq_len / "
+                          f"{cp} = {seq_len // cp} tokens are shorter than the {halo} tokens of the previous shard "
+                          f"each shard's attention reads (sliding window, compressor windows); at most "
+                          f"{max(1, seq_len // halo)} shards of this sequence length")
 
 
 def _check_checkpointing_fits_the_schedule(config: JobConfig, plan) -> None:

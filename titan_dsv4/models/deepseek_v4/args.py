@@ -148,6 +148,14 @@ class DeepseekV4ModelArgs:
     def num_mtp_layers(self) -> int:
         return self.num_nextn_predict_layers
 
+    @property
+    def context_parallel_halo(self) -> int:
+        """Tokens of the previous sequence shard a shard's attention reads under context parallelism: its first
+        query's sliding window and its first compressed entry's pooling windows (two under CSA's overlap),
+        rounded up to 16."""
+        needed = max([self.sliding_window - 1] + [2 * r - 1 if r == CSA_RATIO else r - 1 for r in self.compress_ratios])
+        return -(-needed // 16) * 16
+
     def layer_kind(self, layer_id: int) -> str:
         """'sliding', 'csa' or 'hca' for a backbone layer (or MTP layer ``num_hidden_layers + k``)."""
         ratio = self.compress_ratios[layer_id]

@@ -29,6 +29,7 @@ from .gpu_paths import takes_gpu_path, takes_triton_kernels
 from .norm import RMSNorm, fp32, rms_normalise
 from .rope import apply_rope, rope_rotation
 from .running_stats import recomputing
+from .sequence_shard import SequenceShard
 
 AUTO_BLOCK = 128  # query block used by ``auto`` on GPUs and for sequences longer than 2 blocks
 GATHER_RATIO = 4  # CSA gathers its chosen entries once there are this many entries per chosen one
@@ -37,12 +38,14 @@ SCORE_BUDGET = 2**28  # fp32 score elements of one query chunk (1 GiB): bounds t
 
 @dataclass
 class AttentionContext:
-    """Per-batch tensors every layer needs; built once per forward by the model."""
+    """Per-batch tensors every layer needs; built once per forward by the model. Under context parallelism
+    (``shard``) they cover the shard extended by its halo, the sequence every attention runs on."""
 
     positions: torch.Tensor  # [B, S] position inside the document
     doc_ids: torch.Tensor  # [B, S]
     inv_freq: dict[str, torch.Tensor]  # "main" / "compress" -> [rope_dim / 2]
     rotation: dict[str, torch.Tensor]  # RoPE (cos, sin) at ``positions`` (rope.py)
+    shard: SequenceShard | None = None
 
 
 @dataclass
@@ -59,6 +62,18 @@ class CompressedEntries:
             & (self.end[:, None, :] <= query_index[None, :, None])
             & (self.doc[:, None, :] == query_doc[:, :, None])
         )
+
+
+def every_shards_entries(entries: CompressedEntries, shard: SequenceShard, local: int) -> CompressedEntries:
+    """The entries of the whole sequence, in order, from those pooled on this shard's extended sequence (its
+    ``local`` tokens after the halo): each shard contributes the entries whose window ends in it (those ending
+    in its halo are the previous shard's). ``end`` stays in this shard's coordinates (negative before its
+    halo); later shards' entries are invisible to its queries by their ``end``."""
+    origin = shard.index * local - shard.halo  # whole-sequence index of this shard's first (halo) token
+    own = entries.valid & (entries.end >= shard.halo)
+    meta = shard.gather(torch.stack([entries.end + origin, entries.doc, own.long()], dim=-1))
+    return CompressedEntries(kv=shard.gather_with_grad(entries.kv), end=meta[..., 0] - origin, doc=meta[..., 1],
+                             valid=meta[..., 2].bool())
 
 
 def _gather_entries(kv: torch.Tensor, top: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -314,6 +329,9 @@ class Attention(nn.Module):
         self.indexer_loss_scale = 0.0
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        shard = ctx.shard
+        if shard is not None:  # context parallelism: run on the shard after the previous shard's halo
+            x = shard.extend(x)
         batch, seq, _ = x.shape
         rotation = ctx.rotation[self.rope_kind]
         qr = self.q_norm(self.wq_a(x))
@@ -324,13 +342,17 @@ class Attention(nn.Module):
         entries = self.compressor(x, ctx) if self.compressor is not None else None
         # the indexer sees the activations but never sends gradient into them
         index_keys = self.indexer.compressor(x.detach(), ctx).kv if self.indexer is not None else None
+        if shard is not None and entries is not None:
+            entries = every_shards_entries(entries, shard, seq - shard.halo)
+            if index_keys is not None:  # pooled like the entries: the same windows, in the same order
+                index_keys = shard.gather_with_grad(index_keys)
         train_indexer = self.indexer is not None and self.training and self.indexer_loss_scale > 0
-        outs, kl = [], []
+        outs, kl = [], []  # kl: per query [B, q]
         if self._fuses(x):
             out, layer_kl = self._attend_fused(x, qr, q, kv, entries, index_keys, ctx, train_indexer)
             outs.append(out)
             if layer_kl is not None:
-                kl.append(layer_kl.sum())
+                kl.append(layer_kl)
         else:
             block = self._block_size(x)
             chunk = self._chunk_size(x, block, entries)
@@ -340,8 +362,11 @@ class Attention(nn.Module):
                     ctx.doc_ids, q0, q1, block), train_indexer)
                 outs.append(out)
                 if chunk_kl is not None:
-                    kl.append(chunk_kl.sum())
+                    kl.append(chunk_kl)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        if shard is not None:  # the halo's queries are the previous shard's
+            out, rotation, kl = out[:, shard.halo:], rotation[:, shard.halo:], [t[:, shard.halo:] for t in kl]
+            seq -= shard.halo
 
         out = apply_rope(out, rotation, inverse=True)
         grouped = out.reshape(batch, seq, self.o_groups, -1)
@@ -349,7 +374,7 @@ class Attention(nn.Module):
         low_rank = torch.einsum("bsgi,goi->bsgo", grouped, wo_a).flatten(2)
         out = self.wo_b(low_rank)
         if kl:
-            kl_sum = torch.stack(kl).sum()
+            kl_sum = torch.cat(kl, dim=1).sum()
             if not recomputing():
                 self.indexer.kl_sum += kl_sum.detach().to(self.indexer.kl_sum.dtype)
             out = _AttachLoss.apply(out, kl_sum * self.indexer_loss_scale)

@@ -20,6 +20,7 @@ from .mtp import MTPBlock, mtp_input_ids
 from .norm import RMSNorm
 from .pipeline import PIPELINE_REPLICAS, pipeline_stage_metas, pipeline_stage_modules
 from .rope import rope_inv_freq, rope_rotation
+from .sequence_shard import HALO_DOC, SequenceShard, shard_window
 
 
 class DeepseekV4Model(nn.Module):
@@ -40,6 +41,8 @@ class DeepseekV4Model(nn.Module):
         # Pipeline parallelism may give the last stage its own copy of the embedding for MTP.
         self.mtp_embed: nn.Embedding | None = None
         self.mtp_loss_scale: float | None = None  # set_mtp_loss_scale
+        # context parallelism: inputs are this shard of every sequence (set_sequence_shard)
+        self.sequence_shard: SequenceShard | None = None
         if args.lora_rank:
             add_adapters(self, args.lora_rank, args.lora_scaling, args.lora_targets)
 
@@ -79,7 +82,7 @@ class DeepseekV4Model(nn.Module):
                 raise ValueError("MTP needs the token ids (pass input_ids)")
             embed = self.mtp_embed if self.mtp_embed is not None else self.embed
             # one embedding lookup and one LM-head pass serve all depths
-            shifted = torch.stack([mtp_input_ids(input_ids, positions, d) for d in range(len(self.mtp))])
+            shifted = torch.stack([self._mtp_input_ids(input_ids, positions, d) for d in range(len(self.mtp))])
             for block, embedded in zip(self.mtp.values(), embed(shifted).unbind(0)):
                 x, depth_hidden = block(x, embedded, ctx, input_ids)
                 hiddens.append(depth_hidden)
@@ -97,16 +100,32 @@ class DeepseekV4Model(nn.Module):
                              "passes [mtp] loss_scaling_factor)")
         return [1.0] + [self.mtp_loss_scale / num_mtp] * num_mtp
 
+    def _mtp_input_ids(self, input_ids: torch.Tensor, positions: torch.Tensor, depth: int) -> torch.Tensor:
+        shard = self.sequence_shard
+        if shard is None:
+            return mtp_input_ids(input_ids, positions, depth)
+        # the shard's last tokens read ids from the next shard
+        return shard.part(mtp_input_ids(shard.gather(input_ids), shard.gather(positions), depth))
+
     def attention_context(self, positions: torch.Tensor) -> AttentionContext:
+        """RoPE tables and documents of the sequence attention runs on: under context parallelism the shard
+        after its halo, with document ids counted over the whole sequence."""
         a = self.args
+        shard = self.sequence_shard
+        if shard is None:
+            doc_ids = document_ids(positions)
+        else:
+            everywhere = shard.gather(positions)
+            doc_ids = shard_window(shard, document_ids(everywhere), fill=HALO_DOC)
+            positions = shard_window(shard, everywhere, fill=0)
         inv_freq = {
             "main": rope_inv_freq(a.qk_rope_head_dim, a.rope_theta),
             "compress": rope_inv_freq(a.qk_rope_head_dim, a.compress_rope_theta, a.rope_scaling),
         }
         inv_freq = {k: v.to(positions.device) for k, v in inv_freq.items()}
         rotation = {k: rope_rotation(positions, f) for k, f in inv_freq.items()}
-        return AttentionContext(positions=positions, doc_ids=document_ids(positions), inv_freq=inv_freq,
-                                rotation=rotation)
+        return AttentionContext(positions=positions, doc_ids=doc_ids, inv_freq=inv_freq, rotation=rotation,
+                                shard=shard)
 
     # ------------------------------------------------------------------ helpers
     def init_weights(self, seed: int = 0) -> None:
@@ -134,6 +153,10 @@ class DeepseekV4Model(nn.Module):
         for module in self.modules():
             if isinstance(module, HyperConnection):
                 module.sinkhorn_kernel = kernel
+
+    def set_sequence_shard(self, shard: SequenceShard | None) -> None:
+        """Context parallelism: this model's inputs are one contiguous shard of each sequence (None: whole)."""
+        self.sequence_shard = shard
 
     def set_expert_qat(self, fmt: str) -> None:
         """Routed experts (MTP blocks' included) train through ``fmt``'s rounding: ``"none"`` | ``"fp4"`` (the
