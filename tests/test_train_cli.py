@@ -36,21 +36,27 @@ def test_mtp_can_be_disabled(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_fsdp_equals_single_process(tmp_path):
+def test_two_process_fsdp_and_context_parallel_equal_single_process(tmp_path):
+    """FSDP=2 (each rank half the batch) and CP=2 x FSDP (each rank half of every sequence): training and
+    validation losses, gradient norms, token counts and expert balance of one process."""
     steps = ("--training.steps", "3", "--training.seq_len", "128", "--validation.enable", "--validation.freq", "3",
              "--validation.steps", "2")
     single = run_training(tmp_path / "one", *steps, "--training.local_batch_size", "4")
-    fsdp = run_training(tmp_path / "two", *steps, "--training.local_batch_size", "2", nproc=2)
-    for a, b in zip(single, fsdp, strict=True):
-        for key in ("loss", "total_loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), key
-        assert b["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5)
-        assert b["valid_tokens"] == a["valid_tokens"]
-        assert b["moe_max_violation"] == pytest.approx(a["moe_max_violation"], abs=1e-6)  # loads summed over ranks
-    validation = single[-1]["validation"], fsdp[-1]["validation"]  # each rank its half of every batch
-    assert validation[1]["valid_tokens"] == validation[0]["valid_tokens"]
-    for key in ("loss", "mtp_losses", "mtp_acceptance"):
-        assert validation[1][key] == pytest.approx(validation[0][key], rel=1e-5), key
+    layouts = {"fsdp": ("--training.local_batch_size", "2"),
+               "cp": ("--training.local_batch_size", "4", "--parallelism.context_parallel_degree", "2")}
+    for name, layout in layouts.items():
+        run = run_training(tmp_path / name, *steps, *layout, nproc=2)
+        for a, b in zip(single, run, strict=True):
+            for key in ("loss", "total_loss", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (name, key)
+            assert b["mtp_losses"] == pytest.approx(a["mtp_losses"], rel=1e-5), name
+            assert b["valid_tokens"] == a["valid_tokens"], name
+            # loads summed over ranks
+            assert b["moe_max_violation"] == pytest.approx(a["moe_max_violation"], abs=1e-6), name
+        validation = single[-1]["validation"], run[-1]["validation"]  # each rank its half of every batch
+        assert validation[1]["valid_tokens"] == validation[0]["valid_tokens"], name
+        for key in ("loss", "mtp_losses", "mtp_acceptance"):
+            assert validation[1][key] == pytest.approx(validation[0][key], rel=1e-5), (name, key)
 
 
 def test_the_run_names_itself_first(tmp_path):
