@@ -27,6 +27,8 @@ LAYOUTS = {  # name: (processes, overrides)
     "fsdp2": (2, ["--training.local_batch_size", "4", "--parallelism.data_parallel_shard_degree", "2"]),
     "ep2_fsdp2": (2, ["--training.local_batch_size", "4", "--parallelism.data_parallel_shard_degree", "2",
                       "--parallelism.expert_parallel_degree", "2"]),
+    # each rank half of every sequence: its attention on the shard + halo, the entries of the whole sequence
+    "cp2": (2, ["--training.local_batch_size", "4", "--parallelism.context_parallel_degree", "2"]),
 }
 
 
