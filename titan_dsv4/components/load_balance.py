@@ -28,13 +28,14 @@ def routers(model_parts: list[nn.Module]) -> list[tuple[str, nn.Module]]:
 
 @torch.no_grad()
 def update_expert_bias(model_parts: list[nn.Module], speed: float,
-                       dp_group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+                       group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
     """Move the biases, reset the load counters; returns each learned-routing MoE's max violation
-    (a 0-d tensor, still on the device) by name."""
+    (a 0-d tensor, still on the device) by name. ``group``: the ranks holding the same stage (data and
+    context parallel), whose loads add up."""
     found = routers(model_parts)
     if not found:
         return {}
-    loads = all_reduce_sum(torch.stack([router.expert_load for _, router in found]), dp_group)
+    loads = all_reduce_sum(torch.stack([router.expert_load for _, router in found]), group)
     for (_, router), load in zip(found, loads):
         if speed > 0 and hasattr(router, "bias"):
             router.bias += speed * torch.sign(load.mean() - load)

@@ -33,6 +33,9 @@ class ContextParallel:
         return self._gather(t)
 
     def extend(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] < self.halo:  # the halo would need tokens of more than one shard
+            raise ValueError(f"a sequence shard of {x.shape[1]} tokens is shorter than the {self.halo}-token halo "
+                             "its attention reads from the previous shard: use fewer, longer shards")
         # every rank's tail, so the backward (a reduce-scatter) runs on every rank, the first one included
         tails = all_gather_single(x[:, -self.halo:].unsqueeze(0).contiguous(), 0, self.group)
         previous = tails[self.index - 1]  # the first shard takes the last one's, zeroed: the graph stays alike
