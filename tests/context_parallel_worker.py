@@ -6,8 +6,8 @@ sequence) against the same model on whole sequences in one process, same weights
 Packed documents start and end inside shards, on a shard boundary, and span one; MTP depth 2 reads ids and
 targets across boundaries; the indexer trains (its KL on the shard's queries only). Cases: the torch path in
 fp64 (any difference is a bug, not rounding) and the fused Triton kernels (CPU: Triton's interpreter) in fp32.
-CASE: ``torch_fp64`` | ``triton_fp32``. Reported per case: the objective's and every gradient's relative error
-(gradients summed over the shards).
+CASE: ``torch_fp64`` | ``triton_fp32``. Reported per case: the relative errors of the objective, the
+indexer KL (logged) and every gradient (summed over the shards).
 """
 
 from __future__ import annotations
@@ -39,18 +39,24 @@ def batch(seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids[:, :-1], positions, build_targets(ids[:, 1:], positions, 2)
 
 
-def loss_and_grads(model: DeepseekV4Model, shard: ContextParallel | None, tensors) -> tuple[torch.Tensor, dict]:
+def loss_and_grads(model: DeepseekV4Model, shard: ContextParallel | None,
+                   tensors) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The objective, the indexer KL summed over queries and CSA layers, every parameter's gradient."""
     model.zero_grad()
     model.set_sequence_shard(shard)
     ids, positions, targets = tensors if shard is None else (shard.part(t) for t in tensors)
     objective, _ = model(ids, positions, targets=targets)
     objective.backward()
     objective = objective.detach().clone()
+    kl_buffers = [b for n, b in model.named_buffers() if n.endswith("indexer.kl_sum")]
+    kl = torch.stack(kl_buffers).sum()
+    for b in kl_buffers:
+        b.zero_()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     if shard is not None:  # each shard's share of the whole sequence's sums
-        for t in (objective, *grads.values()):
+        for t in (objective, kl, *grads.values()):
             dist.all_reduce(t)
-    return objective, grads
+    return objective, kl, grads
 
 
 def run_case(kernel: str, dtype: torch.dtype) -> dict:
@@ -62,13 +68,14 @@ def run_case(kernel: str, dtype: torch.dtype) -> dict:
     model.set_indexer_loss_scale(0.01)
     model.set_attention_kernel(kernel)
     tensors = batch(LOCAL * dist.get_world_size())
-    got, got_grads = loss_and_grads(model, ContextParallel(dist.group.WORLD, args.context_parallel_halo), tensors)
-    want, want_grads = loss_and_grads(model, None, tensors)
+    got, got_kl, got_grads = loss_and_grads(model, ContextParallel(dist.group.WORLD, args.context_parallel_halo),
+                                            tensors)
+    want, want_kl, want_grads = loss_and_grads(model, None, tensors)
     grad_err = max(float((got_grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-30))
                    for n, g in want_grads.items())
     return {"loss_rel_err": float((got - want).abs() / want.abs()), "grad_rel_err": grad_err,
-            "missing_grads": sorted(set(want_grads) - set(got_grads)),
-            "indexer_kl": float(sum(b for n, b in model.named_buffers() if n.endswith("kl_sum")))}
+            "missing_grads": sorted(set(want_grads) - set(got_grads)), "indexer_kl": float(want_kl),
+            "indexer_kl_rel_err": float((got_kl - want_kl).abs() / want_kl)}
 
 
 def main() -> None:

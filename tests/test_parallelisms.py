@@ -89,11 +89,11 @@ def test_layout_equals_single_process(results, case):
 @pytest.mark.slow
 def test_context_parallel_equals_whole_sequences_in_fp64(tmp_path):
     """4 sequence shards of 64 tokens, documents starting inside shards, on a boundary and spanning one, MTP
-    depth 2, the indexer training: the objective and every gradient equal the whole sequence's in fp64 (so no
-    entry, halo token or gradient is lost or counted twice)."""
+    depth 2, the indexer training: the objective, the logged indexer KL and every gradient equal the whole
+    sequence's in fp64 (so no entry, halo token, query or gradient is lost or counted twice)."""
     r = _run_worker("context_parallel_worker.py", 4, tmp_path / "out.json", "torch_fp64")["torch_fp64"]
     assert r["missing_grads"] == [] and r["indexer_kl"] > 0, r
-    assert r["loss_rel_err"] < 1e-12 and r["grad_rel_err"] < 1e-9, r
+    assert r["loss_rel_err"] < 1e-12 and r["indexer_kl_rel_err"] < 1e-12 and r["grad_rel_err"] < 1e-9, r
 
 
 @pytest.mark.slow
@@ -101,7 +101,8 @@ def test_context_parallel_through_the_fused_kernels(tmp_path):
     """The same with the fused Triton attention and indexer kernels (run by Triton's interpreter), 2 shards, in
     fp32: they take the shard's halo and the gathered entries like the torch path."""
     r = _run_worker("context_parallel_worker.py", 2, tmp_path / "out.json", "triton_fp32")["triton_fp32"]
-    assert r["missing_grads"] == [] and r["loss_rel_err"] < 1e-6 and r["grad_rel_err"] < 1e-3, r
+    assert r["missing_grads"] == [] and r["loss_rel_err"] < 1e-6 and r["indexer_kl_rel_err"] < 1e-5, r
+    assert r["grad_rel_err"] < 1e-3, r
 
 
 def test_grouped_gemm_path_equals_the_per_expert_loop():

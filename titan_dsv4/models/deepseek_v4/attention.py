@@ -347,16 +347,17 @@ class Attention(nn.Module):
             if index_keys is not None:  # pooled like the entries: the same windows, in the same order
                 index_keys = shard.gather_with_grad(index_keys)
         train_indexer = self.indexer is not None and self.training and self.indexer_loss_scale > 0
+        first = 0 if shard is None else shard.halo  # the halo's queries are the previous shard's
         outs, kl = [], []  # kl: per query [B, q]
-        if self._fuses(x):
+        if self._fuses(x):  # the kernel computes every query; the halo's are dropped
             out, layer_kl = self._attend_fused(x, qr, q, kv, entries, index_keys, ctx, train_indexer)
-            outs.append(out)
+            outs.append(out[:, first:])
             if layer_kl is not None:
-                kl.append(layer_kl)
+                kl.append(layer_kl[:, first:])
         else:
             block = self._block_size(x)
             chunk = self._chunk_size(x, block, entries)
-            for q0 in range(0, seq, chunk):
+            for q0 in range(first, seq, chunk):
                 q1 = min(seq, q0 + chunk)
                 out, chunk_kl = self._attend(x, qr, q, kv, entries, index_keys, ctx, _QueryBlocks.make(
                     ctx.doc_ids, q0, q1, block), train_indexer)
@@ -364,9 +365,7 @@ class Attention(nn.Module):
                 if chunk_kl is not None:
                     kl.append(chunk_kl)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        if shard is not None:  # the halo's queries are the previous shard's
-            out, rotation, kl = out[:, shard.halo:], rotation[:, shard.halo:], [t[:, shard.halo:] for t in kl]
-            seq -= shard.halo
+        rotation, seq = rotation[:, first:], seq - first
 
         out = apply_rope(out, rotation, inverse=True)
         grouped = out.reshape(batch, seq, self.o_groups, -1)
