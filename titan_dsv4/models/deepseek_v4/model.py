@@ -82,7 +82,7 @@ class DeepseekV4Model(nn.Module):
                 raise ValueError("MTP needs the token ids (pass input_ids)")
             embed = self.mtp_embed if self.mtp_embed is not None else self.embed
             # one embedding lookup and one LM-head pass serve all depths
-            shifted = torch.stack([self._mtp_input_ids(input_ids, positions, d) for d in range(len(self.mtp))])
+            shifted = self._mtp_input_ids(input_ids, positions)
             for block, embedded in zip(self.mtp.values(), embed(shifted).unbind(0)):
                 x, depth_hidden = block(x, embedded, ctx, input_ids)
                 hiddens.append(depth_hidden)
@@ -100,12 +100,14 @@ class DeepseekV4Model(nn.Module):
                              "passes [mtp] loss_scaling_factor)")
         return [1.0] + [self.mtp_loss_scale / num_mtp] * num_mtp
 
-    def _mtp_input_ids(self, input_ids: torch.Tensor, positions: torch.Tensor, depth: int) -> torch.Tensor:
+    def _mtp_input_ids(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Every depth's shifted ids ``[D, B, S]``; under context parallelism from the whole sequences (gathered
+        once), so the shard's last tokens read ids of the next shard."""
         shard = self.sequence_shard
-        if shard is None:
-            return mtp_input_ids(input_ids, positions, depth)
-        # the shard's last tokens read ids from the next shard
-        return shard.part(mtp_input_ids(shard.gather(input_ids), shard.gather(positions), depth))
+        if shard is not None:
+            input_ids, positions = shard.gather(input_ids), shard.gather(positions)
+        shifted = [mtp_input_ids(input_ids, positions, d) for d in range(len(self.mtp))]
+        return torch.stack(shifted if shard is None else [shard.part(ids) for ids in shifted])
 
     def attention_context(self, positions: torch.Tensor) -> AttentionContext:
         """RoPE tables and documents of the sequence attention runs on: under context parallelism the shard

@@ -2,8 +2,8 @@
 
 Everything a token computes is local except attention, whose queries read the previous ``sliding_window`` keys
 and every earlier compressed entry. Each attention therefore runs on its shard extended by ``halo`` tokens of
-the previous shard (window keys, and the pooling windows of its first entries; those halo queries' outputs are
-dropped), and attends to the compressed entries of all shards, each pooled by the shard its window ends in.
+the previous shard (window keys, and the pooling windows of its first entries; the halo's queries are the
+previous shard's and are not kept), and attends to the compressed entries of all shards, each pooled by the shard its window ends in.
 Compressed entries are 4x (CSA) and 128x (HCA) fewer than tokens, so gathering them is cheap where gathering
 keys would not be. The collectives are behind :class:`SequenceShard`; ``distributed/context_parallel.py``
 implements it.
@@ -43,4 +43,3 @@ def shard_window(shard: SequenceShard, everywhere: torch.Tensor, fill: int) -> t
     local = everywhere.shape[1] // shard.size
     padded = F.pad(everywhere, (shard.halo, 0), value=fill)
     return padded[:, shard.index * local: shard.index * local + shard.halo + local]
-
