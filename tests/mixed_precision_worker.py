@@ -20,13 +20,15 @@ from titan_dsv4.config.job_config import JobConfig
 from titan_dsv4.distributed.parallel_dims import ParallelDims
 from titan_dsv4.distributed.utils import init_distributed, reduce_replicated_grads
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
+from titan_dsv4.models.deepseek_v4.lora import is_adapter
 from titan_dsv4.models.deepseek_v4.parallelize import apply_fsdp, fp32_replicated_parameters
 
 
 def build(lora_rank: int = 0) -> DeepseekV4Model:
     args = FLAVORS["debugmodel"]
     if lora_rank:
-        args = dataclasses.replace(args, lora_rank=lora_rank, lora_targets=["attn.wq_a", "attn.wkv", "e_proj"])
+        args = dataclasses.replace(args, lora_rank=lora_rank,
+                                   lora_targets=["attn.wq_a", "attn.wkv", "ffn.experts.w2", "e_proj"])
     model = DeepseekV4Model(args)
     model.init_weights(0)
     model.set_mtp_loss_scale(0.3)
@@ -111,10 +113,10 @@ def lora_case(dims: ParallelDims, rank: int) -> dict:
     adapters and fp32-kept tensors in fp32; with B = 0 each rank's objective is the base model's, bit for bit
     the reference's above; only the adapters get gradients."""
     config = JobConfig()
-    config.lora.rank = 4
-    model = build(lora_rank=4)
+    config.lora.rank = 8
+    model = build(lora_rank=8)
     for name, p in model.named_parameters():  # as the trainer freezes them
-        p.requires_grad_(name.endswith((".lora_a", ".lora_b")))
+        p.requires_grad_(is_adapter(name))
     apply_fsdp(model, dims, config, torch.device("cpu"), param_dtype=torch.bfloat16)
     stored = {n: str(p.dtype) for n, p in model.named_parameters()}
     seen = record_compute_dtypes(model)

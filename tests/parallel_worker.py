@@ -26,6 +26,7 @@ from titan_dsv4.config.job_config import JobConfig
 from titan_dsv4.config.validate import validate
 from titan_dsv4.distributed.utils import init_distributed
 from titan_dsv4.models.deepseek_v4.init import canonical_fqn
+from titan_dsv4.models.deepseek_v4.lora import LORA_TARGETS, is_adapter
 from titan_dsv4.train import Trainer
 
 KEYS = {"pp": "pipeline_parallel_degree", "dp_replicate": "data_parallel_replicate_degree",
@@ -56,8 +57,8 @@ def job_config(options: dict[str, str]) -> JobConfig:
             config.parallelism.pipeline_parallel_schedule = value
         elif key == "qat":
             config.model.expert_qat = value
-        elif key == "lora":
-            config.lora.rank = int(value)
+        elif key == "lora":  # adapters on every kind of target, the routed experts' (sharded by EP) included
+            config.lora.rank, config.lora.target_modules = int(value), list(LORA_TARGETS)
         elif key == "compile":  # every block and the loss's chunk functions, with this backend
             config.compile.enable, config.compile.backend = True, value
             config.compile.components = ["model", "loss"]
@@ -76,7 +77,7 @@ def reference_step(trainer: Trainer, global_batch: int) -> dict:
     model.set_expert_qat(config.model.expert_qat)
     if args.lora_rank:  # only the adapters train
         for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith((".lora_a", ".lora_b")))
+            p.requires_grad_(is_adapter(name))
     coeff, seq = config.training.indexer_loss_coeff, config.training.seq_len
     if coeff > 0:
         model.set_indexer_loss_scale(coeff / (global_batch * seq))

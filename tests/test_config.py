@@ -87,6 +87,8 @@ BAD_RUNS = [
      "export: set checkpoint.last_save_in_hf = true"),
     (["--lora.rank", "4", "--lora.target_modules", "attn.wo_a"],
      "`lora.target_modules` = 'attn.wo_a' is invalid: allowed attn.wq_a, attn.wq_b"),
+    (["--lora.rank", "12", "--lora.target_modules", "attn.wq_a,ffn.experts.w1"],
+     "`lora.rank` = 12 is invalid with adapters on ffn.experts.w1: the experts' grouped GEMMs need a multiple of 8"),
     (["--lora.rank", "4", "--training.indexer_loss_coeff", "1"],
      "`training.indexer_loss_coeff` = 1.0 trains the lightning indexer, but `lora.rank` > 0 freezes"),
     (["--optimizer.name", "Lion"], "`optimizer.name` = 'Lion' is invalid: allowed AdamW, Muon"),

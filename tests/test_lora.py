@@ -17,7 +17,7 @@ from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.components.tokenizer import Tokenizer
 from titan_dsv4.convert import main as convert
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
-from titan_dsv4.models.deepseek_v4.lora import LORA_TARGETS
+from titan_dsv4.models.deepseek_v4.lora import LORA_TARGETS, is_adapter
 
 TARGETS = list(LORA_TARGETS)  # every kind of target, MTP's projections included
 
@@ -30,41 +30,53 @@ def _objective_and_grads(model, batch):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_adapters_equal_the_merged_weights_and_only_they_train():
+def _adapted_weights(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Weight name -> its adapter (A, B): ``x.lora_a`` adapts ``x.weight``, a stacked expert weight's
+    ``experts.w1_lora_a`` adapts ``experts.w1``."""
+    params = dict(model.named_parameters())
+    weight = {n: n[: -len("lora_a")] + "weight" if n.endswith(".lora_a") else n[: -len("_lora_a")] for n in params}
+    return {weight[n]: (p, params[n[:-1] + "b"]) for n, p in params.items() if n.endswith("lora_a")}
+
+
+@pytest.mark.parametrize("qat", ["none", "fp4"])
+def test_adapters_equal_the_merged_weights_and_only_they_train(qat):
+    """Projections and routed experts (one adapter per expert) against the plain model holding ``W + s B A``.
+    Under quantisation-aware training the experts' adapters are merged before the rounding: the adapted model
+    computes the merged model's FP4 export, and the adapters' gradients follow from its straight-through one."""
     base = random_model(FLAVORS["debugmodel"], seed=2)
-    adapted = DeepseekV4Model(dataclasses.replace(base.args, lora_rank=4, lora_alpha=8.0, lora_targets=TARGETS))
+    adapted = DeepseekV4Model(dataclasses.replace(base.args, lora_rank=8, lora_alpha=16.0, lora_targets=TARGETS))
     adapted.init_weights(0)
     missing, unexpected = adapted.load_state_dict(base.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.endswith((".lora_a", ".lora_b")) for k in missing)
-    assert len(missing) == 2 * (5 * 7 + 2)  # 7 targets in each of 4 blocks + MTP, and MTP's e_proj and h_proj
+    assert not unexpected and missing and all(is_adapter(k) for k in missing)
+    assert len(missing) == 2 * (5 * 10 + 2)  # 10 targets in each of 4 blocks + MTP, and MTP's e_proj and h_proj
     batch = next(build_dataloader("pydocs", None, Tokenizer(), 64, 2, 0, 1))
     with torch.no_grad():  # B starts at zero: the adapted model is the base model
         for m in (base, adapted):
             m.set_mtp_loss_scale(0.3)
         assert first_batch_loss(adapted, 64, 2) == first_batch_loss(base, 64, 2)
-        for name, p in adapted.named_parameters():
-            if name.endswith(".lora_b"):
-                p.normal_(0, 0.05)  # a trained adapter
+        for _, b in _adapted_weights(adapted).values():
+            b.normal_(0, 0.05)  # a trained adapter
     merged = random_model(FLAVORS["debugmodel"], seed=2)
-    with torch.no_grad():  # W + (alpha / r) B A, written out here
-        for name, module in adapted.named_modules():
-            if hasattr(module, "lora_a"):
-                merged.get_submodule(name).weight += 2.0 * module.lora_b @ module.lora_a
+    with torch.no_grad():  # W + (alpha / r) B A, written out here (one product per expert for stacked weights)
+        for name, (a, b) in _adapted_weights(adapted).items():
+            merged.get_parameter(name).add_(2.0 * b @ a)
     for name, p in adapted.named_parameters():  # as the trainer freezes them
-        p.requires_grad_(name.endswith((".lora_a", ".lora_b")))
+        p.requires_grad_(is_adapter(name))
+    for model in (adapted, merged):
+        model.set_expert_qat(qat)
     loss, grads = _objective_and_grads(adapted, batch)
     merged_loss, merged_grads = _objective_and_grads(merged, batch)
     torch.testing.assert_close(loss, merged_loss, rtol=1e-5, atol=0)
-    assert grads and all(n.endswith((".lora_a", ".lora_b")) for n in grads)
-    for name, module in adapted.named_modules():  # dL/dB = s (dL/dW) Aᵀ and dL/dA = s Bᵀ (dL/dW)
-        if hasattr(module, "lora_a"):
-            g = merged_grads[f"{name}.weight"]
-            torch.testing.assert_close(module.lora_b.grad, 2.0 * g @ module.lora_a.T, rtol=1e-4, atol=1e-7)
-            torch.testing.assert_close(module.lora_a.grad, 2.0 * module.lora_b.T @ g, rtol=1e-4, atol=1e-7)
+    assert grads and all(is_adapter(n) for n in grads)
+    assert any(".experts.w" in n for n in grads)
+    for name, (a, b) in _adapted_weights(adapted).items():  # dL/dB = s (dL/dW) Aᵀ and dL/dA = s Bᵀ (dL/dW)
+        g = merged_grads[name]
+        torch.testing.assert_close(b.grad, 2.0 * g @ a.mT, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a.grad, 2.0 * b.mT @ g, rtol=1e-4, atol=1e-7)
 
 
 RUN = ("--training.steps", "2", "--training.seq_len", "64", "--training.local_batch_size", "2",
-       "--lora.rank", "4", "--lora.target_modules", ",".join(TARGETS), "--checkpoint.enable",
+       "--lora.rank", "8", "--lora.target_modules", ",".join(TARGETS), "--checkpoint.enable",
        "--checkpoint.last_save_in_hf", "--checkpoint.export_dtype", "float32")
 
 
@@ -82,7 +94,7 @@ def test_pipelined_lora_run_trains_only_adapters_and_exports_them_merged(tmp_pat
 
     folder = tmp_path / "run" / "checkpoint"
     config = json.loads((folder / "step-2" / "config.json").read_text())
-    assert (config["lora_rank"], config["lora_alpha"], config["lora_targets"]) == (4, 16.0, TARGETS)
+    assert (config["lora_rank"], config["lora_alpha"], config["lora_targets"]) == (8, 16.0, TARGETS)
     exported = titan_dsv4.from_pretrained(folder / "step-2-hf", dtype=torch.float32)
     assert not exported.args.lora_rank
     assert "lora_rank" not in json.loads((folder / "step-2-hf" / "config.json").read_text())
@@ -91,8 +103,8 @@ def test_pipelined_lora_run_trains_only_adapters_and_exports_them_merged(tmp_pat
     released, merged = checkpoint_tensors(released_model), checkpoint_tensors(exported)
     assert merged.keys() == released.keys() == converted.keys()
     blocks = [f"layers.{i}" for i in range(4)] + ["mtp.0"]
-    adapted = [f"{block}.{target}.weight" for block in blocks for target in TARGETS
-               if block == "mtp.0" or target not in ("e_proj", "h_proj")]
+    adapted = [f"{block}.{target}" + ("" if target.startswith("ffn.experts.") else ".weight")
+               for block in blocks for target in TARGETS if block == "mtp.0" or target not in ("e_proj", "h_proj")]
     for name in merged:
         assert torch.equal(converted[name], merged[name]), name  # the checkpoint merges as the export did
         if name in adapted:
@@ -110,6 +122,11 @@ def test_lora_trains_the_adapters_alone_in_the_plan():
     plan = plan_memory(load_config(argv), 1, device="cpu")[0]
     # 4 default targets (wq_a 64->32, wq_b 32->128, wkv 64->32, wo_b 32->64) in 5 blocks: r x (in + out) each
     adapters = 5 * 4 * ((64 + 32) + (32 + 128) + (64 + 32) + (32 + 64))
+    assert plan.grads == adapters * 4 and plan.optimizer == 2 * adapters * 4
+    # the routed experts' w2 (64 -> 64, 8 experts) in 5 blocks, rank 8, split by expert over 2 ranks (EP = 2)
+    argv += ["--lora.rank", "8", "--lora.target_modules", "ffn.experts.w2", "--parallelism.expert_parallel_degree", "2"]
+    plan = plan_memory(load_config(argv), 2, device="cpu")[0]
+    adapters = 5 * 8 // 2 * 8 * (64 + 64)
     assert plan.grads == adapters * 4 and plan.optimizer == 2 * adapters * 4
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from launch import REPO, free_port
+from titan_dsv4.models.deepseek_v4.lora import adapter_names, is_adapter
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 
 CASES = {
@@ -35,7 +36,7 @@ CASES = {
     # FP4 quantisation-aware experts, each rank rounding the experts it holds (one process rounds all)
     "qat_fp4_ep2_pp2_ac_full": "pp:2,ep:2,ac:full,qat:fp4",
     # LoRA adapters alone training, every other weight frozen inside the FSDP units (experts too)
-    "lora_ep2_pp2_ac_full_mtp2": "pp:2,ep:2,ac:full,mtp:2,lora:4",
+    "lora_ep2_pp2_ac_full_mtp2": "pp:2,ep:2,ac:full,mtp:2,lora:8",
     # context parallelism: each sequence in 2 shards of 64 tokens (the batch's documents cross them), FSDP over
     # dp_shard x cp; and under PP with EP borrowing the cp ranks, MTP depth 2 and the indexer training
     "cp2_fsdp2": "cp:2,seq:128",
@@ -105,11 +106,19 @@ def test_context_parallel_through_the_fused_kernels(tmp_path):
     assert r["grad_rel_err"] < 1e-3, r
 
 
-def test_grouped_gemm_path_equals_the_per_expert_loop():
+@pytest.mark.parametrize("lora", [False, True])
+def test_grouped_gemm_path_equals_the_per_expert_loop(lora):
     """torch._grouped_mm (the CUDA path) runs on CPU in fp32 too: same rows and gradients as the loop,
-    including experts that receive no token."""
+    including experts that receive no token; with LoRA adapters on every expert matrix too."""
     torch.manual_seed(0)
     experts = RoutedExperts(4, 16, 32, limit=7.0)
+    if lora:
+        for name in ("w1", "w2", "w3"):
+            n_experts, out_features, in_features = getattr(experts, name).shape
+            a, b = adapter_names(name)
+            experts.register_parameter(a, torch.nn.Parameter(torch.empty(n_experts, 8, in_features)))
+            experts.register_parameter(b, torch.nn.Parameter(torch.empty(n_experts, out_features, 8)))
+        experts.lora_scaling = 2.0
     for w in experts.parameters():
         torch.nn.init.normal_(w, std=0.3)
     counts = torch.tensor([3, 0, 5, 2])
@@ -165,8 +174,8 @@ def test_bf16_mixed_precision_keeps_the_released_fp32_tensors_in_fp32(tmp_path):
     assert r["replicated_grad_rel_err"] < 1e-2 and r["ranks_hold_equal_grads"]
     # LoRA: frozen weights stored in bf16 (half the memory), adapters and the fp32-kept tensors in fp32
     lora = r["lora"]
-    adapters = {n for n in lora["stored"] if n.endswith((".lora_a", ".lora_b"))}
-    assert len(adapters) == 2 * (5 * 2 + 1)  # wq_a and wkv in 4 + 1 blocks, MTP's e_proj
+    adapters = {n for n in lora["stored"] if is_adapter(n)}
+    assert len(adapters) == 2 * (5 * 3 + 1)  # wq_a, wkv and the experts' w2 in 4 + 1 blocks, MTP's e_proj
     for name, dtype in lora["stored"].items():
         assert dtype == ("torch.float32" if name in adapters or name in replicated else "torch.bfloat16"), name
     for name, dtype in lora["seen"].items():  # computed as without adapters: all bf16 but the fp32-kept

@@ -27,7 +27,7 @@ from .components.checkpoint import OPTIMIZER_PREFIX
 from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full_shapes, save_hf, storage_dtype
 from .components.quantization import QUANTIZE_FORMATS
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
-from .models.deepseek_v4.lora import is_adapter, merged_weight
+from .models.deepseek_v4.lora import adapter_names, is_adapter, merged_weight
 
 
 class _PullFromHF(DefaultSavePlanner):
@@ -77,11 +77,9 @@ class _DCPTensors:
         for name in self.specs:
             if is_adapter(name):
                 continue
-            tensor = self._load(name)
-            base = name[: -len(".weight")]
-            if f"{base}.lora_a" in self.specs:
-                tensor = merged_weight(tensor, self._load(f"{base}.lora_a"), self._load(f"{base}.lora_b"),
-                                       self.lora_scaling)
+            tensor, (a, b) = self._load(name), adapter_names(name)
+            if a in self.specs:
+                tensor = merged_weight(tensor, self._load(a), self._load(b), self.lora_scaling)
             yield name, tensor
 
 

@@ -34,7 +34,6 @@ from .config import ConfigError, config_help, load_config, print_help
 from .config.job_config import JobConfig
 from .config.validate import RunSetup, validate
 from .distributed.pipeline import prune_to_stage, schedule_actions
-from .models.deepseek_v4.init import EXPERT_WEIGHTS
 from .models.deepseek_v4.lora import freeze_all_but_adapters, is_adapter
 
 GIB = 2**30
@@ -219,15 +218,17 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
 
 def _shape_only_experts(self, xs: torch.Tensor, ws: torch.Tensor, counts: torch.Tensor, ep: int) -> torch.Tensor:
     """The routed experts' activations with the shapes of the grouped computation: every row through one
-    expert (weights detached: expert weight gradients are FSDP's per-unit term). Under quantisation-aware
-    training the GEMMs keep the rounded weights of this rank's experts (``E / ep`` of each matrix) for
-    backward, as the real forward does."""
-    from .models.deepseek_v4.moe import FakeQuantized, local_tensor
+    expert (weights detached: expert weight gradients are FSDP's per-unit term; LoRA adapters, when trained,
+    not). Under quantisation-aware training the GEMMs keep the rounded weights of this rank's experts
+    (``E / ep`` of each matrix) for backward, as the real forward does."""
+    from .models.deepseek_v4.moe import local_tensor
 
-    weights = [local_tensor(w).detach() for w in (self.w1, self.w2, self.w3)]
-    if self.qat != "none":
-        weights = [FakeQuantized.apply(w[: w.shape[0] // ep], self.qat) for w in weights]
-    return self.expert_ffn(xs, ws, *(w[0] for w in weights))
+    def take(name: str) -> torch.Tensor:  # this rank's experts
+        tensor = local_tensor(getattr(self, name))
+        tensor = tensor[: tensor.shape[0] // ep]
+        return tensor if is_adapter(name) else tensor.detach()
+
+    return self.expert_ffn(xs, ws, self.matrices(take), lambda x, w: x @ w[0].t())
 
 
 def worst_moment(actions: list[tuple[str, int]], acts: dict[int, StageActivations]) -> tuple[int, dict[int, int]]:
@@ -286,7 +287,7 @@ def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool, sta
     flops = 0.0
     units: dict[str, int] = {}
     for name, p in part.named_parameters():
-        experts = name.endswith(EXPERT_WEIGHTS)
+        experts = ".experts." in name  # stacked expert weights and their LoRA adapters
         numel = p.numel() // (ep if experts else 1)  # an expert-parallel rank holds E / ep experts
         local = _local_numel(torch.Size([p.shape[0] // ep, *p.shape[1:]]) if experts else p.shape,
                              shard // ep if experts else shard)

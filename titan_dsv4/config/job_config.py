@@ -200,7 +200,7 @@ class LoRA:
     rank: int = 0  # > 0: train low-rank adapters on target_modules, every other weight frozen; 0: full fine-tuning
     alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
     # projections inside each block (MTP blocks too) that get an adapter: attn.wq_a, attn.wq_b, attn.wkv,
-    # attn.wo_b, ffn.shared_experts.w1/w2/w3, e_proj, h_proj
+    # attn.wo_b, ffn.shared_experts.w1/w2/w3, ffn.experts.w1/w2/w3 (one per routed expert), e_proj, h_proj
     target_modules: list[str] = field(default_factory=lambda: ["attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b"])
 
 

@@ -51,6 +51,10 @@ def _with_adapters(model_args: Any, lora: Any) -> Any:
             raise ConfigError("`lora.target_modules` = [] is invalid: name at least one of " + ", ".join(LORA_TARGETS))
         for target in lora.target_modules:
             _choice("lora.target_modules", target, LORA_TARGETS)
+        experts = [t for t in lora.target_modules if t.startswith("ffn.experts.")]
+        if experts and lora.rank % 8:  # torch._grouped_mm's operands need 16-byte aligned rows
+            raise ConfigError(f"`lora.rank` = {lora.rank} is invalid with adapters on {', '.join(experts)}: the "
+                              "experts' grouped GEMMs need a multiple of 8")
     return dataclasses.replace(model_args, lora_rank=lora.rank, lora_alpha=lora.alpha,
                                lora_targets=list(lora.target_modules))
 

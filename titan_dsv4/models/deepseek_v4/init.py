@@ -57,9 +57,9 @@ def full_init_value(name: str, shape: torch.Size, dtype: torch.dtype, seed: int,
     elif name == "head.weight":
         s = hidden_size ** -0.5
         nn.init.trunc_normal_(out, 0.0, s, -3 * s, 3 * s, generator=_generator(seed, name))
-    elif leaf == "lora_a":  # LoRA: A as nn.Linear's default scale, B zero (training starts at the base model)
-        out.normal_(0.0, shape[1] ** -0.5, generator=_generator(seed, name))
-    elif leaf == "lora_b":
+    elif leaf.endswith("lora_a"):  # LoRA: A at nn.Linear's default scale, B zero (training starts at the base model)
+        out.normal_(0.0, shape[-1] ** -0.5, generator=_generator(seed, name))
+    elif leaf.endswith("lora_b"):
         out.zero_()
     elif name.endswith("gate.weight") or leaf == "fn":
         out.normal_(0.0, std, generator=_generator(seed, name))

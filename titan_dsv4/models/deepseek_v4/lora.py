@@ -2,10 +2,11 @@
 the base weight ``W`` frozen and only ``A`` [r, in] and ``B`` [out, r] trained (``B`` starts at zero, so
 training starts from the base model). Exports merge ``W + (α / r) B A`` back into the released layout.
 
-The targets are projections the model calls as modules, named by their path inside a block: the attention's
-``wq_a``, ``wq_b``, ``wkv``, ``wo_b``, the shared expert's ``w1``/``w2``/``w3`` and the MTP blocks' ``e_proj``
-and ``h_proj``. (``wo_a`` is applied group by group from its weight, the compressors and the indexer through
-fp32 GEMMs of their weights, and the routed experts as stacked weights: none of them takes an adapter.)
+The targets are named by their path inside a block: the attention's ``wq_a``, ``wq_b``, ``wkv``, ``wo_b``, the
+shared expert's ``w1``/``w2``/``w3``, the MTP blocks' ``e_proj`` and ``h_proj`` (modules: ``LoRALinear``), and the
+routed experts' stacked ``w1``/``w2``/``w3`` ``[E, out, in]``, which get one adapter per expert, ``A`` [E, r, in]
+and ``B`` [E, out, r], beside them (``RoutedExperts`` applies them). (``wo_a`` is applied group by group from its
+weight, the compressors and the indexer through fp32 GEMMs of their weights: none of them takes an adapter.)
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 LORA_TARGETS = ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "ffn.shared_experts.w1",
-                "ffn.shared_experts.w2", "ffn.shared_experts.w3", "e_proj", "h_proj")
-ADAPTER_WEIGHTS = (".lora_a", ".lora_b")
+                "ffn.shared_experts.w2", "ffn.shared_experts.w3", "ffn.experts.w1", "ffn.experts.w2",
+                "ffn.experts.w3", "e_proj", "h_proj")
 _BLOCK_PATH = re.compile(r"^(?:layers|mtp)\.\d+\.(.+)$")
 
 
@@ -37,19 +38,39 @@ class LoRALinear(nn.Linear):
 
 
 def add_adapters(model: nn.Module, rank: int, scaling: float, targets: list[str]) -> None:
-    """Replace every target projection of every block (MTP blocks included) by a ``LoRALinear``."""
+    """Give every target of every block (MTP blocks included) an adapter: a projection module becomes a
+    ``LoRALinear``; a stacked expert weight ``w`` gains the parameters ``w_lora_a``, ``w_lora_b`` beside it."""
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown or not targets:
         raise ValueError(f"LoRA targets {unknown or targets} are invalid: name some of {', '.join(LORA_TARGETS)}")
     for name, module in list(model.named_modules()):
         match = _BLOCK_PATH.match(name)
-        if match and match.group(1) in targets and isinstance(module, nn.Linear):
+        if not match:
+            continue
+        if match.group(1) in targets and isinstance(module, nn.Linear):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, LoRALinear(module, rank, scaling))
+            continue
+        for weight_name, weight in list(module.named_parameters(recurse=False)):
+            if f"{match.group(1)}.{weight_name}" in targets and weight.dim() == 3:
+                n_experts, out_features, in_features = weight.shape
+                a, b = adapter_names(weight_name)
+                module.register_parameter(a, nn.Parameter(torch.empty(n_experts, rank, in_features,
+                                                                      device=weight.device)))
+                module.register_parameter(b, nn.Parameter(torch.empty(n_experts, out_features, rank,
+                                                                      device=weight.device)))
+                module.lora_scaling = scaling
 
 
 def is_adapter(name: str) -> bool:
-    return name.endswith(ADAPTER_WEIGHTS)
+    return name.endswith(("lora_a", "lora_b"))
+
+
+def adapter_names(weight_name: str) -> tuple[str, str]:
+    """The names of a weight's adapter ``(A, B)``: ``x.weight`` -> ``x.lora_a``, ``x.lora_b`` (a projection);
+    a stacked expert weight ``x.w1`` -> ``x.w1_lora_a``, ``x.w1_lora_b``."""
+    stem = weight_name[: -len("weight")] if weight_name.endswith(".weight") else f"{weight_name}_"
+    return f"{stem}lora_a", f"{stem}lora_b"
 
 
 def freeze_all_but_adapters(model: nn.Module) -> None:
@@ -60,16 +81,15 @@ def freeze_all_but_adapters(model: nn.Module) -> None:
 
 
 def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``W + scaling · B A`` in fp32, returned in ``W``'s dtype."""
+    """``W + scaling · B A`` in fp32, returned in ``W``'s dtype (stacked experts: one product per expert)."""
     return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
 
 
 def merge_adapters(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
     """Full tensors by FQN -> the same without adapters, each adapted weight merged (the released layout)."""
     merged = {k: v for k, v in state.items() if not is_adapter(k)}
-    for name in state:
-        if name.endswith(".lora_a"):
-            base = name[: -len(".lora_a")]
-            merged[f"{base}.weight"] = merged_weight(state[f"{base}.weight"], state[name], state[f"{base}.lora_b"],
-                                                     scaling)
+    for name, weight in merged.items():
+        a, b = adapter_names(name)
+        if a in state:
+            merged[name] = merged_weight(weight, state[a], state[b], scaling)
     return merged

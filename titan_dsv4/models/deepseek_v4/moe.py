@@ -6,6 +6,8 @@ store them (FP4, or the Base checkpoints' FP8), their gradients pass straight th
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,7 @@ from . import gpu_paths
 from .args import DeepseekV4ModelArgs
 from .fp32_linear import fp32_linear
 from .fused import compiled_on_cuda
+from .lora import adapter_names, merged_weight
 from .norm import fp32
 from .running_stats import recomputing
 
@@ -85,14 +88,15 @@ class RoutedExperts(nn.Module):
 
     Works on token rows already grouped by expert, so expert parallelism only has to move rows around it
     (``distributed/expert_parallel.py``); ``E`` is then the number of experts this rank holds. ``qat``
-    (``"none"`` | ``"fp4"`` | ``"fp8"``): the format the forward rounds each expert matrix to.
+    (``"none"`` | ``"fp4"`` | ``"fp8"``): the format the forward rounds each expert matrix to. LoRA
+    (``lora.py``) may add per-expert adapters ``w*_lora_a`` ``[E, r, in]``, ``w*_lora_b`` ``[E, out, r]``.
     """
 
     use_grouped_mm: bool | None = None  # None: torch._grouped_mm for bf16 on CUDA (fast kernels), else the loop
 
     def __init__(self, n_experts: int, hidden: int, inter: int, limit: float):
         super().__init__()
-        self.limit, self.qat = limit, "none"
+        self.limit, self.qat, self.lora_scaling = limit, "none", 0.0
         self.w1 = nn.Parameter(torch.empty(n_experts, inter, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, inter))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter, hidden))
@@ -102,30 +106,54 @@ class RoutedExperts(nn.Module):
         ``[E]`` rows per expert -> ``[N, H]`` as ``w2``'s GEMM gives them, in ``xs``' dtype (bf16 on GPUs;
         ``MoE`` sums them in fp32): expert parallelism's combine moves them at that width, exactly. The
         routing weight is applied before ``w2``."""
-        w1, w2, w3 = (local_tensor(w) for w in (self.w1, self.w2, self.w3))
-        if self.qat != "none":
-            w1, w2, w3 = (FakeQuantized.apply(w, self.qat) for w in (w1, w2, w3))
+        matrices = self.matrices()
         grouped = self.use_grouped_mm
         if grouped is None:
             grouped = gpu_paths.fast_kernels and xs.is_cuda and xs.dtype == torch.bfloat16
         if grouped and xs.shape[0] > 0:
             offsets = counts.cumsum(0).to(torch.int32)
-            gate = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offsets)
-            up = torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offsets)
-            act = (clamped_swiglu(gate, up, self.limit) * ws).to(xs.dtype)
-            return torch._grouped_mm(act, w2.transpose(-2, -1), offs=offsets)
+            return self.expert_ffn(xs, ws, matrices,
+                                   lambda x, w: torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets))
         outs, sizes = [], counts.tolist()
         for e, (xe, we) in enumerate(zip(xs.split(sizes), ws.split(sizes))):
             if xe.shape[0] == 0:
                 continue
-            outs.append(self.expert_ffn(xe, we, w1[e], w2[e], w3[e]))
+            outs.append(self.expert_ffn(xe, we, matrices, lambda x, w: x @ w[e].t()))
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
-    def expert_ffn(self, x: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                   w3: torch.Tensor) -> torch.Tensor:
-        """One expert on its rows ``x`` (routing weights ``w``, applied before ``w2``), in ``x``' dtype."""
-        act = clamped_swiglu(x @ w1.t(), x @ w3.t(), self.limit) * w
-        return act.to(x.dtype) @ w2.t()
+    def matrices(self, take: Callable[[str], torch.Tensor] | None = None
+                 ) -> dict[str, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
+        """Each matrix's local stacked weight and LoRA adapter ``(A, B)`` (or None). Under quantisation-aware
+        training an adapter is merged into its weight before the rounding: the forward then computes what an
+        FP4/FP8 export of the merged model serves. ``take(name)``: the tensor to use for parameter ``name``
+        (default: this rank's shard of it)."""
+        take = take or (lambda name: local_tensor(getattr(self, name)))
+        out = {}
+        for name in ("w1", "w2", "w3"):
+            weight, adapter = take(name), None
+            if hasattr(self, f"{name}_lora_a"):
+                adapter = tuple(take(n) for n in adapter_names(name))
+            if self.qat != "none":
+                if adapter is not None:
+                    weight = merged_weight(weight, *adapter, self.lora_scaling)
+                weight, adapter = FakeQuantized.apply(weight, self.qat), None
+            out[name] = (weight, adapter)
+        return out
+
+    def expert_ffn(self, x: torch.Tensor, w: torch.Tensor, matrices: dict,
+                   matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Experts on their rows ``x`` (routing weights ``w``, applied before ``w2``), in ``x``' dtype.
+        ``matmul(x, stacked)``: ``x`` times the transposed matrix of its expert (one expert's rows, or all
+        of them grouped); ``matrices`` as ``self.matrices()``."""
+        def project(x: torch.Tensor, name: str) -> torch.Tensor:
+            weight, adapter = matrices[name]
+            out = matmul(x, weight)
+            if adapter is not None:
+                out = out + matmul(matmul(x, adapter[0]), adapter[1]) * self.lora_scaling
+            return out
+
+        act = clamped_swiglu(project(x, "w1"), project(x, "w3"), self.limit) * w
+        return project(act.to(x.dtype), "w2")
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
