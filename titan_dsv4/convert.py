@@ -27,7 +27,7 @@ from .components.checkpoint import OPTIMIZER_PREFIX
 from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full_shapes, save_hf, storage_dtype
 from .components.quantization import QUANTIZE_FORMATS
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
-from .models.deepseek_v4.lora import adapter_names, is_adapter, merged_weight
+from .models.deepseek_v4.lora import merged_items
 
 
 class _PullFromHF(DefaultSavePlanner):
@@ -74,13 +74,7 @@ class _DCPTensors:
         return tensor
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.specs:
-            if is_adapter(name):
-                continue
-            tensor, (a, b) = self._load(name), adapter_names(name)
-            if a in self.specs:
-                tensor = merged_weight(tensor, self._load(a), self._load(b), self.lora_scaling)
-            yield name, tensor
+        return merged_items(self.specs, self._load, self.lora_scaling)
 
 
 def dcp_to_hf(dcp_dir: str | Path, hf_dir: str | Path, dtype: torch.dtype = torch.bfloat16,

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.profiler import record_function
 
 from .components.checkpoint import (
@@ -32,7 +31,7 @@ from .components.checkpoint import (
 )
 from .components.dataloader import DataError, build_dataloader, read_batches
 from .components.garbage_collection import GarbageCollection
-from .components.hf_checkpoint import load_hf_into, write_index, write_shards
+from .components.hf_checkpoint import load_hf_into, stage_export, write_index, write_shards
 from .components.load_balance import gather_max_violations, learned_routing_moes, update_expert_bias
 from .components.loss import build_targets, summarise_parts
 from .components.metrics import MetricsLogger, device_peak_tflops, memory_record
@@ -51,7 +50,7 @@ from .distributed.utils import (
     set_collective_timeout,
     shutdown_distributed,
 )
-from .models.deepseek_v4.lora import freeze_all_but_adapters, merge_adapters
+from .models.deepseek_v4.lora import freeze_all_but_adapters
 from .models.deepseek_v4.mtp import IGNORE_INDEX
 
 
@@ -484,23 +483,24 @@ class Trainer:
         return bool(flag.item())
 
     def export_hf(self) -> Path:
-        """Write the weights in the released HF layout: each pipeline rank writes its stages' shards
-        (gathered over FSDP), global rank 0 writes ``config.json`` and the index last."""
+        """Write the weights in the released HF layout, streamed: each rank writes the routed experts it holds,
+        the first rank of each stage its other tensors (gathered over FSDP one at a time), and global rank 0
+        ``config.json`` and the index last."""
         cfg = self.config
         path = Path(cfg.job.dump_folder) / cfg.checkpoint.folder / f"step-{self.step}-hf"
-        with self._long_collectives():  # dp rank 0 of each stage writes while the others wait
-            state = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-                     for name, tensor in model_state(self.model_parts).items()}
-            if self.model_args.lora_rank:  # the released layout: adapters merged into their weights
-                state = merge_adapters(state, self.model_args.lora_scaling)
+        with self._long_collectives():  # the stages' first ranks write while the others wait
+            dp_cp_rank = self.parallel_dims.dp_cp_rank()
+            source = stage_export(model_state(self.model_parts), dp_cp_rank == 0, self.model_args.lora_scaling)
             result = ({}, 0)
             quantize = None if cfg.checkpoint.export_quantize == "none" else cfg.checkpoint.export_quantize
-            if self.parallel_dims.dp_cp_rank() == 0:
+            if source is not None:
+                pairs, first_expert = source
                 pp_rank = self.parallel_dims.mesh["pp"].get_local_rank() if self.distributed else 0
                 # quantised from the weights as the forward computed with them: QAT exports what it trained
-                result = write_shards(state, path, getattr(torch, cfg.checkpoint.export_dtype), quantize,
-                                      lambda i, n: f"model-pp{pp_rank:03d}-{i:05d}-of-{n:05d}.safetensors",
-                                      quantize_from=self._activation_dtype())
+                result = write_shards(
+                    pairs, path, getattr(torch, cfg.checkpoint.export_dtype), quantize,
+                    lambda i, n: f"model-pp{pp_rank:03d}-dp{dp_cp_rank:05d}-{i:05d}-of-{n:05d}.safetensors",
+                    quantize_from=self._activation_dtype(), first_expert=first_expert)
             results = [result]
             if self.distributed:
                 results = [None] * dist.get_world_size()

@@ -9,11 +9,12 @@ a log line.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +24,15 @@ from safetensors.torch import save_file
 
 from ..models.deepseek_v4.args import DeepseekV4ModelArgs
 from ..models.deepseek_v4.init import EXPERT_WEIGHTS
-from ..models.deepseek_v4.lora import is_adapter
+from ..models.deepseek_v4.lora import is_adapter, merged_items
 from ..models.deepseek_v4.state_dict_adapter import EXPERT_HF, _TRANSFORMERS_GLOBAL, _rename, fqn_from_hf, iter_hf
 from .quantization import QUANTIZE_FORMATS, dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+# what the writers read, once: a mapping (FQN -> tensor) or (FQN, tensor) pairs produced one at a time
+StateSource = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 # dense weights the released files store as FP8 with 128x128 block scales
 FP8_WEIGHTS = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|shared_experts\.w[123]|"
                          r"e_proj|h_proj)\.weight$")
@@ -258,10 +261,10 @@ def _full_shapes(args: DeepseekV4ModelArgs) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- writing
-def hf_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype, quantize: str | None,
-               quantize_from: torch.dtype | None = None):
-    """Our tensors -> released names (experts unstacked), encoded and yielded one at a time."""
-    for name, tensor in iter_hf(state):
+def hf_tensors(state: StateSource, dtype: torch.dtype, quantize: str | None, quantize_from: torch.dtype | None = None,
+               first_expert: dict[str, int] | None = None):
+    """Our tensors -> released names (experts unstacked, as ``iter_hf``), encoded and yielded one at a time."""
+    for name, tensor in iter_hf(state, first_expert):
         yield from _encode(name, tensor.detach().cpu(), dtype, quantize, quantize_from or dtype)
 
 
@@ -295,12 +298,13 @@ def _keeps_fp32(name: str) -> bool:
     return bool(re.search(r"(hc_(attn|ffn|head)_(fn|base|scale)|attn_sink|\.ape|gate\.bias)$", name))
 
 
-def write_shards(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, quantize: str | None,
-                 file_name, max_shard_bytes: int = 4 * 2**30,
-                 quantize_from: torch.dtype | None = None) -> tuple[dict[str, str], int]:
-    """Stream ``state`` into safetensors shards named ``file_name(i, count)``; returns (weight map, bytes).
-    At most one shard is held in memory; files appear under their final names only when complete. Quantised
-    weights are rounded from ``quantize_from`` (default ``dtype``)."""
+def write_shards(state: StateSource, path: Path, dtype: torch.dtype, quantize: str | None,
+                 file_name, max_shard_bytes: int = 4 * 2**30, quantize_from: torch.dtype | None = None,
+                 first_expert: dict[str, int] | None = None) -> tuple[dict[str, str], int]:
+    """Stream ``state`` (a mapping or ``(name, tensor)`` pairs, read once) into safetensors shards named
+    ``file_name(i, count)``; returns (weight map, bytes). At most one shard is held in memory; files appear
+    under their final names only when complete. Quantised weights are rounded from ``quantize_from`` (default
+    ``dtype``); ``first_expert`` as ``iter_hf``'s."""
     if quantize not in (None, *QUANTIZE_FORMATS):
         raise ValueError(f"quantize = {quantize!r} is invalid: allowed None, " + ", ".join(map(repr, QUANTIZE_FORMATS)))
     path.mkdir(parents=True, exist_ok=True)
@@ -313,7 +317,7 @@ def write_shards(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype,
         save_file(shard, str(tmp), metadata={"format": "pt"})
         written.append((tmp, list(shard), size))
 
-    for name, tensor in hf_tensors(state, dtype, quantize, quantize_from):
+    for name, tensor in hf_tensors(state, dtype, quantize, quantize_from, first_expert):
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > max_shard_bytes:
             flush()
@@ -327,6 +331,52 @@ def write_shards(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype,
         os.replace(tmp, path / file)
         weight_map.update({k: file for k in keys})
     return weight_map, sum(b for _, _, b in written)
+
+
+def stage_export(tensors: dict[str, torch.Tensor], writes_gathered: bool, lora_scaling: float
+                 ) -> tuple[Iterator[tuple[str, torch.Tensor]], dict[str, int]] | None:
+    """What one rank of a pipeline stage writes in an export, for ``write_shards``: ``(pairs, first_expert)``,
+    or None when it writes nothing. Each rank writes the routed experts it holds (the first replica of each
+    shard; a layer's stacked experts are by far the largest tensors, never gathered whole), and the rank with
+    ``writes_gathered`` every other tensor, gathered whole onto the CPU one at a time. The gathers are
+    collectives over the stage's ranks: every rank runs all of them, in order, before yielding its experts.
+    LoRA adapters are merged into their weights (experts with the rows of the same experts)."""
+    from torch.distributed.tensor import DTensor
+
+    from ..models.deepseek_v4.init import local_box
+    from ..models.deepseek_v4.moe import local_tensor
+
+    stacked = {n for n in tensors if _STACKED_EXPERT_TENSOR.search(n)}
+
+    def gather(name: str) -> torch.Tensor:
+        tensor = tensors[name]
+        tensor = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
+        return tensor.cpu() if writes_gathered else tensor
+
+    gathered = merged_items([n for n in tensors if n not in stacked], gather, lora_scaling)
+    if not writes_gathered:
+        for _ in gathered:  # the collectives only
+            pass
+    mine = [n for n in tensors if n in stacked and _first_replica(tensors[n])]
+    if not (writes_gathered or mine):
+        return None
+    first_expert = {n: local_box(tensors[n])[0].start for n in mine}
+    local = merged_items(mine, lambda n: local_tensor(tensors[n]).detach().cpu(), lora_scaling)
+    return itertools.chain(gathered if writes_gathered else (), local), first_expert
+
+
+_STACKED_EXPERT_TENSOR = re.compile(r"\.experts\.w[123](_lora_[ab])?$")
+
+
+def _first_replica(tensor: torch.Tensor) -> bool:
+    """Whether this rank holds the first copy of its shard of ``tensor`` (coordinate 0 on every mesh dim the
+    tensor is replicated over: HSDP's replicas hold the same experts)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return True
+    coordinate = tensor.device_mesh.get_coordinate()
+    return all(c == 0 for c, placement in zip(coordinate, tensor.placements) if placement.is_replicate())
 
 
 def write_index(path: Path, weight_map: dict[str, str], total_bytes: int, args: DeepseekV4ModelArgs,

@@ -12,6 +12,7 @@ weight, the compressors and the indexer through fp32 GEMMs of their weights: non
 from __future__ import annotations
 
 import re
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -85,11 +86,17 @@ def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
     return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
 
 
-def merge_adapters(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Full tensors by FQN -> the same without adapters, each adapted weight merged (the released layout)."""
-    merged = {k: v for k, v in state.items() if not is_adapter(k)}
-    for name, weight in merged.items():
-        a, b = adapter_names(name)
-        if a in state:
-            merged[name] = merged_weight(weight, state[a], state[b], scaling)
-    return merged
+def merged_items(names: Iterable[str], load: Callable[[str], torch.Tensor],
+                 scaling: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every weight among ``names``, loaded one at a time by ``load`` (from a file, or
+    gathered from shards), each adapted weight merged with its adapter (the released layout); the adapters
+    themselves are left out."""
+    names = list(names)
+    present = set(names)
+    for name in names:
+        if is_adapter(name):
+            continue
+        tensor, (a, b) = load(name), adapter_names(name)
+        if a in present:
+            tensor = merged_weight(tensor, load(a), load(b), scaling)
+        yield name, tensor

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -31,13 +32,17 @@ def fqn_from_hf(name: str) -> str:
     return _HC_HF.sub(lambda m: f"{m.group(1)}{m.group(2)}.{m.group(3)}", name)
 
 
-def iter_hf(state_dict: dict[str, torch.Tensor]):
-    """(released name, tensor) pairs, stacked experts split per expert; lazy, for streaming writers."""
-    for name, tensor in state_dict.items():
+def iter_hf(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+            first_expert: Mapping[str, int] | None = None):
+    """(released name, tensor) pairs from a mapping or ``(name, tensor)`` pairs, stacked experts split per
+    expert; lazy, for streaming writers. ``first_expert[name]``: the global index of a stacked tensor's first
+    expert when it holds only some (a rank's shard), else 0."""
+    for name, tensor in state.items() if hasattr(state, "items") else state:
         if name.endswith(STACKED_EXPERTS):
             prefix, w = name.rsplit(".", 1)
+            first = (first_expert or {}).get(name, 0)
             for e in range(tensor.shape[0]):
-                yield f"{prefix}.{e}.{w}.weight", tensor[e]
+                yield f"{prefix}.{first + e}.{w}.weight", tensor[e]
         else:
             yield hf_name(name), tensor
 
