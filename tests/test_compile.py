@@ -40,21 +40,22 @@ def test_compiled_blocks_and_loss_equal_eager(monkeypatch):
         torch.testing.assert_close(compiled[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora", ["none", "dense", "fp4"])
 def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(gpu_code_paths, lora):
     """What an H100 run compiles (bf16, grouped expert GEMMs, bf16-part fp32 GEMMs, query-blocked attention,
     a training indexer, full activation checkpointing, FP4 quantisation-aware experts) traces each block whole,
     still recomputes under compile, and counts the expert loads and the indexer KL once, as the eager model
     without recompute does. ``lora``: with adapters on every target, the routed experts' included (merged
-    into the weights before the rounding), and only they train."""
+    into the weights before the rounding), and only they train; the frozen experts stored dense or as FP4
+    bytes (dequantised inside the block's graph)."""
     from torch._dynamo.utils import counters
 
     from titan_dsv4.models.deepseek_v4.lora import LORA_TARGETS, freeze_all_but_adapters
     from titan_dsv4.models.deepseek_v4.parallelize import apply_activation_checkpointing
 
     args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=2, compress_ratios=[4, 0, 4])
-    if lora:
-        args = dataclasses.replace(args, lora_rank=8, lora_targets=list(LORA_TARGETS))
+    if lora != "none":
+        args = dataclasses.replace(args, lora_rank=8, lora_targets=list(LORA_TARGETS), expert_storage=lora)
     ids = torch.randint(0, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     targets = build_targets(ids.roll(-1, 1), torch.arange(64).expand(2, 64), args.num_nextn_predict_layers)
     runs = {}
@@ -64,7 +65,7 @@ def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(gpu_c
         model.train().to(torch.bfloat16)
         model.set_mtp_loss_scale(0.3)
         model.set_expert_qat("fp4")
-        if lora:
+        if lora != "none":
             for name, p in model.named_parameters():
                 if name.endswith("lora_b"):
                     torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))  # trained adapters

@@ -75,6 +75,45 @@ def test_adapters_equal_the_merged_weights_and_only_they_train(qat):
         torch.testing.assert_close(a.grad, 2.0 * b.mT @ g, rtol=1e-4, atol=1e-7)
 
 
+def test_fp4_stored_experts_compute_as_their_dense_twin():
+    """``lora.expert_storage = "fp4"``: the routed experts kept as the released FP4 bytes and scales (~1/7.5 of
+    fp32) compute, with and without quantisation-aware training, exactly as a dense model holding their
+    dequantised values, adapters (on every target, the experts' included) and gradients alike."""
+    from titan_dsv4.components.quantization import dequantize_fp4
+
+    args = dataclasses.replace(FLAVORS["debugmodel"], lora_rank=8, lora_targets=TARGETS)
+    stored = DeepseekV4Model(dataclasses.replace(args, expert_storage="fp4"))
+    stored.init_weights(0)
+    dense = DeepseekV4Model(args)
+    dense.init_weights(0)
+    state = stored.state_dict()
+    experts = [n for n in state if n.endswith(("experts.w1", "experts.w2", "experts.w3"))]
+    assert len(experts) == 15 and all(state[n].dtype == torch.uint8 for n in experts)
+    packed_bytes = sum(state[n].numel() + state[f"{n}_scale"].numel() for n in experts)
+    dense_bytes = sum(dense.get_parameter(n).numel() * 4 for n in experts)
+    assert packed_bytes / dense_bytes == (1 / 2 + 1 / 32) / 4  # 4.25 bits per weight
+    with torch.no_grad():
+        for name in experts:
+            dense.get_parameter(name).copy_(dequantize_fp4(state[name], state[f"{name}_scale"]))
+        for model in (stored, dense):
+            for name, p in model.named_parameters():
+                if name.endswith("lora_b"):  # trained adapters
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+                p.requires_grad_(is_adapter(name))
+    batch = next(build_dataloader("pydocs", None, Tokenizer(), 64, 2, 0, 1))
+    for qat in ("none", "fp4"):
+        results = []
+        for model in (stored, dense):
+            model.zero_grad()
+            model.set_expert_qat(qat)
+            results.append(_objective_and_grads(model, batch))
+        (loss, grads), (dense_loss, dense_grads) = results
+        assert torch.equal(loss, dense_loss), qat
+        assert grads.keys() == dense_grads.keys() and any(".experts.w" in n for n in grads)
+        for name, grad in grads.items():
+            assert torch.equal(grad, dense_grads[name]), (qat, name)
+
+
 RUN = ("--training.steps", "2", "--training.seq_len", "64", "--training.local_batch_size", "2",
        "--lora.rank", "8", "--lora.target_modules", ",".join(TARGETS), "--checkpoint.enable",
        "--checkpoint.last_save_in_hf", "--checkpoint.export_dtype", "float32")
@@ -113,6 +152,30 @@ def test_pipelined_lora_run_trains_only_adapters_and_exports_them_merged(tmp_pat
             assert torch.equal(merged[name], released[name]), name
 
 
+@pytest.mark.slow
+def test_fp4_stored_expert_parallel_run_equals_the_dense_run_and_exports_it(tmp_path):
+    """From a released-format FP4 checkpoint, EP=2 with adapters on the experts and FP4 quantisation-aware
+    training: storing the frozen experts as FP4 bytes trains exactly as the dense run (same losses, same
+    export), and its training checkpoint (FP4 bytes and adapters) converts to that export."""
+    source = tmp_path / "source"
+    titan_dsv4.save_pretrained(random_model(FLAVORS["debugmodel"], seed=3), source, quantize="fp4")
+    run = (*RUN, "--checkpoint.initial_load_path", str(source), "--checkpoint.initial_load_in_hf",
+           "--parallelism.expert_parallel_degree", "2", "--model.expert_qat", "fp4")
+    dense = run_training(tmp_path / "dense", *run, nproc=2)
+    stored = run_training(tmp_path / "fp4", *run, "--lora.expert_storage", "fp4", nproc=2)
+    assert [r["loss"] for r in stored] == [r["loss"] for r in dense]
+    assert stored[1]["loss"] != stored[0]["loss"]
+    checkpoint = tmp_path / "fp4" / "checkpoint" / "step-2"
+    assert json.loads((checkpoint / "config.json").read_text())["expert_storage"] == "fp4"
+    assert convert(["dcp-to-hf", str(checkpoint), str(tmp_path / "converted"), "--dtype", "float32"]) == 0
+    folders = (tmp_path / "dense" / "checkpoint" / "step-2-hf", tmp_path / "fp4" / "checkpoint" / "step-2-hf",
+               tmp_path / "converted")
+    exports = [checkpoint_tensors(titan_dsv4.from_pretrained(f, dtype=torch.float32)) for f in folders]
+    assert "expert_storage" not in json.loads((folders[1] / "config.json").read_text())
+    for name, tensor in exports[0].items():
+        assert torch.equal(exports[1][name], tensor) and torch.equal(exports[2][name], tensor), name
+
+
 def test_lora_trains_the_adapters_alone_in_the_plan():
     from titan_dsv4.config import load_config
     from titan_dsv4.plan import plan_memory
@@ -128,6 +191,10 @@ def test_lora_trains_the_adapters_alone_in_the_plan():
     plan = plan_memory(load_config(argv), 2, device="cpu")[0]
     adapters = 5 * 8 // 2 * 8 * (64 + 64)
     assert plan.grads == adapters * 4 and plan.optimizer == 2 * adapters * 4
+    # the frozen experts stored as FP4: 4.25 bits instead of 32 per weight (3 matrices 64 x 64, 4 per rank)
+    stored = plan_memory(load_config([*argv, "--lora.expert_storage", "fp4"]), 2, device="cpu")[0]
+    assert plan.params - stored.params == 5 * 3 * 4 * 64 * 64 * (4 - 17 / 32)
+    assert stored.grads == plan.grads and stored.optimizer == plan.optimizer
 
 
 def test_a_checkpoint_with_adapters_does_not_lose_them_silently(tmp_path):

@@ -28,6 +28,7 @@ from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full
 from .components.quantization import QUANTIZE_FORMATS
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
 from .models.deepseek_v4.lora import merged_items
+from .models.deepseek_v4.moe import dense_experts
 
 
 class _PullFromHF(DefaultSavePlanner):
@@ -74,7 +75,7 @@ class _DCPTensors:
         return tensor
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return merged_items(self.specs, self._load, self.lora_scaling)
+        return merged_items(*dense_experts(self.specs, self._load), self.lora_scaling)
 
 
 def dcp_to_hf(dcp_dir: str | Path, hf_dir: str | Path, dtype: torch.dtype = torch.bfloat16,

@@ -228,7 +228,7 @@ def _shape_only_experts(self, xs: torch.Tensor, ws: torch.Tensor, counts: torch.
         tensor = tensor[: tensor.shape[0] // ep]
         return tensor if is_adapter(name) else tensor.detach()
 
-    return self.expert_ffn(xs, ws, self.matrices(take), lambda x, w: x @ w[0].t())
+    return self.expert_ffn(xs, ws, self.matrices(xs.dtype, take), lambda x, w: x @ w[0].t())
 
 
 def worst_moment(actions: list[tuple[str, int]], acts: dict[int, StageActivations]) -> tuple[int, dict[int, int]]:
@@ -268,12 +268,13 @@ def without_cluster_files(config: JobConfig) -> JobConfig:
 
 
 def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool, stateless: tuple[str, ...],
-                 muon: bool, adapters_only: bool = False,
-                 frozen_bytes: int = 4) -> tuple[int, int, int, int, int, float]:
+                 muon: bool, adapters_only: bool = False, frozen_bytes: int = 4,
+                 compute_bytes: int = 4) -> tuple[int, int, int, int, int, float]:
     """Bytes of this rank's parameter shards (fp32; LoRA's frozen weights ``frozen_bytes`` each: the compute
-    dtype under FSDP's mixed precision), then elements: the trainable part of them (gradients), the
-    optimizer's state (two AdamW moments per element, or one Muon momentum for ``matrix_parameters``),
-    gathered (FSDP's unsharded copies), and the largest FSDP unit gathered; and Muon's Newton-Schulz FLOPs
+    dtype under FSDP's mixed precision; FP4-stored experts their bytes), then elements: the trainable part of
+    them (gradients), the optimizer's state (two AdamW moments per element, or one Muon momentum for
+    ``matrix_parameters``); bytes gathered (FSDP's unsharded copies, ``compute_bytes`` per float element), and
+    of the largest FSDP unit gathered; and Muon's Newton-Schulz FLOPs
     per step on this rank (experts and FSDP-sharded weights split over the ``shard`` ranks: each
     orthogonalizes its own experts, or the weights dealt to it). The fp32 tensors FSDP leaves out are whole
     on every rank, used in place, and orthogonalized on every rank. ``adapters_only``: LoRA, only the
@@ -294,7 +295,11 @@ def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool, sta
         if id(p) in replicated:
             local, numel = p.numel(), 0
         lora_frozen = adapters_only and not is_adapter(name)
-        params += local * (frozen_bytes if lora_frozen and id(p) not in replicated else 4)
+        if not p.is_floating_point():  # FP4-stored experts: bytes, gathered as they are
+            params += local * p.element_size()
+        else:
+            params += local * (frozen_bytes if lora_frozen and id(p) not in replicated else 4)
+        numel *= p.element_size() if not p.is_floating_point() else compute_bytes
         frozen = (frozen_indexer and ".attn.indexer." in f".{name}") or lora_frozen
         if not (frozen or name.startswith(stateless)):
             trainable += local
@@ -330,7 +335,7 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
         part = prune_to_stage(model, fqns) if fqns is not None else copy.deepcopy(model)
         state[stage] = _stage_state(part, shard, ep, frozen_indexer, replicas if plan and plan.style == "v" else (),
                                     config.optimizer.name == "Muon", adapters_only=args.lora_rank > 0,
-                                    frozen_bytes=compute_bytes if fsdp else 4)
+                                    frozen_bytes=compute_bytes if fsdp else 4, compute_bytes=compute_bytes)
         acts[stage] = measure_stage(part, setup, config, stage == 0, stage == len(stage_fqns) - 1, dtype,
                                     gpu=device == "cuda")
 
@@ -348,9 +353,9 @@ def plan_memory(config: JobConfig, world_size: int, device: str = "cuda") -> lis
         if not fsdp:
             unsharded = 0
         elif plan is not None and config.parallelism.fsdp_reshard_after_forward != "always":
-            unsharded = (gathered + unit) * compute_bytes  # gathered from the first forward to the end
+            unsharded = gathered + unit  # gathered from the first forward to the end
         else:
-            unsharded = 3 * unit * compute_bytes  # current + prefetched unit, one unit's gradients
+            unsharded = 3 * unit  # current + prefetched unit, one unit's gradients
         if plan is None:
             activations, in_flight = acts[0].held + acts[0].backward_extra, {0: 1}
         else:

@@ -532,6 +532,8 @@ def describe_run(config: JobConfig, setup: RunSetup, world: int) -> str:
     trained = "" if config.model.expert_qat == "none" else f", experts trained {config.model.expert_qat.upper()}-aware"
     if args.lora_rank:
         trained += f", LoRA rank {args.lora_rank} on {', '.join(args.lora_targets)} (all else frozen)"
+        if args.expert_storage == "fp4":
+            trained += ", frozen experts stored as FP4"
     return (f"{config.job.description}: {config.model.flavor}, {_count(args.num_params())} parameters "
             f"({_count(args.num_active_params())} active), MTP depth {args.num_nextn_predict_layers}{trained}; "
             f"{world} process{'es' if world > 1 else ''}: {layout}; activation checkpointing {checkpointing}, "

@@ -9,6 +9,7 @@ a log line.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -25,6 +26,7 @@ from safetensors.torch import save_file
 from ..models.deepseek_v4.args import DeepseekV4ModelArgs
 from ..models.deepseek_v4.init import EXPERT_WEIGHTS
 from ..models.deepseek_v4.lora import is_adapter, merged_items
+from ..models.deepseek_v4.moe import FP4_SCALE, dense_experts, local_tensor
 from ..models.deepseek_v4.state_dict_adapter import EXPERT_HF, _TRANSFORMERS_GLOBAL, _rename, fqn_from_hf, iter_hf
 from .quantization import QUANTIZE_FORMATS, dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
 
@@ -243,12 +245,19 @@ def load_hf_into(model: torch.nn.Module, path: str | Path, names: Iterable[str] 
 
     targets = {k: v for k, v in checkpoint_tensors(model).items() if not is_adapter(k)}
     args = model.args
-    full = {k: v.shape for k, v in _full_shapes(args).items() if not is_adapter(k)}
+    dense = dataclasses.replace(args, expert_storage="dense")  # what the files hold
+    full = {k: v.shape for k, v in _full_shapes(dense).items() if not is_adapter(k)}
     reader = HFCheckpointReader(path, args, full)
     for name in (names if names is not None else targets):
+        if name.endswith(FP4_SCALE) and name[: -len(FP4_SCALE)] in targets:  # read with its weight
+            continue
         # an expert-parallel rank reads only its own experts' weights
         rows = local_box(targets[name])[0] if name.endswith(EXPERT_WEIGHTS) else None
-        copy_full_into(targets[name], reader.load(canonical_fqn(name), rows), rows_only=rows is not None)
+        value = reader.load(canonical_fqn(name), rows)
+        if targets[name].dtype == torch.uint8:  # FP4-stored experts: the released FP4 bytes come back exactly
+            value, scale = (t.view(torch.uint8) for t in quantize_fp4(value))
+            copy_full_into(targets[f"{name}{FP4_SCALE}"], scale, rows_only=True)
+        copy_full_into(targets[name], value, rows_only=rows is not None)
     if getattr(model, "mtp_embed", None) is not None and model.embed is not None:
         model.mtp_embed.weight.copy_(model.embed.weight)
 
@@ -340,11 +349,11 @@ def stage_export(tensors: dict[str, torch.Tensor], writes_gathered: bool, lora_s
     shard; a layer's stacked experts are by far the largest tensors, never gathered whole), and the rank with
     ``writes_gathered`` every other tensor, gathered whole onto the CPU one at a time. The gathers are
     collectives over the stage's ranks: every rank runs all of them, in order, before yielding its experts.
-    LoRA adapters are merged into their weights (experts with the rows of the same experts)."""
+    LoRA adapters are merged into their weights (experts with the rows of the same experts), FP4-stored
+    experts dequantised."""
     from torch.distributed.tensor import DTensor
 
     from ..models.deepseek_v4.init import local_box
-    from ..models.deepseek_v4.moe import local_tensor
 
     stacked = {n for n in tensors if _STACKED_EXPERT_TENSOR.search(n)}
 
@@ -361,11 +370,11 @@ def stage_export(tensors: dict[str, torch.Tensor], writes_gathered: bool, lora_s
     if not (writes_gathered or mine):
         return None
     first_expert = {n: local_box(tensors[n])[0].start for n in mine}
-    local = merged_items(mine, lambda n: local_tensor(tensors[n]).detach().cpu(), lora_scaling)
+    local = merged_items(*dense_experts(mine, lambda n: local_tensor(tensors[n]).detach().cpu()), lora_scaling)
     return itertools.chain(gathered if writes_gathered else (), local), first_expert
 
 
-_STACKED_EXPERT_TENSOR = re.compile(r"\.experts\.w[123](_lora_[ab])?$")
+_STACKED_EXPERT_TENSOR = re.compile(r"\.experts\.w[123](_lora_[ab]|_scale)?$")
 
 
 def _first_replica(tensor: torch.Tensor) -> bool:

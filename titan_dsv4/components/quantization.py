@@ -41,14 +41,16 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: int = FP8_B
 
 
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_GROUP) -> torch.Tensor:
-    rows, half = packed.shape
+    """fp32 ``[..., rows, cols]`` from packed ``[..., rows, cols / 2]`` and scales ``[..., rows, cols / 32]``."""
+    *lead, rows, half = packed.shape
     cols = half * 2
-    if tuple(scale.shape) != (rows, cols // group):
+    if tuple(scale.shape) != (*lead, rows, cols // group):
         raise ValueError(f"FP4 scale shape {tuple(scale.shape)} does not match packed weight "
-                         f"{tuple(packed.shape)} (expected {(rows, cols // group)})")
-    bytes_ = packed.view(torch.uint8).long()
-    codes = torch.stack([bytes_ & 0xF, bytes_ >> 4], dim=-1).reshape(rows, cols)  # low nibble: even column
-    return FP4_TABLE[codes] * scale_values(scale).repeat_interleave(group, 1)
+                         f"{tuple(packed.shape)} (expected {(*lead, rows, cols // group)})")
+    bytes_ = packed.view(torch.uint8).int()
+    codes = torch.stack([bytes_ & 0xF, bytes_ >> 4], dim=-1).reshape(*lead, rows, cols)  # low nibble: even column
+    values = FP4_TABLE.to(packed.device)[codes].view(*lead, rows, cols // group, group)
+    return (values * scale_values(scale)[..., None]).view(*lead, rows, cols)
 
 
 def _pow2_scale(amax: torch.Tensor, limit: float) -> torch.Tensor:
@@ -113,15 +115,16 @@ def _fp4_values(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
 
 
 def quantize_fp4(weight: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 packed weight [rows, cols/2], float8_e8m0fnu scales [rows, cols/32]); round to nearest even."""
+    """(int8 packed weight [..., rows, cols/2], float8_e8m0fnu scales [..., rows, cols/32]); round to nearest
+    even."""
     values, scale = _fp4_values(weight, group)
-    rows, cols = weight.shape
-    values = values.reshape(rows, cols)
+    *lead, rows, cols = weight.shape
+    values = values.reshape(*lead, rows, cols)
     magnitude = values.abs()
     # grid value -> code: 0..2 in steps of 0.5 are codes 0..4, 3 and 4 are 5 and 6, 6 is 7; bit 3 the sign
     codes = torch.where(magnitude <= 2, magnitude * 2, torch.where(magnitude <= 4, magnitude + 2, 7.0))
     codes = codes.to(torch.uint8) | (torch.signbit(values).to(torch.uint8) << 3)
-    pairs = codes.view(rows, cols // 2, 2)
+    pairs = codes.view(*lead, rows, cols // 2, 2)
     packed = (pairs[..., 0] | (pairs[..., 1] << 4)).view(torch.int8)
     return packed, scale.to(torch.float8_e8m0fnu)
 

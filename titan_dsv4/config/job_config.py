@@ -202,6 +202,9 @@ class LoRA:
     # projections inside each block (MTP blocks too) that get an adapter: attn.wq_a, attn.wq_b, attn.wkv,
     # attn.wo_b, ffn.shared_experts.w1/w2/w3, ffn.experts.w1/w2/w3 (one per routed expert), e_proj, h_proj
     target_modules: list[str] = field(default_factory=lambda: ["attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b"])
+    # the frozen routed experts' storage: "dense" (the parameter dtype) or "fp4" (the released FP4 bytes and
+    # scales, 4.25 bits per weight; dequantised per layer in forward)
+    expert_storage: str = "dense"
 
 
 @dataclass

@@ -15,6 +15,7 @@ from ..components.dataloader import (DATA_SUFFIXES, DATASETS, FORMATS, OPTIONAL_
                                      data_suffix)
 from ..components.pretokenized import check_tokenizer, pretokenized_parts
 from ..components.quantization import FP4_GROUP, QUANTIZE_FORMATS
+from ..models.deepseek_v4.args import EXPERT_STORAGE
 from ..models.deepseek_v4.lora import LORA_TARGETS
 from .job_config import JobConfig
 from .manager import ConfigError
@@ -56,7 +57,7 @@ def _with_adapters(model_args: Any, lora: Any) -> Any:
             raise ConfigError(f"`lora.rank` = {lora.rank} is invalid with adapters on {', '.join(experts)}: the "
                               "experts' grouped GEMMs need a multiple of 8")
     return dataclasses.replace(model_args, lora_rank=lora.rank, lora_alpha=lora.alpha,
-                               lora_targets=list(lora.target_modules))
+                               lora_targets=list(lora.target_modules), expert_storage=lora.expert_storage)
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -176,6 +177,11 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                                   f"of rank {model_args.lora_rank} (its config.json): set lora.rank = "
                                   f"{model_args.lora_rank} to train them on, or start from its merged weights "
                                   "(python -m titan_dsv4.convert dcp-to-hf, then initial_load_in_hf)")
+            if not ck.initial_load_in_hf and model_args.expert_storage != config.lora.expert_storage:
+                raise ConfigError(f"`checkpoint.initial_load_path` = {ck.initial_load_path!r} stores its routed "
+                                  f"experts as {model_args.expert_storage!r} (its config.json): set "
+                                  f"lora.expert_storage = {model_args.expert_storage!r}, or start from its HF "
+                                  "export (python -m titan_dsv4.convert dcp-to-hf, then initial_load_in_hf)")
     if ck.enable and ck.load_step >= 0:
         from ..components.checkpoint import complete_steps
 
@@ -189,7 +195,16 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
         raise ConfigError(f"`checkpoint.export_quantize` = {ck.export_quantize!r} formats the final Hugging Face "
                           "export: set checkpoint.last_save_in_hf = true (or convert a checkpoint later with "
                           "python -m titan_dsv4.convert dcp-to-hf --quantize)")
-    for key, fmt in (("model.expert_qat", config.model.expert_qat), ("checkpoint.export_quantize", ck.export_quantize)):
+    _choice("lora.expert_storage", config.lora.expert_storage, EXPERT_STORAGE)
+    if config.lora.expert_storage == "fp4":
+        if not config.lora.rank:
+            raise ConfigError("`lora.expert_storage` = 'fp4' stores the routed experts frozen: set lora.rank > 0 "
+                              "(LoRA), or 'dense' to train them")
+        if config.model.expert_qat == "fp8":
+            raise ConfigError("`model.expert_qat` = 'fp8' would round FP4-stored experts (`lora.expert_storage` = "
+                              "'fp4') to FP8: set it to 'none' or 'fp4'")
+    for key, fmt in (("model.expert_qat", config.model.expert_qat), ("checkpoint.export_quantize", ck.export_quantize),
+                     ("lora.expert_storage", config.lora.expert_storage)):
         if fmt == "fp4" and (model_args.hidden_size % FP4_GROUP or model_args.moe_intermediate_size % FP4_GROUP):
             raise ConfigError(f"`{key}` = 'fp4' needs the experts' input widths (hidden_size "
                               f"{model_args.hidden_size}, moe_intermediate_size {model_args.moe_intermediate_size}) "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 SCORING_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
+EXPERT_STORAGE = ("dense", "fp4")
 CSA_RATIO = 4  # the released code ties overlapping windows + the lightning indexer to ratio 4
 _HF_LAYER_TYPES = {
     "sliding_attention": 0,
@@ -79,6 +80,9 @@ class DeepseekV4ModelArgs:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=list)
+    # how the routed experts' weights are stored: "dense" (the parameter dtype) or "fp4" (the released FP4
+    # bytes and scales, frozen: LoRA), not part of the released config
+    expert_storage: str = "dense"
 
     def __post_init__(self) -> None:
         self.compress_ratios = [int(r) for r in self.compress_ratios]
@@ -118,6 +122,8 @@ class DeepseekV4ModelArgs:
         if self.num_experts_per_tok > self.n_routed_experts:
             raise bad("num_experts_per_tok", self.num_experts_per_tok,
                       f"must be <= n_routed_experts={self.n_routed_experts}")
+        if self.expert_storage not in EXPERT_STORAGE:
+            raise bad("expert_storage", self.expert_storage, "allowed " + ", ".join(EXPERT_STORAGE))
         if self.scoring_func not in SCORING_FUNCS:
             raise bad("scoring_func", self.scoring_func, f"allowed: {', '.join(SCORING_FUNCS)}")
         if self.topk_method != "noaux_tc":
@@ -236,7 +242,7 @@ class DeepseekV4ModelArgs:
         out: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}
         out.update(dataclasses.asdict(self))
         if not adapters or not self.lora_rank:
-            for name in ("lora_rank", "lora_alpha", "lora_targets"):
+            for name in ("lora_rank", "lora_alpha", "lora_targets", "expert_storage"):
                 del out[name]
         out.update(torch_dtype="bfloat16", attention_bias=False, attention_dropout=0.0)
         return out

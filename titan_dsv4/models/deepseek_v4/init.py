@@ -14,6 +14,8 @@ single process would. The MTP embedding replica is named after the table it copi
 | ``attn_sink``, compressor ``ape``, router ``bias`` | 0 |
 | norms | 1 |
 | ``tid2eid`` | k distinct random experts per token id |
+
+FP4-stored experts (``expert_storage = "fp4"``) hold their dense init rounded to FP4.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import zlib
 import torch
 from torch import nn
 
+from ...components.quantization import quantize_fp4
 from .pipeline import replica_source
 
 EXPERT_WEIGHTS = ("experts.w1", "experts.w2", "experts.w3")
@@ -83,10 +86,19 @@ def hash_table(name: str, vocab: int, top_k: int, n_experts: int, seed: int) -> 
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int) -> None:
     args = model.args
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        name = canonical_fqn(name)
+    tensors = {canonical_fqn(n): t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    for name, tensor in tensors.items():
         if name.endswith(("expert_load", "kl_sum")):  # running statistics
             tensor.zero_()
+            continue
+        if name.endswith(EXPERT_WEIGHTS) and tensor.dtype == torch.uint8:  # stored as FP4: the dense init rounded
+            shape = (*tensor.shape[:-1], tensor.shape[-1] * 2)
+            packed, scale = quantize_fp4(full_init_value(name, shape, torch.float32, seed, args.initializer_range,
+                                                         args.hidden_size))
+            copy_full_into(tensor, packed.view(torch.uint8))
+            copy_full_into(tensors[f"{name}_scale"], scale.view(torch.uint8))
+            continue
+        if name.endswith("_scale") and name[: -len("_scale")] in tensors:  # written with its weight
             continue
         if name.endswith("tid2eid"):
             value = hash_table(name, args.vocab_size, args.num_experts_per_tok, args.n_routed_experts, seed)

@@ -55,6 +55,8 @@ def add_adapters(model: nn.Module, rank: int, scaling: float, targets: list[str]
         for weight_name, weight in list(module.named_parameters(recurse=False)):
             if f"{match.group(1)}.{weight_name}" in targets and weight.dim() == 3:
                 n_experts, out_features, in_features = weight.shape
+                if weight.dtype == torch.uint8:  # stored as FP4: two weights per byte
+                    in_features *= 2
                 a, b = adapter_names(weight_name)
                 module.register_parameter(a, nn.Parameter(torch.empty(n_experts, rank, in_features,
                                                                       device=weight.device)))

@@ -6,13 +6,13 @@ store them (FP4, or the Base checkpoints' FP8), their gradients pass straight th
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...components.quantization import fake_quantize_fp4, fake_quantize_fp8
+from ...components.quantization import FP4_GROUP, dequantize_fp4, fake_quantize_fp4, fake_quantize_fp8
 from . import gpu_paths
 from .args import DeepseekV4ModelArgs
 from .fp32_linear import fp32_linear
@@ -68,6 +68,27 @@ class Router(nn.Module):
 
 # checkpoint formats of routed experts; on CUDA each rounding is a few compiled kernels, not a dozen passes
 EXPERT_QAT = {"fp4": compiled_on_cuda(fake_quantize_fp4), "fp8": compiled_on_cuda(fake_quantize_fp8)}
+FP4_SCALE = "_scale"  # FP4-stored experts: ``w1`` holds the packed bytes, ``w1_scale`` the E8M0 scale bytes
+
+
+@compiled_on_cuda
+def stored_fp4_weight(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP4-stored expert weights in ``dtype`` for one forward (one fused kernel on CUDA)."""
+    return dequantize_fp4(packed, scale).to(dtype)
+
+
+def dense_experts(names: Iterable[str], load: Callable[[str], torch.Tensor]
+                  ) -> tuple[list[str], Callable[[str], torch.Tensor]]:
+    """A model's tensor names and loader as a dense model's: FP4-stored experts dequantised (fp32) when loaded,
+    their scales not named (for exports and conversions, which write the released dense layout)."""
+    names = list(names)
+    scales = {f"{n}{FP4_SCALE}" for n in names} & set(names)
+
+    def load_dense(name: str) -> torch.Tensor:
+        tensor = load(name)
+        return dequantize_fp4(tensor, load(f"{name}{FP4_SCALE}")) if f"{name}{FP4_SCALE}" in scales else tensor
+
+    return [n for n in names if n not in scales], load_dense
 
 
 class FakeQuantized(torch.autograd.Function):
@@ -94,19 +115,24 @@ class RoutedExperts(nn.Module):
 
     use_grouped_mm: bool | None = None  # None: torch._grouped_mm for bf16 on CUDA (fast kernels), else the loop
 
-    def __init__(self, n_experts: int, hidden: int, inter: int, limit: float):
+    def __init__(self, n_experts: int, hidden: int, inter: int, limit: float, storage: str = "dense"):
         super().__init__()
         self.limit, self.qat, self.lora_scaling = limit, "none", 0.0
-        self.w1 = nn.Parameter(torch.empty(n_experts, inter, hidden))
-        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, inter))
-        self.w3 = nn.Parameter(torch.empty(n_experts, inter, hidden))
+        for name, (rows, cols) in {"w1": (inter, hidden), "w2": (hidden, inter), "w3": (inter, hidden)}.items():
+            if storage == "fp4":  # frozen, as the released files store them: 4.25 bits per weight
+                self.register_parameter(name, nn.Parameter(
+                    torch.empty(n_experts, rows, cols // 2, dtype=torch.uint8), requires_grad=False))
+                self.register_parameter(f"{name}{FP4_SCALE}", nn.Parameter(
+                    torch.empty(n_experts, rows, cols // FP4_GROUP, dtype=torch.uint8), requires_grad=False))
+            else:
+                self.register_parameter(name, nn.Parameter(torch.empty(n_experts, rows, cols)))
 
     def forward(self, xs: torch.Tensor, ws: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``xs`` ``[N, H]`` rows grouped by expert, ``ws`` ``[N, 1]`` fp32 routing weights, ``counts``
         ``[E]`` rows per expert -> ``[N, H]`` as ``w2``'s GEMM gives them, in ``xs``' dtype (bf16 on GPUs;
         ``MoE`` sums them in fp32): expert parallelism's combine moves them at that width, exactly. The
         routing weight is applied before ``w2``."""
-        matrices = self.matrices()
+        matrices = self.matrices(xs.dtype)
         grouped = self.use_grouped_mm
         if grouped is None:
             grouped = gpu_paths.fast_kernels and xs.is_cuda and xs.dtype == torch.bfloat16
@@ -121,16 +147,18 @@ class RoutedExperts(nn.Module):
             outs.append(self.expert_ffn(xe, we, matrices, lambda x, w: x @ w[e].t()))
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
-    def matrices(self, take: Callable[[str], torch.Tensor] | None = None
+    def matrices(self, dtype: torch.dtype, take: Callable[[str], torch.Tensor] | None = None
                  ) -> dict[str, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
-        """Each matrix's local stacked weight and LoRA adapter ``(A, B)`` (or None). Under quantisation-aware
-        training an adapter is merged into its weight before the rounding: the forward then computes what an
-        FP4/FP8 export of the merged model serves. ``take(name)``: the tensor to use for parameter ``name``
-        (default: this rank's shard of it)."""
+        """Each matrix's local stacked weight and LoRA adapter ``(A, B)`` (or None). FP4-stored weights are
+        dequantised to ``dtype`` (the activations'). Under quantisation-aware training an adapter is merged
+        into its weight before the rounding: the forward then computes what an FP4/FP8 export of the merged
+        model serves. ``take(name)``: the tensor to use for parameter ``name`` (default: this rank's shard)."""
         take = take or (lambda name: local_tensor(getattr(self, name)))
         out = {}
         for name in ("w1", "w2", "w3"):
             weight, adapter = take(name), None
+            if weight.dtype == torch.uint8:
+                weight = stored_fp4_weight(weight, take(f"{name}{FP4_SCALE}"), dtype)
             if hasattr(self, f"{name}_lora_a"):
                 adapter = tuple(take(n) for n in adapter_names(name))
             if self.qat != "none":
@@ -178,7 +206,7 @@ class MoE(nn.Module):
         super().__init__()
         inter, h = args.moe_intermediate_size, args.hidden_size
         self.gate = Router(args, hashed=layer_id < args.num_hash_layers)
-        self.experts = RoutedExperts(args.n_routed_experts, h, inter, args.swiglu_limit)
+        self.experts = RoutedExperts(args.n_routed_experts, h, inter, args.swiglu_limit, args.expert_storage)
         self.shared_experts = SharedExpert(h, inter, args.swiglu_limit)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:

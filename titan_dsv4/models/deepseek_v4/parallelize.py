@@ -142,7 +142,7 @@ def cast_to_compute_dtypes(model: nn.Module, dtype: torch.dtype = torch.bfloat16
     they are. For one-device runs that stand for FSDP training: the GPU benchmark, the kernel tests."""
     keep = {id(p) for p in fp32_replicated_parameters(model)}
     for p in model.parameters():
-        if id(p) not in keep:
+        if id(p) not in keep and p.is_floating_point():  # FP4-stored experts stay bytes
             p.data = p.data.to(dtype)
 
 
@@ -153,7 +153,7 @@ def store_frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> None:
     weights are exact in bf16). The adapters and the fp32-kept tensors stay fp32."""
     keep = {id(p) for p in fp32_replicated_parameters(model)}
     for name, p in model.named_parameters():
-        if id(p) not in keep and not is_adapter(name):
+        if id(p) not in keep and not is_adapter(name) and p.is_floating_point():  # FP4-stored experts stay bytes
             p.data = p.data.to(dtype)
 
 
