@@ -1,7 +1,8 @@
 """DeepSeek-V4 MoE: fp32 router (sqrt-softplus scores, bias for selection only, or a fixed token->expert
 hash table on the first layers), clamped SwiGLU experts stored stacked for grouped GEMM, one shared expert.
 The routed experts optionally train quantisation-aware: their forward sees the weights as the released files
-store them (FP4, or the Base checkpoints' FP8), their gradients pass straight through to the weights.
+store them (FP4, or the Base checkpoints' FP8), their gradients pass straight through to the weights. Frozen
+(LoRA fine-tuning), they may be stored as those FP4 bytes themselves and dequantised for each forward.
 """
 
 from __future__ import annotations
