@@ -97,7 +97,7 @@ def test_in_flight_microbatches_follow_the_schedule():
 
 
 @pytest.mark.parametrize("name, ngpu", [("flash_pretrain_16x8_h100", 128), ("flash_finetune_16x8_h100", 128),
-                                        ("flash_finetune_128k_16x8_h100", 128),
+                                        ("flash_finetune_128k_16x8_h100", 128), ("flash_lora_1x8_h100", 8),
                                         ("pro_pretrain_128x8_h100", 1024), ("pro_finetune_128x8_h100", 1024)])
 def test_shipped_cluster_configs_fit_80gb(capsys, name, ngpu):
     path = REPO / "train_configs" / f"{name}.toml"

@@ -158,11 +158,12 @@ class RoutedExperts(nn.Module):
         out = {}
         for name in ("w1", "w2", "w3"):
             weight, adapter = take(name), None
-            if weight.dtype == torch.uint8:
+            stored = weight.dtype == torch.uint8
+            if stored:
                 weight = stored_fp4_weight(weight, take(f"{name}{FP4_SCALE}"), dtype)
             if hasattr(self, f"{name}_lora_a"):
                 adapter = tuple(take(n) for n in adapter_names(name))
-            if self.qat != "none":
+            if self.qat != "none" and not (stored and adapter is None and self.qat == "fp4"):  # FP4 is its rounding
                 if adapter is not None:
                     weight = merged_weight(weight, *adapter, self.lora_scaling)
                 weight, adapter = FakeQuantized.apply(weight, self.qat), None
