@@ -212,13 +212,16 @@ def test_a_checkpoint_with_adapters_does_not_lose_them_silently(tmp_path):
         validate(load_config(argv), 1)
 
 
-def test_a_lora_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("storage", ["dense", "fp4"])
+def test_a_lora_run_resumes_exactly(tmp_path, storage):
     """Frozen weights have no optimizer state; the adapters' moments come back: steps 3 and 4 after resuming
-    from step 2 equal the uninterrupted run's (step 4's loss follows step 3's update, which uses the moments)."""
+    from step 2 equal the uninterrupted run's (step 4's loss follows step 3's update, which uses the moments);
+    also with the frozen experts stored as FP4 bytes and adapters on them."""
     import shutil
 
     run = ("--training.steps", "4", "--training.seq_len", "64", "--training.local_batch_size", "2",
-           "--lora.rank", "4", "--checkpoint.enable", "--checkpoint.interval", "1", "--metrics.log_freq", "1")
+           "--lora.rank", "8", "--lora.target_modules", "attn.wq_a,ffn.experts.w2", "--lora.expert_storage", storage,
+           "--checkpoint.enable", "--checkpoint.interval", "1", "--metrics.log_freq", "1")
     whole = run_training(tmp_path / "whole", *run)
     (tmp_path / "resumed" / "checkpoint").mkdir(parents=True)
     shutil.copytree(tmp_path / "whole" / "checkpoint" / "step-2", tmp_path / "resumed" / "checkpoint" / "step-2")
