@@ -31,6 +31,7 @@ from titan_dsv4.components.metrics import device_peak_tflops
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 from titan_dsv4.models.deepseek_v4 import (attention, attention_kernel, fp32_linear, gpu_paths, head_loss,
                                            hyper_connection, indexer_kernel)
+from titan_dsv4.models.deepseek_v4.lora import freeze_all_but_adapters
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 from titan_dsv4.models.deepseek_v4.parallelize import cast_to_compute_dtypes
 
@@ -60,6 +61,10 @@ def fast_init(model: DeepseekV4Model) -> None:
         if name.endswith("tid2eid"):
             k, e = model.args.num_experts_per_tok, model.args.n_routed_experts
             t.copy_(torch.rand(t.shape[0], e, device=t.device).argsort(dim=-1)[:, :k])
+        elif t.dtype == torch.uint8 and name.endswith("_scale"):  # FP4-stored experts: scales 2^-9 ...
+            t.fill_(118)
+        elif t.dtype == torch.uint8:  # ... and random codes (|w| <= 0.012)
+            t.random_(0, 256)
         elif leaf in ("base", "attn_sink", "ape", "bias", "expert_load", "kl_sum"):
             t.zero_()
         elif leaf == "scale" or name.endswith("norm.weight"):
@@ -72,11 +77,20 @@ def fast_init(model: DeepseekV4Model) -> None:
             t.normal_(0.0, 0.02)
 
 
-def build(mtp: int, device: torch.device) -> DeepseekV4Model:
+def build(mtp: int, device: torch.device, lora: bool = False) -> DeepseekV4Model:
+    """``lora``: rank-16 adapters on the attention and every routed expert, the frozen experts stored as FP4
+    (``train_configs/flash_lora_1x8_h100.toml``'s choice), only the adapters trained."""
+    args = bench_args(mtp)
+    if lora:
+        targets = ["attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "ffn.experts.w1", "ffn.experts.w2",
+                   "ffn.experts.w3"]
+        args = dataclasses.replace(args, lora_rank=16, lora_targets=targets, expert_storage="fp4")
     with torch.device(device):
-        model = DeepseekV4Model(bench_args(mtp))
+        model = DeepseekV4Model(args)
     cast_to_compute_dtypes(model)
     fast_init(model)
+    if lora:
+        freeze_all_but_adapters(model)
     model.set_mtp_loss_scale(0.3)
     return model.train()
 
@@ -126,13 +140,13 @@ def step_fn(model, loss_fn, ids, targets):
 
 def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = False,
                  checkpointing: tuple[str, str] | None = None, fused_attention: bool = True,
-                 expert_qat: str = "none") -> dict:
+                 expert_qat: str = "none", lora: bool = False) -> dict:
     """``checkpointing``: ``(activation_checkpoint.mode, selective_ac_option)`` applied to every block;
     ``fused_attention=False``: the blocked torch attention instead of the Triton kernel; ``expert_qat``: the
-    routed experts' quantisation-aware training (``[model] expert_qat``)."""
+    routed experts' quantisation-aware training (``[model] expert_qat``); ``lora``: as ``build``'s."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    model = build(mtp, device)
+    model = build(mtp, device, lora)
     model.set_attention_kernel("auto" if fused_attention else "torch")
     model.set_expert_qat(expert_qat)
     args = model.args
@@ -403,6 +417,9 @@ def main() -> None:
     part("fast_mtp0", lambda: measure_step(0, opts, device, peak))
     part("fast_mtp1", lambda: measure_step(1, opts, device, peak))
     part("qat_fp4_mtp1", lambda: measure_step(1, opts, device, peak, expert_qat="fp4"))  # its cost vs fast_mtp1
+    # LoRA with FP4-stored experts and FP4 QAT: dequantising and merging each layer's experts vs fast_mtp1's
+    # weight gradients (MFU counts the full model's training FLOPs, as for the others)
+    part("lora_fp4_mtp1", lambda: measure_step(1, opts, device, peak, expert_qat="fp4", lora=True))
     if opts.compile_blocks:  # whole blocks compiled (no graph breaks on these paths): the step users run
         part("compiled_mtp1", lambda: measure_step(1, opts, device, peak, compile_blocks=True))
 
