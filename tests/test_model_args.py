@@ -165,3 +165,27 @@ def test_indexer_top_k_breaks_exact_ties_by_position():
     assert topk_earliest_first(scores, 6).tolist() == [[1, 4, 6, 0, 2, 7]]  # -0.0 ties with +0.0
     wide = torch.randn(4, 300)
     assert torch.equal(topk_earliest_first(wide, 20).sort().values, wide.topk(20).indices.sort().values)
+
+
+def test_init_leaves_what_a_checkpoint_load_overwrites():
+    """With a checkpoint load to follow (HF or DCP), init sets only what no checkpoint holds, the LoRA
+    adapters (as a full init does) and the running statistics (zero); every other tensor is left for the
+    load, untouched here."""
+    args = dataclasses.replace(FLAVORS["debugmodel"], lora_rank=8, lora_targets=["attn.wq_a", "ffn.experts.w1"])
+    reference = DeepseekV4Model(args)
+    reference.init_weights(seed=7)
+    expected = dict([*reference.named_parameters(), *reference.named_buffers()])
+    with torch.device("meta"):
+        model = DeepseekV4Model(args).to_empty(device="cpu")
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    with torch.no_grad():
+        for tensor in tensors.values():
+            tensor.fill_(float("nan") if tensor.is_floating_point() else 7)
+    model.init_weights(seed=7, checkpoint_follows=True)
+    set_by_init = [n for n in tensors if n.endswith(("lora_a", "lora_b", "expert_load", "kl_sum"))]
+    assert any(n.endswith("experts.w1_lora_a") for n in set_by_init) and any("kl_sum" in n for n in set_by_init)
+    for name, tensor in tensors.items():
+        if name in set_by_init:
+            assert torch.equal(tensor, expected[name]), name
+        else:
+            assert (tensor.isnan() if tensor.is_floating_point() else tensor == 7).all(), name

@@ -95,6 +95,9 @@ class Trainer:
             config.training.local_batch_size, dims.dp_rank(), dims.dp, prefetch=setup.grad_accum_steps,
             shuffle_seed=config.training.seed if config.training.shuffle else None)
 
+        # rank 0 decides before the model exists: weights a checkpoint load overwrites are not drawn first
+        resume = self._resume_step()
+        self._checkpoint_follows = resume is not None or bool(config.checkpoint.initial_load_path)
         model = setup.meta_model
         if model is None:
             with torch.device("meta"):
@@ -131,7 +134,6 @@ class Trainer:
         # groups made since init_process_group (meshes, pipeline ties) get the start-up timeout too
         self._steady_timeout = self._validated = False
         set_collective_timeout(config.comm.init_timeout_seconds)
-        resume = self._resume_step()
         if resume is not None:
             self._restore(self.checkpointer.load(resume))
         elif ck.initial_load_path:
@@ -153,10 +155,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _resume_step(self) -> int | None:
         """The checkpoint to continue from: ``load_step``, else the latest complete one (rank 0 decides)."""
-        if self.checkpointer is None:
-            return None
         ck = self.config.checkpoint
-        steps = complete_steps(self.checkpointer.folder)
+        if not ck.enable:
+            return None
+        steps = complete_steps(Path(self.config.job.dump_folder) / ck.folder)
         choice = [ck.load_step if ck.load_step >= 0 else (steps[-1] if steps else None)]
         if self.distributed:
             dist.broadcast_object_list(choice, src=0)
@@ -218,7 +220,7 @@ class Trainer:
         """parallelize_fn, then allocate on the device and init deterministically per FQN."""
         part = self.setup.spec.parallelize_fn(part, self.parallel_dims, self.config, self.device)
         part.to_empty(device=self.device)
-        part.init_weights(self.config.training.seed)
+        part.init_weights(self.config.training.seed, checkpoint_follows=self._checkpoint_follows)
         part.set_mtp_loss_scale(self.config.mtp.loss_scaling_factor)
         part.set_attention_kernel(self.config.model.attention_kernel)
         part.set_sinkhorn_kernel(self.config.model.sinkhorn_kernel)

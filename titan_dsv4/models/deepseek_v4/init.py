@@ -47,15 +47,19 @@ def canonical_fqn(name: str) -> str:
 
 
 def full_init_value(name: str, shape: torch.Size, dtype: torch.dtype, seed: int, std: float,
-                    hidden_size: int) -> torch.Tensor:
-    """The full (unsharded) initial value of parameter or buffer ``name``."""
+                    hidden_size: int, experts: slice | None = None) -> torch.Tensor:
+    """The full (unsharded) initial value of parameter or buffer ``name``; of stacked expert weights, only the
+    ``experts`` rows when given (each expert has its own generator: a rank draws only its own)."""
     name = replica_source(canonical_fqn(name))
-    out = torch.empty(shape, dtype=torch.float32)
     leaf = name.rsplit(".", 1)[-1]
     if name.endswith(EXPERT_WEIGHTS):
-        for e in range(shape[0]):
-            nn.init.trunc_normal_(out[e], 0.0, std, -2.0, 2.0, generator=_generator(seed, name, e))
-    elif name == "embed.weight":
+        ids = range(shape[0])[experts or slice(None)]
+        out = torch.empty(len(ids), *shape[1:], dtype=torch.float32)
+        for row, e in enumerate(ids):
+            nn.init.trunc_normal_(out[row], 0.0, std, -2.0, 2.0, generator=_generator(seed, name, e))
+        return out.to(dtype)
+    out = torch.empty(shape, dtype=torch.float32)
+    if name == "embed.weight":
         out.normal_(0.0, 1.0, generator=_generator(seed, name))
     elif name == "head.weight":
         s = hidden_size ** -0.5
@@ -84,19 +88,31 @@ def hash_table(name: str, vocab: int, top_k: int, n_experts: int, seed: int) -> 
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int) -> None:
+def init_weights(model: nn.Module, seed: int, checkpoint_follows: bool = False) -> None:
+    """``checkpoint_follows``: a checkpoint load (HF or DCP, each an error on any tensor it lacks) overwrites
+    every tensor it holds next, so only the others are set: LoRA adapters and the running statistics. Drawing
+    a whole pipeline stage's weights first would cost start-up ~10 s per billion values on a CPU core."""
     args = model.args
     tensors = {canonical_fqn(n): t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
     for name, tensor in tensors.items():
         if name.endswith(("expert_load", "kl_sum")):  # running statistics
             tensor.zero_()
             continue
-        if name.endswith(EXPERT_WEIGHTS) and tensor.dtype == torch.uint8:  # stored as FP4: the dense init rounded
-            shape = (*tensor.shape[:-1], tensor.shape[-1] * 2)
-            packed, scale = quantize_fp4(full_init_value(name, shape, torch.float32, seed, args.initializer_range,
-                                                         args.hidden_size))
-            copy_full_into(tensor, packed.view(torch.uint8))
-            copy_full_into(tensors[f"{name}_scale"], scale.view(torch.uint8))
+        if checkpoint_follows and not name.endswith(("lora_a", "lora_b")):
+            continue
+        if name.endswith(EXPERT_WEIGHTS):  # this rank's experts only
+            rows = local_box(tensor)[0]
+            if tensor.dtype == torch.uint8:  # stored as FP4: the dense init rounded
+                shape = (*tensor.shape[:-1], tensor.shape[-1] * 2)
+                value = full_init_value(name, shape, torch.float32, seed, args.initializer_range, args.hidden_size,
+                                        rows)
+                packed, scale = quantize_fp4(value)
+                copy_full_into(tensor, packed.view(torch.uint8), rows_only=True)
+                copy_full_into(tensors[f"{name}_scale"], scale.view(torch.uint8), rows_only=True)
+            else:
+                value = full_init_value(name, tensor.shape, tensor.dtype, seed, args.initializer_range,
+                                        args.hidden_size, rows)
+                copy_full_into(tensor, value, rows_only=True)
             continue
         if name.endswith("_scale") and name[: -len("_scale")] in tensors:  # written with its weight
             continue

@@ -130,9 +130,10 @@ class DeepseekV4Model(nn.Module):
                                 shard=shard)
 
     # ------------------------------------------------------------------ helpers
-    def init_weights(self, seed: int = 0) -> None:
-        """Deterministic per-FQN init (see ``init.py``): same seed -> same weights for every layout."""
-        init_weights(self, seed)
+    def init_weights(self, seed: int = 0, checkpoint_follows: bool = False) -> None:
+        """Deterministic per-FQN init (see ``init.py``): same seed -> same weights for every layout.
+        ``checkpoint_follows``: only what a checkpoint load will not overwrite (adapters, statistics)."""
+        init_weights(self, seed, checkpoint_follows)
 
     def attention_modules(self) -> list[Attention]:
         """Every block's attention, MTP blocks included (by type, not ``hasattr``: a checkpoint wrapper
