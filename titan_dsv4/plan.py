@@ -35,6 +35,7 @@ from .config.job_config import JobConfig
 from .config.validate import RunSetup, validate
 from .distributed.pipeline import prune_to_stage, schedule_actions
 from .models.deepseek_v4.lora import freeze_all_but_adapters, is_adapter
+from .models.deepseek_v4.moe import STACKED_BY_EXPERT
 
 GIB = 2**30
 CUDA_RESERVE_GIB = 3.0  # CUDA context, NCCL buffers and cuBLAS workspaces per GPU (not tensors we allocate)
@@ -288,7 +289,7 @@ def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool, sta
     flops = 0.0
     units: dict[str, int] = {}
     for name, p in part.named_parameters():
-        experts = ".experts." in name  # stacked expert weights and their LoRA adapters
+        experts = bool(STACKED_BY_EXPERT.search(name))  # an expert-parallel rank holds E / ep of them
         numel = p.numel() // (ep if experts else 1)  # an expert-parallel rank holds E / ep experts
         local = _local_numel(torch.Size([p.shape[0] // ep, *p.shape[1:]]) if experts else p.shape,
                              shard // ep if experts else shard)

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from ..models.deepseek_v4.args import DeepseekV4ModelArgs
 from ..models.deepseek_v4.init import EXPERT_WEIGHTS
 from ..models.deepseek_v4.lora import is_adapter, merged_items
-from ..models.deepseek_v4.moe import FP4_SCALE, dense_experts, local_tensor
+from ..models.deepseek_v4.moe import FP4_SCALE, STACKED_BY_EXPERT, dense_experts, fp4_scales, local_tensor
 from ..models.deepseek_v4.state_dict_adapter import EXPERT_HF, _TRANSFORMERS_GLOBAL, _rename, fqn_from_hf, iter_hf
 from .quantization import QUANTIZE_FORMATS, dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
 
@@ -248,8 +248,9 @@ def load_hf_into(model: torch.nn.Module, path: str | Path, names: Iterable[str] 
     dense = dataclasses.replace(args, expert_storage="dense")  # what the files hold
     full = {k: v.shape for k, v in _full_shapes(dense).items() if not is_adapter(k)}
     reader = HFCheckpointReader(path, args, full)
+    scales = fp4_scales(targets)
     for name in (names if names is not None else targets):
-        if name.endswith(FP4_SCALE) and name[: -len(FP4_SCALE)] in targets:  # read with its weight
+        if name in scales:  # read with its weight
             continue
         # an expert-parallel rank reads only its own experts' weights
         rows = local_box(targets[name])[0] if name.endswith(EXPERT_WEIGHTS) else None
@@ -355,13 +356,14 @@ def stage_export(tensors: dict[str, torch.Tensor], writes_gathered: bool, lora_s
 
     from ..models.deepseek_v4.init import local_box
 
-    stacked = {n for n in tensors if _STACKED_EXPERT_TENSOR.search(n)}
+    stacked = {n for n in tensors if STACKED_BY_EXPERT.search(n)}
 
     def gather(name: str) -> torch.Tensor:
         tensor = tensors[name]
         tensor = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
         return tensor.cpu() if writes_gathered else tensor
 
+    # every rank gathers in the writer's order (an adapted weight, then its adapter), merging included
     gathered = merged_items([n for n in tensors if n not in stacked], gather, lora_scaling)
     if not writes_gathered:
         for _ in gathered:  # the collectives only
@@ -372,9 +374,6 @@ def stage_export(tensors: dict[str, torch.Tensor], writes_gathered: bool, lora_s
     first_expert = {n: local_box(tensors[n])[0].start for n in mine}
     local = merged_items(*dense_experts(mine, lambda n: local_tensor(tensors[n]).detach().cpu()), lora_scaling)
     return itertools.chain(gathered if writes_gathered else (), local), first_expert
-
-
-_STACKED_EXPERT_TENSOR = re.compile(r"\.experts\.w[123](_lora_[ab]|_scale)?$")
 
 
 def _first_replica(tensor: torch.Tensor) -> bool:

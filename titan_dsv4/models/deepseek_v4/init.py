@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ...components.quantization import quantize_fp4
+from .lora import is_adapter
+from .moe import FP4_SCALE, fp4_scales
 from .pipeline import replica_source
 
 EXPERT_WEIGHTS = ("experts.w1", "experts.w2", "experts.w3")
@@ -94,11 +96,12 @@ def init_weights(model: nn.Module, seed: int, checkpoint_follows: bool = False) 
     a whole pipeline stage's weights first would cost start-up ~10 s per billion values on a CPU core."""
     args = model.args
     tensors = {canonical_fqn(n): t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    scales = fp4_scales(tensors)
     for name, tensor in tensors.items():
         if name.endswith(("expert_load", "kl_sum")):  # running statistics
             tensor.zero_()
             continue
-        if checkpoint_follows and not name.endswith(("lora_a", "lora_b")):
+        if checkpoint_follows and not is_adapter(name):
             continue
         if name.endswith(EXPERT_WEIGHTS):  # this rank's experts only
             rows = local_box(tensor)[0]
@@ -108,13 +111,13 @@ def init_weights(model: nn.Module, seed: int, checkpoint_follows: bool = False) 
                                         rows)
                 packed, scale = quantize_fp4(value)
                 copy_full_into(tensor, packed.view(torch.uint8), rows_only=True)
-                copy_full_into(tensors[f"{name}_scale"], scale.view(torch.uint8), rows_only=True)
+                copy_full_into(tensors[f"{name}{FP4_SCALE}"], scale.view(torch.uint8), rows_only=True)
             else:
                 value = full_init_value(name, tensor.shape, tensor.dtype, seed, args.initializer_range,
                                         args.hidden_size, rows)
                 copy_full_into(tensor, value, rows_only=True)
             continue
-        if name.endswith("_scale") and name[: -len("_scale")] in tensors:  # written with its weight
+        if name in scales:  # written with its weight
             continue
         if name.endswith("tid2eid"):
             value = hash_table(name, args.vocab_size, args.num_experts_per_tok, args.n_routed_experts, seed)

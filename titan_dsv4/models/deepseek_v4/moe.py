@@ -7,6 +7,7 @@ store them (FP4, or the Base checkpoints' FP8), their gradients pass straight th
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable
 
 import torch
@@ -70,6 +71,8 @@ class Router(nn.Module):
 # checkpoint formats of routed experts; on CUDA each rounding is a few compiled kernels, not a dozen passes
 EXPERT_QAT = {"fp4": compiled_on_cuda(fake_quantize_fp4), "fp8": compiled_on_cuda(fake_quantize_fp8)}
 FP4_SCALE = "_scale"  # FP4-stored experts: ``w1`` holds the packed bytes, ``w1_scale`` the E8M0 scale bytes
+# routed-expert tensors stacked along dim 0 by expert: weights, their LoRA adapters, their FP4 scales
+STACKED_BY_EXPERT = re.compile(rf"\.experts\.w[123](_lora_[ab]|{FP4_SCALE})?$")
 
 
 @compiled_on_cuda
@@ -78,12 +81,18 @@ def stored_fp4_weight(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     return dequantize_fp4(packed, scale).to(dtype)
 
 
+def fp4_scales(names: Iterable[str]) -> set[str]:
+    """The names among ``names`` that are FP4-stored experts' scales (read and written with their weight)."""
+    names = set(names)
+    return {f"{n}{FP4_SCALE}" for n in names} & names
+
+
 def dense_experts(names: Iterable[str], load: Callable[[str], torch.Tensor]
                   ) -> tuple[list[str], Callable[[str], torch.Tensor]]:
     """A model's tensor names and loader as a dense model's: FP4-stored experts dequantised (fp32) when loaded,
     their scales not named (for exports and conversions, which write the released dense layout)."""
     names = list(names)
-    scales = {f"{n}{FP4_SCALE}" for n in names} & set(names)
+    scales = fp4_scales(names)
 
     def load_dense(name: str) -> torch.Tensor:
         tensor = load(name)

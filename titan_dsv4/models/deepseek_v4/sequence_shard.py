@@ -3,7 +3,8 @@
 Everything a token computes is local except attention, whose queries read the previous ``sliding_window`` keys
 and every earlier compressed entry. Each attention therefore runs on its shard extended by ``halo`` tokens of
 the previous shard (window keys, and the pooling windows of its first entries; the halo's queries are the
-previous shard's and are not kept), and attends to the compressed entries of all shards, each pooled by the shard its window ends in.
+previous shard's and are not kept), and attends to the compressed entries of all shards, each pooled by the
+shard its window ends in.
 Compressed entries are 4x (CSA) and 128x (HCA) fewer than tokens, so gathering them is cheap where gathering
 keys would not be. The collectives are behind :class:`SequenceShard`; ``distributed/context_parallel.py``
 implements it.
