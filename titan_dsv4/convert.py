@@ -5,9 +5,10 @@
 
 The DCP checkpoint holds the model's tensors under their FQNs (a model-only checkpoint, as torchtitan's)
 and a ``config.json`` beside it; ``dcp-to-hf`` also reads a training checkpoint (a ``step-N`` folder, which
-has its ``config.json`` too) and leaves its optimizer state out. Neither direction holds the model in memory:
-DCP's writer pulls each tensor from the HF reader when it writes it, and the HF writer pulls each tensor from
-DCP as it fills one output shard at a time (so the peak is about one output shard).
+has its ``config.json`` too) and leaves its optimizer state out. Neither direction holds the model, nor a
+layer's stacked routed experts (17 GB per matrix for Pro in bf16), in memory: ``hf-to-dcp`` writes those one
+chunk per expert, each pulled from the HF reader when DCP writes it, and ``dcp-to-hf`` reads them one stored
+chunk at a time (a training checkpoint's chunk is a rank's experts) as it fills one output shard at a time.
 """
 
 from __future__ import annotations
@@ -20,27 +21,48 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from .components.checkpoint import OPTIMIZER_PREFIX
 from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full_shapes, save_hf, storage_dtype
 from .components.quantization import QUANTIZE_FORMATS
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
-from .models.deepseek_v4.lora import merged_items
-from .models.deepseek_v4.moe import dense_experts
+from .models.deepseek_v4.lora import adapter_names, is_adapter, merged_items
+from .models.deepseek_v4.moe import FP4_SCALE, STACKED_BY_EXPERT, dense_experts
 
 
 class _PullFromHF(DefaultSavePlanner):
-    """Plans on meta tensors; each tensor is read from the HF checkpoint only when DCP writes it."""
+    """Plans on meta tensors, stacked routed experts as one chunk per expert (the HF layout's unit, which
+    ``dcp-to-hf`` and the trainer's load then read one at a time); each chunk is read from the HF checkpoint
+    only when DCP writes it."""
 
     def __init__(self, reader: HFCheckpointReader, dtypes: dict[str, torch.dtype]):
         super().__init__()
         self.reader, self.dtypes = reader, dtypes
 
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        items = []
+        for item in plan.items:
+            if not STACKED_BY_EXPERT.search(item.index.fqn):
+                items.append(item)
+                continue
+            size = item.tensor_data.size
+            for e in range(size[0]):
+                chunk = ChunkStorageMetadata(offsets=torch.Size([e] + [0] * (len(size) - 1)),
+                                             sizes=torch.Size([1, *size[1:]]))
+                items.append(WriteItem(MetadataIndex(item.index.fqn, chunk.offsets), WriteItemType.SHARD,
+                                       tensor_data=TensorWriteData(chunk, item.tensor_data.properties, size)))
+        self.plan = SavePlan(items, planner_data=plan.planner_data)
+        return self.plan
+
     def resolve_data(self, write_item):
-        fqn = write_item.index.fqn
-        return self.reader.load(fqn).to(self.dtypes[fqn]).contiguous()
+        fqn, first = write_item.index.fqn, write_item.index.offset[0] if write_item.index.offset else 0
+        rows = slice(first, first + 1) if write_item.type == WriteItemType.SHARD else None
+        return self.reader.load(fqn, rows).to(self.dtypes[fqn]).contiguous()
 
 
 def hf_to_dcp(hf_dir: str | Path, dcp_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
@@ -58,24 +80,57 @@ def hf_to_dcp(hf_dir: str | Path, dcp_dir: str | Path, dtype: torch.dtype = torc
     (dcp_dir / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))
 
 
+class _IntoRows(DefaultLoadPlanner):
+    """Loads into tensors that hold a block of rows of the stored tensor (the read items say where)."""
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]
+
+
 class _DCPTensors:
-    """A read-only mapping whose ``items()`` loads one tensor at a time from a DCP checkpoint, LoRA adapters
-    merged into their weights (``lora_scaling``: alpha / rank)."""
+    """``(name, tensor)`` pairs read from a DCP checkpoint one at a time, LoRA adapters merged into their weights
+    (``lora_scaling``: alpha / rank), FP4-stored experts dequantised. Stacked routed experts come as several
+    pairs of the same name, one per block of experts the checkpoint stores together (``iter_hf`` numbers them
+    on), so the peak is one stored chunk, not a layer's experts."""
 
     def __init__(self, dcp_dir: str | Path, lora_scaling: float = 0.0):
-        self.dcp_dir, self.lora_scaling = str(dcp_dir), lora_scaling
-        metadata = FileSystemReader(self.dcp_dir).read_metadata()
-        self.specs = {k: v for k, v in metadata.state_dict_metadata.items()
+        self.lora_scaling = lora_scaling
+        self.storage = FileSystemReader(str(dcp_dir))
+        self.metadata = self.storage.read_metadata()  # once, not per tensor: one entry per expert chunk
+        self.storage.set_up_storage_reader(self.metadata, is_coordinator=True)
+        self.specs = {k: v for k, v in self.metadata.state_dict_metadata.items()
                       if isinstance(v, TensorStorageMetadata) and not k.startswith(OPTIMIZER_PREFIX)}
 
-    def _load(self, name: str) -> torch.Tensor:
+    def _load(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The stored tensor, or its ``rows`` of dim 0 (reading only the chunks that hold them)."""
         spec = self.specs[name]
-        tensor = torch.empty(spec.size, dtype=spec.properties.dtype)
-        dcp.load({name: tensor}, storage_reader=FileSystemReader(self.dcp_dir), no_dist=True)
+        offsets, sizes = [0] * len(spec.size), list(spec.size)
+        if rows is not None:
+            offsets[0], sizes[0] = rows.start, rows.stop - rows.start
+        tensor = torch.empty(sizes, dtype=spec.properties.dtype)
+        planner = _IntoRows()
+        planner.set_up_planner({name: tensor}, self.metadata, is_coordinator=True)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+        plan = self.storage.prepare_local_plan(LoadPlan(create_read_items_for_chunk_list(name, spec, [chunk])))
+        self.storage.read_data(self.storage.prepare_global_plan([plan])[0], planner).wait()
         return tensor
 
+    def _row_blocks(self, name: str) -> list[slice | None]:
+        """Blocks of dim 0 no stored chunk straddles: a stacked tensor's, or the whole tensor (``None``)."""
+        if not STACKED_BY_EXPERT.search(name):
+            return [None]
+        spec = self.specs[name]
+        starts = sorted({chunk.offsets[0] for chunk in spec.chunks} | {spec.size[0]})
+        return [slice(a, b) for a, b in zip(starts, starts[1:])]
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return merged_items(*dense_experts(self.specs, self._load), self.lora_scaling)
+        for name in self.specs:
+            if is_adapter(name) or name.endswith(FP4_SCALE):
+                continue  # read with their weight
+            group = [n for n in (name, f"{name}{FP4_SCALE}", *adapter_names(name)) if n in self.specs]
+            for rows in self._row_blocks(name):
+                yield from merged_items(*dense_experts(group, lambda n, rows=rows: self._load(n, rows)),
+                                        self.lora_scaling)
 
 
 def dcp_to_hf(dcp_dir: str | Path, hf_dir: str | Path, dtype: torch.dtype = torch.bfloat16,

@@ -24,9 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models.deepseek_v4.args import DeepseekV4ModelArgs
-from ..models.deepseek_v4.init import EXPERT_WEIGHTS
 from ..models.deepseek_v4.lora import is_adapter, merged_items
-from ..models.deepseek_v4.moe import FP4_SCALE, STACKED_BY_EXPERT, dense_experts, fp4_scales, local_tensor
+from ..models.deepseek_v4.moe import (EXPERT_WEIGHTS, FP4_SCALE, STACKED_BY_EXPERT, dense_experts, fp4_scales,
+                                      local_tensor)
 from ..models.deepseek_v4.state_dict_adapter import EXPERT_HF, _TRANSFORMERS_GLOBAL, _rename, fqn_from_hf, iter_hf
 from .quantization import QUANTIZE_FORMATS, dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
 
@@ -401,7 +401,7 @@ def write_index(path: Path, weight_map: dict[str, str], total_bytes: int, args: 
     os.replace(tmp, path / INDEX_FILE)
 
 
-def save_hf(state: dict[str, torch.Tensor], args: DeepseekV4ModelArgs, path: str | Path,
+def save_hf(state: StateSource, args: DeepseekV4ModelArgs, path: str | Path,
             dtype: torch.dtype = torch.bfloat16, quantize: str | None = None,
             max_shard_bytes: int = 4 * 2**30) -> None:
     """Write the released layout from one process: shards, ``config.json`` and the index."""

@@ -27,10 +27,8 @@ from torch import nn
 
 from ...components.quantization import quantize_fp4
 from .lora import is_adapter
-from .moe import FP4_SCALE, fp4_scales
+from .moe import EXPERT_WEIGHTS, FP4_SCALE, fp4_scales
 from .pipeline import replica_source
-
-EXPERT_WEIGHTS = ("experts.w1", "experts.w2", "experts.w3")
 
 
 def _generator(seed: int, *key: object) -> torch.Generator:

@@ -70,6 +70,7 @@ class Router(nn.Module):
 
 # checkpoint formats of routed experts; on CUDA each rounding is a few compiled kernels, not a dozen passes
 EXPERT_QAT = {"fp4": compiled_on_cuda(fake_quantize_fp4), "fp8": compiled_on_cuda(fake_quantize_fp8)}
+EXPERT_WEIGHTS = ("experts.w1", "experts.w2", "experts.w3")  # names' endings of the stacked expert weights
 FP4_SCALE = "_scale"  # FP4-stored experts: ``w1`` holds the packed bytes, ``w1_scale`` the E8M0 scale bytes
 # routed-expert tensors stacked along dim 0 by expert: weights, their LoRA adapters, their FP4 scales
 STACKED_BY_EXPERT = re.compile(rf"\.experts\.w[123](_lora_[ab]|{FP4_SCALE})?$")

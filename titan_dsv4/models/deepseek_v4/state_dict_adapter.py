@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .args import DeepseekV4ModelArgs
+from .moe import EXPERT_WEIGHTS
 
 _HC = re.compile(r"(^|\.)(hc_attn|hc_ffn|hc_head)\.(fn|base|scale)$")
 _HC_HF = re.compile(r"(^|\.)(hc_attn|hc_ffn|hc_head)_(fn|base|scale)$")
 EXPERT_HF = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
-STACKED_EXPERTS = ("experts.w1", "experts.w2", "experts.w3")
 
 
 def hf_name(fqn: str) -> str:
@@ -36,11 +36,14 @@ def iter_hf(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor
             first_expert: Mapping[str, int] | None = None):
     """(released name, tensor) pairs from a mapping or ``(name, tensor)`` pairs, stacked experts split per
     expert; lazy, for streaming writers. ``first_expert[name]``: the global index of a stacked tensor's first
-    expert when it holds only some (a rank's shard), else 0."""
+    expert when it holds only some (a rank's shard), else 0. A stacked name may come again (a reader's next
+    block of experts): its experts are numbered on from the previous block's."""
+    following = dict(first_expert or {})  # stacked name -> the global index of its next expert
     for name, tensor in state.items() if hasattr(state, "items") else state:
-        if name.endswith(STACKED_EXPERTS):
+        if name.endswith(EXPERT_WEIGHTS):
             prefix, w = name.rsplit(".", 1)
-            first = (first_expert or {}).get(name, 0)
+            first = following.get(name, 0)
+            following[name] = first + tensor.shape[0]
             for e in range(tensor.shape[0]):
                 yield f"{prefix}.{first + e}.{w}.weight", tensor[e]
         else:
