@@ -12,7 +12,7 @@ import titan_dsv4
 from hf_reference import first_batch_loss, random_model
 from launch import run_training
 from titan_dsv4.components.dataloader import build_dataloader
-from titan_dsv4.components.hf_checkpoint import checkpoint_tensors
+from titan_dsv4.components.hf_checkpoint import CheckpointError, checkpoint_tensors
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.components.tokenizer import Tokenizer
 from titan_dsv4.convert import main as convert
@@ -116,6 +116,44 @@ def test_fp4_stored_experts_compute_as_their_dense_twin():
             assert torch.equal(grad, dense_grads[name]), (qat, name)
 
 
+def test_a_model_only_load_reencodes_experts_stored_the_other_way(tmp_path):
+    """``load_model_only`` from a checkpoint whose experts are FP4 bytes into a dense model gives their
+    dequantised values, and from that dense checkpoint into an FP4-stored model the same values back
+    (dequantised FP4 values are fixed points of the rounding; a group none of whose codes reaches 4 comes back
+    with half the scale and twice the codes); every other tensor is copied as stored."""
+    import torch.distributed.checkpoint as dcp
+
+    from titan_dsv4.components.checkpoint import load_model_only, model_state
+    from titan_dsv4.components.quantization import dequantize_fp4
+
+    args = dataclasses.replace(FLAVORS["debugmodel"], lora_rank=8, lora_targets=["ffn.experts.w1"])
+    stored = DeepseekV4Model(dataclasses.replace(args, expert_storage="fp4"))
+    stored.init_weights(1)
+    dcp.save(model_state([stored]), checkpoint_id=str(tmp_path / "fp4"), no_dist=True)
+    dense = DeepseekV4Model(args)
+    load_model_only([dense], tmp_path / "fp4")
+    packed, unpacked = model_state([stored]), model_state([dense])
+    experts = [n for n in unpacked if n.endswith(("experts.w1", "experts.w2", "experts.w3"))]
+    assert len(experts) == 15
+    for name, tensor in unpacked.items():
+        want = dequantize_fp4(packed[name], packed[f"{name}_scale"]) if name in experts else packed[name]
+        assert torch.equal(tensor, want), name
+    dcp.save(unpacked, checkpoint_id=str(tmp_path / "dense"), no_dist=True)
+    again = DeepseekV4Model(dataclasses.replace(args, expert_storage="fp4"))
+    load_model_only([again], tmp_path / "dense")
+    repacked = model_state([again])
+    for name, tensor in packed.items():
+        if name in experts:
+            want = dequantize_fp4(tensor, packed[f"{name}_scale"])
+            assert torch.equal(dequantize_fp4(repacked[name], repacked[f"{name}_scale"]), want), name
+        elif not name.endswith("_scale"):
+            assert torch.equal(repacked[name], tensor), name
+    unpacked["layers.0.ffn.experts.w2"] = torch.zeros(8, 64, 32)  # experts of another shape: named, not loaded
+    dcp.save(unpacked, checkpoint_id=str(tmp_path / "other"), no_dist=True)
+    with pytest.raises(CheckpointError, match=r"'layers.0.ffn.experts.w2' holds experts of shape \[8, 64, 32\]"):
+        load_model_only([again], tmp_path / "other")
+
+
 RUN = ("--training.steps", "2", "--training.seq_len", "64", "--training.local_batch_size", "2",
        "--lora.rank", "8", "--lora.target_modules", ",".join(TARGETS), "--checkpoint.enable",
        "--checkpoint.last_save_in_hf", "--checkpoint.export_dtype", "float32")
@@ -158,14 +196,18 @@ def test_pipelined_lora_run_trains_only_adapters_and_exports_them_merged(tmp_pat
 def test_fp4_stored_expert_parallel_run_equals_the_dense_run_and_exports_it(tmp_path):
     """From a released-format FP4 checkpoint, EP=2 with adapters on the experts and FP4 quantisation-aware
     training: storing the frozen experts as FP4 bytes trains exactly as the dense run (same losses, same
-    export), and its training checkpoint (FP4 bytes and adapters) converts to that export."""
+    export), also when started from the checkpoint converted to a dense DCP (each rank re-encoding its own
+    experts), and its training checkpoint (FP4 bytes and adapters) converts to that export."""
     source = tmp_path / "source"
     titan_dsv4.save_pretrained(random_model(FLAVORS["debugmodel"], seed=3), source, quantize="fp4")
-    run = (*RUN, "--checkpoint.initial_load_path", str(source), "--checkpoint.initial_load_in_hf",
-           "--parallelism.expert_parallel_degree", "2", "--model.expert_qat", "fp4")
-    dense = run_training(tmp_path / "dense", *run, nproc=2)
-    stored = run_training(tmp_path / "fp4", *run, "--lora.expert_storage", "fp4", nproc=2)
-    assert [r["loss"] for r in stored] == [r["loss"] for r in dense]
+    assert convert(["hf-to-dcp", str(source), str(tmp_path / "source-dcp"), "--dtype", "float32"]) == 0
+    run = (*RUN, "--parallelism.expert_parallel_degree", "2", "--model.expert_qat", "fp4")
+    from_hf = ("--checkpoint.initial_load_path", str(source), "--checkpoint.initial_load_in_hf")
+    dense = run_training(tmp_path / "dense", *run, *from_hf, nproc=2)
+    stored = run_training(tmp_path / "fp4", *run, *from_hf, "--lora.expert_storage", "fp4", nproc=2)
+    from_dcp = run_training(tmp_path / "fp4-dcp", *run, "--checkpoint.initial_load_path", str(tmp_path / "source-dcp"),
+                            "--lora.expert_storage", "fp4", nproc=2)
+    assert [r["loss"] for r in stored] == [r["loss"] for r in dense] == [r["loss"] for r in from_dcp]
     assert stored[1]["loss"] != stored[0]["loss"]
     checkpoint = tmp_path / "fp4" / "checkpoint" / "step-2"
     assert json.loads((checkpoint / "config.json").read_text())["expert_storage"] == "fp4"

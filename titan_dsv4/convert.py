@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-from .components.checkpoint import OPTIMIZER_PREFIX
+from .components.checkpoint import StoredTensors
 from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full_shapes, save_hf, storage_dtype
 from .components.quantization import QUANTIZE_FORMATS
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
@@ -80,56 +79,23 @@ def hf_to_dcp(hf_dir: str | Path, dcp_dir: str | Path, dtype: torch.dtype = torc
     (dcp_dir / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))
 
 
-class _IntoRows(DefaultLoadPlanner):
-    """Loads into tensors that hold a block of rows of the stored tensor (the read items say where)."""
-
-    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        return self.state_dict[index.fqn]
-
-
-class _DCPTensors:
+class _DCPTensors(StoredTensors):
     """``(name, tensor)`` pairs read from a DCP checkpoint one at a time, LoRA adapters merged into their weights
     (``lora_scaling``: alpha / rank), FP4-stored experts dequantised. Stacked routed experts come as several
     pairs of the same name, one per block of experts the checkpoint stores together (``iter_hf`` numbers them
     on), so the peak is one stored chunk, not a layer's experts."""
 
     def __init__(self, dcp_dir: str | Path, lora_scaling: float = 0.0):
+        super().__init__(dcp_dir)
         self.lora_scaling = lora_scaling
-        self.storage = FileSystemReader(str(dcp_dir))
-        self.metadata = self.storage.read_metadata()  # once, not per tensor: one entry per expert chunk
-        self.storage.set_up_storage_reader(self.metadata, is_coordinator=True)
-        self.specs = {k: v for k, v in self.metadata.state_dict_metadata.items()
-                      if isinstance(v, TensorStorageMetadata) and not k.startswith(OPTIMIZER_PREFIX)}
-
-    def _load(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """The stored tensor, or its ``rows`` of dim 0 (reading only the chunks that hold them)."""
-        spec = self.specs[name]
-        offsets, sizes = [0] * len(spec.size), list(spec.size)
-        if rows is not None:
-            offsets[0], sizes[0] = rows.start, rows.stop - rows.start
-        tensor = torch.empty(sizes, dtype=spec.properties.dtype)
-        planner = _IntoRows()
-        planner.set_up_planner({name: tensor}, self.metadata, is_coordinator=True)
-        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-        plan = self.storage.prepare_local_plan(LoadPlan(create_read_items_for_chunk_list(name, spec, [chunk])))
-        self.storage.read_data(self.storage.prepare_global_plan([plan])[0], planner).wait()
-        return tensor
-
-    def _row_blocks(self, name: str) -> list[slice | None]:
-        """Blocks of dim 0 no stored chunk straddles: a stacked tensor's, or the whole tensor (``None``)."""
-        if not STACKED_BY_EXPERT.search(name):
-            return [None]
-        spec = self.specs[name]
-        starts = sorted({chunk.offsets[0] for chunk in spec.chunks} | {spec.size[0]})
-        return [slice(a, b) for a, b in zip(starts, starts[1:])]
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.specs:
             if is_adapter(name) or name.endswith(FP4_SCALE):
                 continue  # read with their weight
             group = [n for n in (name, f"{name}{FP4_SCALE}", *adapter_names(name)) if n in self.specs]
-            for rows in self._row_blocks(name):
-                yield from merged_items(*dense_experts(group, lambda n, rows=rows: self._load(n, rows)),
+            for rows in self.row_blocks(name):
+                yield from merged_items(*dense_experts(group, lambda n, rows=rows: self.load(n, rows)),
                                         self.lora_scaling)
 
 

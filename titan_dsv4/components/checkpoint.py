@@ -28,23 +28,24 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from ..models.deepseek_v4.init import canonical_fqn
+from ..models.deepseek_v4.init import canonical_fqn, copy_full_into, local_box
 from ..models.deepseek_v4.lora import is_adapter
+from ..models.deepseek_v4.moe import EXPERT_WEIGHTS, FP4_SCALE, STACKED_BY_EXPERT
 from ..models.deepseek_v4.pipeline import replica_source
-from .hf_checkpoint import checkpoint_tensors
+from .hf_checkpoint import CheckpointError, checkpoint_tensors
 from .optimizer import empty_state
+from .quantization import dequantize_fp4, quantize_fp4
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
 CONFIG_FILE = "config.json"
 OPTIMIZER_PREFIX = "optimizer."
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def complete_steps(folder: Path) -> list[int]:
@@ -100,14 +101,87 @@ def check_compatible(path: Path, metadata, wanted: dict[str, torch.Tensor]) -> N
 
 
 def load_model_only(model_parts: list[nn.Module], path: str | Path) -> None:
-    """Fill the model from a DCP checkpoint (a training checkpoint or the converter's model-only one)."""
+    """Fill the model from a DCP checkpoint (a training checkpoint or the converter's model-only one). Routed
+    experts stored the other way (``lora.expert_storage``: dense in the checkpoint, FP4 in the model, or the
+    reverse) are re-encoded on the way in, each rank reading only its own experts' rows."""
     path = Path(path)
     metadata = _read_metadata(path)
     # LoRA adapters a checkpoint of the base model lacks keep their initial values (B = 0: the base model)
     state = {k: v for k, v in model_state(model_parts).items()
              if k in metadata.state_dict_metadata or not is_adapter(k)}
-    _checked_metadata(path, state, metadata)
-    _load(state, path)
+    stored = metadata.state_dict_metadata
+    recoded = [k for k in state if k.endswith(EXPERT_WEIGHTS) and k in stored
+               and (f"{k}{FP4_SCALE}" in state) != (f"{k}{FP4_SCALE}" in stored)]
+    direct = {k: v for k, v in state.items() if k not in recoded and k.removesuffix(FP4_SCALE) not in recoded}
+    _checked_metadata(path, direct, metadata)
+    _load(direct, path)
+    reader = StoredTensors(path, metadata)
+    for name in recoded:
+        _load_recoded(reader, name, state)
+
+
+def _load_recoded(reader: StoredTensors, name: str, state: dict[str, torch.Tensor]) -> None:
+    """One stacked expert weight read in the checkpoint's storage and written in the model's: FP4 bytes and
+    scales from dense values (rounded as an HF load rounds them), or dense values from FP4 (exact)."""
+    target, scale = state[name], state.get(f"{name}{FP4_SCALE}")
+    rows = local_box(target)[0]
+    columns = target.shape[-1] * 2 if scale is not None else target.shape[-1]  # FP4 packs two per byte
+    dense_shape = [*target.shape[:-1], columns]
+    stored_shape = list(reader.specs[name].size)
+    if scale is None:
+        stored_shape[-1] *= 2
+    if stored_shape != dense_shape:
+        raise CheckpointError(f"{reader.path}: tensor {name!r} holds experts of shape {stored_shape} in the "
+                              f"checkpoint but the model needs {dense_shape}")
+    if scale is not None:
+        value, scales = (t.view(torch.uint8) for t in quantize_fp4(reader.load(name, rows)))
+        copy_full_into(scale, scales, rows_only=True)
+    else:
+        value = dequantize_fp4(reader.load(name, rows), reader.load(f"{name}{FP4_SCALE}", rows))
+    copy_full_into(target, value, rows_only=True)
+
+
+class _IntoRows(DefaultLoadPlanner):
+    """Loads into tensors that hold a block of rows of the stored tensor (the read items say where)."""
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]
+
+
+class StoredTensors:
+    """A DCP checkpoint's model tensors, each read whole or as a block of dim-0 rows (from only the stored
+    chunks that hold them) by this process alone: no collectives, so ranks read what they need and a
+    converter reads a layer's stacked experts (17 GB per matrix for Pro in bf16) a stored chunk at a time."""
+
+    def __init__(self, path: str | Path, metadata=None):
+        self.path = Path(path)
+        self.storage = FileSystemReader(str(path))
+        self.metadata = _read_metadata(self.path) if metadata is None else metadata  # once, not per tensor
+        self.storage.set_up_storage_reader(self.metadata, is_coordinator=True)
+        self.specs = {k: v for k, v in self.metadata.state_dict_metadata.items()
+                      if isinstance(v, TensorStorageMetadata) and not k.startswith(OPTIMIZER_PREFIX)}
+
+    def load(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The stored tensor, or its ``rows`` of dim 0."""
+        spec = self.specs[name]
+        offsets, sizes = [0] * len(spec.size), list(spec.size)
+        if rows is not None:
+            offsets[0], sizes[0] = rows.start, rows.stop - rows.start
+        tensor = torch.empty(sizes, dtype=spec.properties.dtype)
+        planner = _IntoRows()
+        planner.set_up_planner({name: tensor}, self.metadata, is_coordinator=True)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+        plan = self.storage.prepare_local_plan(LoadPlan(create_read_items_for_chunk_list(name, spec, [chunk])))
+        self.storage.read_data(self.storage.prepare_global_plan([plan])[0], planner).wait()
+        return tensor
+
+    def row_blocks(self, name: str) -> list[slice | None]:
+        """Blocks of dim 0 no stored chunk straddles, for a tensor stacked by expert; else the whole (``None``)."""
+        if not STACKED_BY_EXPERT.search(name):
+            return [None]
+        spec = self.specs[name]
+        starts = sorted({chunk.offsets[0] for chunk in spec.chunks} | {spec.size[0]})
+        return [slice(a, b) for a, b in zip(starts, starts[1:])]
 
 
 def _read_metadata(path: Path):

@@ -45,7 +45,8 @@ _FROM_TRANSFORMERS_GLOBAL = {v: k for k, v in _TRANSFORMERS_GLOBAL.items()}
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not match the model; the message names the files and tensors."""
+    """A checkpoint (HF or DCP) that is unreadable or does not match the model; the message names the files and
+    tensors."""
 
 
 # ---------------------------------------------------------------------- reading
@@ -255,7 +256,7 @@ def load_hf_into(model: torch.nn.Module, path: str | Path, names: Iterable[str] 
         # an expert-parallel rank reads only its own experts' weights
         rows = local_box(targets[name])[0] if name.endswith(EXPERT_WEIGHTS) else None
         value = reader.load(canonical_fqn(name), rows)
-        if targets[name].dtype == torch.uint8:  # FP4-stored experts: the released FP4 bytes come back exactly
+        if targets[name].dtype == torch.uint8:  # FP4-stored experts: the released FP4 values come back exactly
             value, scale = (t.view(torch.uint8) for t in quantize_fp4(value))
             copy_full_into(targets[f"{name}{FP4_SCALE}"], scale, rows_only=True)
         copy_full_into(targets[name], value, rows_only=rows is not None)

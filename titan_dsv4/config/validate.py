@@ -177,11 +177,13 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                                   f"of rank {model_args.lora_rank} (its config.json): set lora.rank = "
                                   f"{model_args.lora_rank} to train them on, or start from its merged weights "
                                   "(python -m titan_dsv4.convert dcp-to-hf, then initial_load_in_hf)")
-            if not ck.initial_load_in_hf and model_args.expert_storage != config.lora.expert_storage:
+            # a model-only load re-encodes the experts; a whole training state continues as it was stored
+            if (not ck.initial_load_in_hf and not ck.initial_load_model_only
+                    and model_args.expert_storage != config.lora.expert_storage):
                 raise ConfigError(f"`checkpoint.initial_load_path` = {ck.initial_load_path!r} stores its routed "
                                   f"experts as {model_args.expert_storage!r} (its config.json): set "
-                                  f"lora.expert_storage = {model_args.expert_storage!r}, or start from its HF "
-                                  "export (python -m titan_dsv4.convert dcp-to-hf, then initial_load_in_hf)")
+                                  f"lora.expert_storage = {model_args.expert_storage!r}, or load its model only "
+                                  "(checkpoint.initial_load_model_only = true)")
     if ck.enable and ck.load_step >= 0:
         from ..components.checkpoint import complete_steps
 
