@@ -114,10 +114,23 @@ def load_model_only(model_parts: list[nn.Module], path: str | Path) -> None:
                and (f"{k}{FP4_SCALE}" in state) != (f"{k}{FP4_SCALE}" in stored)]
     direct = {k: v for k, v in state.items() if k not in recoded and k.removesuffix(FP4_SCALE) not in recoded}
     _checked_metadata(path, direct, metadata)
-    _load(direct, path)
     reader = StoredTensors(path, metadata)
     for name in recoded:
+        _check_recoded_shape(reader, name, state)
+    _load(direct, path)
+    for name in recoded:
         _load_recoded(reader, name, state)
+
+
+def _check_recoded_shape(reader: StoredTensors, name: str, state: dict[str, torch.Tensor]) -> None:
+    fp4 = f"{name}{FP4_SCALE}" in state  # the model's storage; the checkpoint's is the other
+    target = state[name]
+    dense_shape = [*target.shape[:-1], target.shape[-1] * (2 if fp4 else 1)]  # FP4 packs two per byte
+    stored = list(reader.specs[name].size)
+    stored_shape = [*stored[:-1], stored[-1] * (1 if fp4 else 2)]
+    if stored_shape != dense_shape:
+        raise CheckpointError(f"{reader.path}: tensor {name!r} holds experts of shape {stored_shape} in the "
+                              f"checkpoint but the model needs {dense_shape}")
 
 
 def _load_recoded(reader: StoredTensors, name: str, state: dict[str, torch.Tensor]) -> None:
@@ -125,14 +138,6 @@ def _load_recoded(reader: StoredTensors, name: str, state: dict[str, torch.Tenso
     scales from dense values (rounded as an HF load rounds them), or dense values from FP4 (exact)."""
     target, scale = state[name], state.get(f"{name}{FP4_SCALE}")
     rows = local_box(target)[0]
-    columns = target.shape[-1] * 2 if scale is not None else target.shape[-1]  # FP4 packs two per byte
-    dense_shape = [*target.shape[:-1], columns]
-    stored_shape = list(reader.specs[name].size)
-    if scale is None:
-        stored_shape[-1] *= 2
-    if stored_shape != dense_shape:
-        raise CheckpointError(f"{reader.path}: tensor {name!r} holds experts of shape {stored_shape} in the "
-                              f"checkpoint but the model needs {dense_shape}")
     if scale is not None:
         value, scales = (t.view(torch.uint8) for t in quantize_fp4(reader.load(name, rows)))
         copy_full_into(scale, scales, rows_only=True)
