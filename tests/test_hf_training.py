@@ -81,3 +81,20 @@ def test_hsdp_and_expert_parallel_export_streams_each_expert_once(tmp_path):
     assert written.keys() == index.keys() and all(len(files) == 1 for files in written.values())
     expert_writers = {files[0].split("-")[2] for key, files in written.items() if ".experts." in key}
     assert expert_writers == {"dp00000", "dp00001"}  # the first replica's two expert shards
+
+
+def test_an_unreadable_hf_checkpoint_is_a_checkpoint_error_not_a_traceback(tmp_path):
+    import subprocess
+
+    from launch import REPO, training_command
+
+    titan_dsv4.save_pretrained(random_model(FLAVORS["debugmodel"]), tmp_path / "hf")
+    shard = next((tmp_path / "hf").glob("*.safetensors"))
+    (tmp_path / "hf" / "model.safetensors.index.json").unlink()
+    shard.write_bytes(b"garbage")
+    cmd, env = training_command(tmp_path / "run", "--training.steps", "1", "--checkpoint.initial_load_path",
+                                str(tmp_path / "hf"), "--checkpoint.initial_load_in_hf")
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"titan_dsv4: checkpoint error: {shard}: not a readable safetensors file" in result.stderr
+    assert "Traceback" not in result.stderr
