@@ -118,3 +118,24 @@ def test_quantisation_aware_experts_add_their_rounded_copies(nproc, layout):
     qat = plan_memory(load_config([*base, "--model.expert_qat", "fp4"]), nproc, device="cpu")[0]
     assert qat.activations - plain.activations == 5 * 3 * (8 // nproc) * 64 * 64 * 4
     assert qat.total - plain.total == qat.activations - plain.activations
+
+
+def test_a_gpu_plan_counts_a_compiled_gradient_free_call_by_its_outputs():
+    """On CUDA the FP4 dequantisation of an expert stack (and the QAT rounding) is one compiled kernel, whose
+    temporaries never reach memory: a GPU plan counts the bf16 matrix it returns, a CPU plan (eager) also the
+    element-wise temporaries the plain code creates on the way."""
+    from titan_dsv4.models.deepseek_v4.gpu_paths import meta_as_gpu
+    from titan_dsv4.models.deepseek_v4.moe import stored_fp4_weight
+    from titan_dsv4.plan import LiveBytes
+
+    packed = torch.empty(8, 256, 128, dtype=torch.uint8, device="meta")  # 8 experts 256 x 256, two per byte
+    scale = torch.empty(8, 256, 8, dtype=torch.uint8, device="meta")  # one per 32 columns
+    matrix = 8 * 256 * 256 * 2  # bf16
+    gpu = LiveBytes([packed, scale])
+    with meta_as_gpu(gpu.fused), gpu:
+        out = stored_fp4_weight(packed, scale, torch.bfloat16)
+    assert out.shape == (8, 256, 256) and gpu.peak == gpu.live == matrix
+    eager = LiveBytes([packed, scale])
+    with eager:
+        stored_fp4_weight(packed, scale, torch.bfloat16)
+    assert eager.peak > matrix

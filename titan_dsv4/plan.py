@@ -25,6 +25,7 @@ import math
 import sys
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -53,6 +54,20 @@ class LiveBytes(TorchDispatchMode):
         self.params = {t.untyped_storage()._cdata for t in params}
         self.live = self.peak = self.param_outputs = 0
         self.forward = True
+        self.fusing = False
+
+    def fused(self, fn: Callable, *args, **kwargs):
+        """``fn`` as one fused GPU kernel (``compiled_on_cuda`` without gradients): its temporaries stay in
+        registers, only its outputs are new memory."""
+        self.fusing = True
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            self.fusing = False
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
 
     def _track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -77,6 +92,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.fusing:
+            return out
         outputs = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
         for t in outputs:
             self._track(t)
@@ -200,8 +217,8 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
     RoutedExperts.forward = lambda experts, *inputs: _shape_only_experts(experts, *inputs, ep=ep)
     torch.use_deterministic_algorithms(config.training.deterministic)  # as the trainer: it picks the attention core
     try:
-        with meta_as_gpu() if gpu else contextlib.nullcontext(), \
-                LiveBytes([*model.parameters(), *model.buffers()], list(model.parameters())) as tracker:
+        tracker = LiveBytes([*model.parameters(), *model.buffers()], list(model.parameters()))
+        with meta_as_gpu(tracker.fused) if gpu else contextlib.nullcontext(), tracker:
             args, kwargs = _stage_inputs(setup, config, first, dtype)  # a stage keeps what it received
             out = model(*args, **kwargs)
             if last:

@@ -18,11 +18,15 @@ F = TypeVar("F", bound=Callable)
 
 
 def compiled_on_cuda(fn: F) -> F:
-    """``fn`` compiled on first use with CUDA tensors; the plain function otherwise."""
+    """``fn`` compiled on first use with CUDA tensors; the plain function otherwise. The planner's GPU plan
+    (``gpu_paths.meta_as_gpu``) runs a gradient-free call through its counter: fused, only outputs are memory."""
     compiled: list[Callable] = []
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        if gpu_paths.meta_fused_call is not None and gpu_paths.fast_kernels and gpu_paths.takes_gpu_path(args[0]) \
+                and not (torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args)):
+            return gpu_paths.meta_fused_call(fn, *args, **kwargs)  # the planner counting a GPU run
         if not (gpu_paths.fast_kernels and args[0].is_cuda) or torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if not compiled:

@@ -5,11 +5,13 @@ memory planner plans a GPU run, so that it counts the tensors those paths keep."
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 _meta_plans_gpu = False
+# the planner's stand-in for a call CUDA compiles (``fused.compiled_on_cuda``) that needs no gradient
+meta_fused_call: Callable[..., Any] | None = None
 # False: CUDA runs the plain code (eager mHC, per-expert loop, fp32 GEMMs), the benchmark's baseline
 fast_kernels = True
 
@@ -26,11 +28,14 @@ def takes_triton_kernels(x: torch.Tensor) -> bool:
 
 
 @contextmanager
-def meta_as_gpu() -> Iterator[None]:
-    """Within: meta tensors take the GPU paths (the planner's shape-only run of a GPU configuration)."""
-    global _meta_plans_gpu
-    previous, _meta_plans_gpu = _meta_plans_gpu, True
+def meta_as_gpu(fused_call: Callable[..., Any] | None = None) -> Iterator[None]:
+    """Within: meta tensors take the GPU paths (the planner's shape-only run of a GPU configuration), and
+    ``fused_call(fn, *args, **kwargs)`` runs each gradient-free call CUDA would compile into fused kernels
+    (whose temporaries never reach memory), for the planner to count only what it returns."""
+    global _meta_plans_gpu, meta_fused_call
+    previous = _meta_plans_gpu, meta_fused_call
+    _meta_plans_gpu, meta_fused_call = True, fused_call
     try:
         yield
     finally:
-        _meta_plans_gpu = previous
+        _meta_plans_gpu, meta_fused_call = previous
