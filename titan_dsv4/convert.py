@@ -30,7 +30,7 @@ from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full
 from .components.quantization import QUANTIZE_FORMATS
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
 from .models.deepseek_v4.lora import adapter_names, is_adapter, merged_items
-from .models.deepseek_v4.moe import FP4_SCALE, STACKED_BY_EXPERT, dense_experts
+from .models.deepseek_v4.moe import FP4_SCALE, STACKED_BY_EXPERT, dense_experts, fp4_scales
 
 
 class _PullFromHF(DefaultSavePlanner):
@@ -59,8 +59,10 @@ class _PullFromHF(DefaultSavePlanner):
         return self.plan
 
     def resolve_data(self, write_item):
-        fqn, first = write_item.index.fqn, write_item.index.offset[0] if write_item.index.offset else 0
-        rows = slice(first, first + 1) if write_item.type == WriteItemType.SHARD else None
+        fqn, rows = write_item.index.fqn, None
+        if write_item.type == WriteItemType.SHARD:  # one expert of a stacked tensor
+            expert = write_item.index.offset[0]
+            rows = slice(expert, expert + 1)
         return self.reader.load(fqn, rows).to(self.dtypes[fqn]).contiguous()
 
 
@@ -90,8 +92,9 @@ class _DCPTensors(StoredTensors):
         self.lora_scaling = lora_scaling
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        scales = fp4_scales(self.specs)
         for name in self.specs:
-            if is_adapter(name) or name.endswith(FP4_SCALE):
+            if is_adapter(name) or name in scales:
                 continue  # read with their weight
             group = [n for n in (name, f"{name}{FP4_SCALE}", *adapter_names(name)) if n in self.specs]
             for rows in self.row_blocks(name):

@@ -306,7 +306,7 @@ def _stage_state(part: nn.Module, shard: int, ep: int, frozen_indexer: bool, sta
     flops = 0.0
     units: dict[str, int] = {}
     for name, p in part.named_parameters():
-        experts = bool(STACKED_BY_EXPERT.search(name))  # an expert-parallel rank holds E / ep of them
+        experts = bool(STACKED_BY_EXPERT.search(name))  # weights, LoRA adapters and FP4 scales stacked by expert
         numel = p.numel() // (ep if experts else 1)  # an expert-parallel rank holds E / ep experts
         local = _local_numel(torch.Size([p.shape[0] // ep, *p.shape[1:]]) if experts else p.shape,
                              shard // ep if experts else shard)

@@ -114,7 +114,7 @@ def load_model_only(model_parts: list[nn.Module], path: str | Path) -> None:
                and (f"{k}{FP4_SCALE}" in state) != (f"{k}{FP4_SCALE}" in stored)]
     direct = {k: v for k, v in state.items() if k not in recoded and k.removesuffix(FP4_SCALE) not in recoded}
     _checked_metadata(path, direct, metadata)
-    reader = StoredTensors(path, metadata)
+    reader = StoredTensors(path, metadata) if recoded else None
     for name in recoded:
         _check_recoded_shape(reader, name, state)
     _load(direct, path)
