@@ -371,7 +371,7 @@ def check_fast_paths_on_gpu(device) -> dict:
     exact_paths(True)
     plain = fp32_linear.fp32_linear(a, w)
     exact_paths(False)
-    from titan_dsv4.models.deepseek_v4.moe import EXPERT_QAT
+    from titan_dsv4.models.deepseek_v4.qat import EXPERT_QAT
     qat_equal = {fmt: torch.equal(rounding(experts.w2.detach()).cpu(), rounding(experts.w2.detach().cpu()))
                  for fmt, rounding in EXPERT_QAT.items()}  # compiled on CUDA vs the CPU's eager ops, bit for bit
     return dict(model_out_rel_err=out_err, model_grad_rel_err=grad_err, grouped_mm_rel_err=gmm_err,

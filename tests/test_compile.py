@@ -43,7 +43,8 @@ def test_compiled_blocks_and_loss_equal_eager(monkeypatch):
 @pytest.mark.parametrize("lora", ["none", "dense", "fp4"])
 def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(gpu_code_paths, lora):
     """What an H100 run compiles (bf16, grouped expert GEMMs, bf16-part fp32 GEMMs, query-blocked attention,
-    a training indexer, full activation checkpointing, FP4 quantisation-aware experts) traces each block whole,
+    a training indexer, full activation checkpointing, FP4 quantisation-aware experts, the attention rounding
+    as the released model's) traces each block whole,
     still recomputes under compile, and counts the expert loads and the indexer KL once, as the eager model
     without recompute does. ``lora``: with adapters on every target, the routed experts' included (merged
     into the weights before the rounding), and only they train; the frozen experts stored dense or as FP4
@@ -53,7 +54,7 @@ def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(gpu_c
     from titan_dsv4.models.deepseek_v4.lora import LORA_TARGETS, freeze_all_but_adapters
     from titan_dsv4.models.deepseek_v4.parallelize import apply_activation_checkpointing
 
-    args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=2, compress_ratios=[4, 0, 4])
+    args = dataclasses.replace(FLAVORS["debugmodel"], num_hidden_layers=2, compress_ratios=[4, 0, 4], head_dim=80)
     if lora != "none":
         args = dataclasses.replace(args, lora_rank=8, lora_targets=list(LORA_TARGETS), expert_storage=lora)
     ids = torch.randint(0, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -65,6 +66,7 @@ def test_checkpointed_blocks_compile_without_graph_breaks_on_the_gpu_paths(gpu_c
         model.train().to(torch.bfloat16)
         model.set_mtp_loss_scale(0.3)
         model.set_expert_qat("fp4")
+        model.set_attention_qat(True)
         if lora != "none":
             for name, p in model.named_parameters():
                 if name.endswith("lora_b"):

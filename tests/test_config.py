@@ -81,6 +81,8 @@ BAD_RUNS = [
     (["--model.attention_kernel", "flash"], "`model.attention_kernel` = 'flash' is invalid: allowed auto, torch"),
     (["--model.sinkhorn_kernel", "cuda"], "`model.sinkhorn_kernel` = 'cuda' is invalid: allowed auto, torch"),
     (["--model.expert_qat", "int4"], "`model.expert_qat` = 'int4' is invalid: allowed none, fp8, fp4"),
+    (["--model.attention_qat"], "`model.attention_qat` = true needs the released attention's shapes: head_dim - "
+     "qk_rope_head_dim = 16 must be a multiple of 64"),
     (["--checkpoint.export_quantize", "fp6"],
      "`checkpoint.export_quantize` = 'fp6' is invalid: allowed none, fp8, fp4"),
     (["--checkpoint.export_quantize", "fp4"], "`checkpoint.export_quantize` = 'fp4' formats the final Hugging Face "

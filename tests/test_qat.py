@@ -1,8 +1,11 @@
 """Quantisation-aware training of the routed experts and the quantised exports it is for: the rounding against
 a brute-force search, the released formats as fixed points, the model's forward and straight-through
 gradients against a model holding the rounded weights, and a trainer run under expert parallelism whose
-FP4 export holds exactly the weights its forward used."""
+FP4 export holds exactly the weights its forward used. The attention's activation rounding (the released
+inference code's FP8 KV, Hadamard + FP4 indexer): against brute-force searches, and the model against
+transformers' with that rounding hooked in."""
 
+import dataclasses
 import json
 import math
 
@@ -11,24 +14,27 @@ import torch
 from safetensors import safe_open
 
 import titan_dsv4
-from hf_reference import first_batch_loss, random_model
+from hf_reference import first_batch_loss, random_model, transformers_twin
 from launch import run_training
 from titan_dsv4.components.dataloader import build_dataloader
 from titan_dsv4.components.hf_checkpoint import checkpoint_tensors
 from titan_dsv4.components.loss import MTPLoss, build_targets
-from titan_dsv4.components.quantization import (dequantize_fp4, dequantize_fp8, fake_quantize_fp4, fake_quantize_fp8,
+from titan_dsv4.components.quantization import (dequantize_fp4, dequantize_fp8, fake_quantize_activation_fp4,
+                                                fake_quantize_activation_fp8, fake_quantize_fp4, fake_quantize_fp8,
                                                 quantize_fp4)
 from titan_dsv4.components.tokenizer import Tokenizer
 from titan_dsv4.models.deepseek_v4 import FLAVORS
+from titan_dsv4.models.deepseek_v4.qat import hadamard
+from titan_dsv4.models.deepseek_v4.state_dict_adapter import DeepseekV4StateDictAdapter
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # code k's magnitude (bit 3 is the sign)
 
 
-def brute_force_fp4(row: list[float]) -> list[float]:
-    """One 32-value group, written out: the smallest power of two that brings the largest magnitude to 6 or
-    below, then the nearest E2M1 magnitude, a tie going to the even code."""
+def brute_force_fp4(row: list[float], smallest_exponent: int = -127) -> list[float]:
+    """One 32-value group, written out: the smallest power of two (at least 2^smallest_exponent) that brings
+    the largest magnitude to 6 or below, then the nearest E2M1 magnitude, a tie going to the even code."""
     amax = max(abs(v) for v in row)
-    exponent = -127
+    exponent = smallest_exponent
     while amax / 2.0**exponent > 6.0:
         exponent += 1
     scale = 2.0**exponent
@@ -54,6 +60,137 @@ def test_fp4_rounding_matches_a_brute_force_search():
     assert torch.equal(got, expected)
     assert torch.equal(torch.signbit(got), torch.signbit(expected))  # -0 for a negative value rounded to 0
     assert torch.equal(dequantize_fp4(*quantize_fp4(weight)), expected)  # the packed export holds the same
+
+
+E4M3 = [v for v in torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).float().tolist()
+        if not math.isnan(v)]  # code k's magnitude, from the format's bytes (bit 7 is the sign)
+
+
+def brute_force_fp8_activation(row: list[float]) -> list[float]:
+    """One 64-value group as the released ``act_quant`` rounds it, written out: the smallest power of two that
+    brings max(largest magnitude, 1e-4) to 448 or below, then the nearest E4M3 magnitude, a tie going to the
+    even code."""
+    amax = max(max(abs(v) for v in row), 1e-4)
+    exponent = -140
+    while amax / 2.0**exponent > 448.0:
+        exponent += 1
+    scale = 2.0**exponent
+    out = []
+    for v in row:
+        m = abs(v) / scale
+        code = min(range(len(E4M3)), key=lambda k: (abs(E4M3[k] - m), k % 2))
+        out.append(math.copysign(E4M3[code] * scale, v))
+    return out
+
+
+def test_fp8_activation_rounding_matches_a_brute_force_search():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 128) * torch.tensor([1e-6, 1e-2, 1.0, 30.0, 1e5])[None, :, None]
+    x[0, 2, :64] = 0.0  # an all-zero group: the 1e-4 floor sets its scale
+    # with a maximum of 448 the scale is 1: every midpoint between neighbouring grid values ties, either sign
+    grid = torch.tensor(E4M3[:-1])
+    ties = (grid[:-1] + grid[1:]) / 2
+    x[1, 2, :63] = ties[torch.randperm(len(ties))[:63]] * torch.where(torch.rand(63) < 0.5, -1.0, 1.0)
+    x[1, 2, 63] = 448.0
+    # a maximum one fp32 step above 448 * 2^20: log2 of its ratio rounds down onto 20, the scale must be 2^21
+    x[1, 3, :64] = torch.randn(64) * 1e5
+    x[1, 3, 5] = torch.nextafter(torch.tensor(448.0 * 2**20), torch.tensor(math.inf))
+    want = torch.tensor([sum((brute_force_fp8_activation(row[i:i + 64]) for i in range(0, 128, 64)), [])
+                         for row in x.view(-1, 128).tolist()]).view(x.shape)
+    got = fake_quantize_activation_fp8(x, 64)
+    assert torch.equal(got, want)
+    assert torch.equal(fake_quantize_activation_fp8(x.to(torch.bfloat16), 64), fake_quantize_activation_fp8(
+        x.to(torch.bfloat16).float(), 64).to(torch.bfloat16))  # bf16 in, bf16 out, the same values
+
+
+def test_fp4_activation_rounding_matches_a_brute_force_search():
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 64) * torch.tensor([1e-39, 1e-3, 1.0, 40.0])[None, :, None]  # 1e-39: below 6 * 2^-126
+    x[0, 1, 40:] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 3)  # ties, with a maximum of 6
+    want = torch.tensor([sum((brute_force_fp4(row[i:i + 32], smallest_exponent=-126) for i in range(0, 64, 32)), [])
+                         for row in x.view(-1, 64).tolist()]).view(x.shape)
+    assert torch.equal(fake_quantize_activation_fp4(x), want)
+
+
+def test_hadamard_is_sylvesters_normalised_matrix():
+    for dim in (1, 2, 32, 128):
+        entries = [[(-1) ** bin(i & j).count("1") / math.sqrt(dim) for j in range(dim)] for i in range(dim)]
+        assert torch.allclose(hadamard(dim), torch.tensor(entries), rtol=0, atol=1e-7), dim
+
+
+def _brute_force_rows(x: torch.Tensor, group: int, round_group) -> torch.Tensor:
+    rows = x.detach().reshape(-1, x.shape[-1]).tolist()
+    out = [sum((round_group(row[i:i + group]) for i in range(0, len(row), group)), []) for row in rows]
+    return torch.tensor(out, dtype=x.dtype).view(x.shape)
+
+
+def _straight_through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    return x + (rounded - x).detach()
+
+
+def _hook_released_rounding(hf, nope: int) -> None:
+    """transformers' model rounding as the released inference code, by hooks and written-out searches: each KV
+    (its norm's output: the RoPE that follows leaves the first ``nope`` dims alone) to FP8, and the indexer's
+    queries and keys, rotated by the Hadamard matrix of its definition, to FP4."""
+    def kv(module, inputs, out):
+        rounded = _brute_force_rows(out[..., :nope], 64, brute_force_fp8_activation)
+        return _straight_through(out, torch.cat([rounded, out[..., nope:]], dim=-1))
+
+    def indexer(module, inputs):
+        q, keys, hidden = inputs
+        dim = q.shape[-1]
+        rotation = torch.tensor([[(-1) ** bin(i & j).count("1") / math.sqrt(dim) for j in range(dim)]
+                                 for i in range(dim)], dtype=torch.float64)
+
+        def fp4(t):
+            return _brute_force_rows((t.double() @ rotation).float(), 32,
+                                     lambda row: brute_force_fp4(row, smallest_exponent=-126))
+        return fp4(q), fp4(keys), hidden
+
+    for name, module in hf.named_modules():
+        if name.endswith("kv_norm") and ".indexer." not in name:
+            module.register_forward_hook(kv)
+        elif type(module).__name__ == "DeepseekV4IndexerScorer":
+            module.register_forward_pre_hook(indexer)
+
+
+def test_attention_rounds_as_the_released_inference_code():
+    """Logits and gradients against transformers' model with the rounding hooked in; the indexer keeps 3 of up to
+    10 entries, so its rounding decides what CSA attends to."""
+    args = dataclasses.replace(FLAVORS["debugmodel"].with_mtp_layers(0), head_dim=80, index_n_heads=16,
+                               index_topk=3)  # 64 non-RoPE dims: one FP8 group
+    ours = random_model(args, seed=4)
+    theirs = transformers_twin(ours)
+    ids = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(2, 40, args.vocab_size, generator=torch.Generator().manual_seed(1))
+    plain = ours(ids).detach()
+    ours.set_attention_qat(True)
+    _hook_released_rounding(theirs, args.head_dim - args.qk_rope_head_dim)
+    got, want = ours(ids), theirs(input_ids=ids).logits
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 1e-4 * scale
+    assert (plain - want).abs().max() > 1e-3 * scale  # the rounding shows
+    for attention in ours.attention_modules():  # and the indexer's alone does: it changes what CSA attends to
+        if attention.indexer is not None:
+            attention.indexer.qat = False
+    with torch.no_grad():
+        assert (ours(ids) - want).abs().max() > 1e-3 * scale
+    ours.set_attention_qat(True)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    grads = DeepseekV4StateDictAdapter(args).to_transformers(
+        {n: p.grad for n, p in ours.named_parameters() if p.grad is not None})
+    hf_grads = dict(theirs.named_parameters())
+    for name, grad in grads.items():
+        other = hf_grads[name].grad
+        assert (grad - other).abs().max() <= 1e-4 * other.abs().max(), name
+    assert ours.layers["1"].attn.wkv.weight.grad.abs().max() > 0  # the KV's projection learns through the rounding
+
+
+def test_attention_qat_needs_the_released_group_widths():
+    model = random_model(FLAVORS["debugmodel"])
+    with pytest.raises(ValueError, match="head_dim - qk_rope_head_dim = 16 must be a multiple of 64"):
+        model.set_attention_qat(True)
 
 
 @pytest.mark.parametrize("fake_quantize", [fake_quantize_fp4, fake_quantize_fp8])

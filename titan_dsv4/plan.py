@@ -201,6 +201,7 @@ def measure_stage(stage_model: nn.Module, setup: RunSetup, config: JobConfig, fi
     model.set_attention_kernel(config.model.attention_kernel)
     model.set_sinkhorn_kernel(config.model.sinkhorn_kernel)
     model.set_expert_qat(config.model.expert_qat)
+    model.set_attention_qat(config.model.attention_qat)
     if setup.parallel_dims.cp_enabled:
         model.set_sequence_shard(_ShapeOnlyShard(setup.parallel_dims.cp, setup.model_args.context_parallel_halo))
     if config.training.indexer_loss_coeff > 0:

@@ -225,6 +225,7 @@ class Trainer:
         part.set_attention_kernel(self.config.model.attention_kernel)
         part.set_sinkhorn_kernel(self.config.model.sinkhorn_kernel)
         part.set_expert_qat(self.config.model.expert_qat)
+        part.set_attention_qat(self.config.model.attention_qat)
         part.set_sequence_shard(self.context_parallel)
         coeff = self.config.training.indexer_loss_coeff
         if coeff > 0:  # the KL is summed per token: normalise by the global batch's token count
@@ -532,6 +533,8 @@ def describe_run(config: JobConfig, setup: RunSetup, world: int) -> str:
     checkpointing = ac.mode + (f" ({ac.selective_ac_option})" if ac.mode == "selective" else "")
     compiled = "on" if config.compile.enable else "off"
     trained = "" if config.model.expert_qat == "none" else f", experts trained {config.model.expert_qat.upper()}-aware"
+    if config.model.attention_qat:
+        trained += ", attention trained as the released model quantises it"
     if args.lora_rank:
         trained += f", LoRA rank {args.lora_rank} on {', '.join(args.lora_targets)} (all else frozen)"
         if args.expert_storage == "fp4":

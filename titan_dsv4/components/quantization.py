@@ -6,7 +6,9 @@
   32 columns: ``W[r, c] = TABLE[nibble(r, c)] * S[r, c // 32]``.
 
 The quantisers produce exactly what the dequantisers invert (power-of-two scales, as the released files); the
-``fake_quantize_*`` functions give the dequantised result directly, for quantisation-aware training.
+``fake_quantize_*`` functions give the dequantised result directly, for quantisation-aware training. The
+``fake_quantize_activation_*`` functions are the released inference kernels' in-place activation rounding
+(``act_quant`` / ``fp4_act_quant`` with power-of-two scales), which the attention's KV and indexer see.
 """
 
 from __future__ import annotations
@@ -53,9 +55,16 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_G
     return (values * scale_values(scale)[..., None]).view(*lead, rows, cols)
 
 
+def _pow2_ceil(ratio: torch.Tensor) -> torch.Tensor:
+    """``2^ceil(log2(ratio))``, exactly: ``log2`` may round a ratio just above a power of two down onto it, the
+    correction catches that (the kernels' ``fast_round_scale`` reads the ceiling off the exponent bits)."""
+    scale = torch.exp2(torch.ceil(torch.log2(ratio)))
+    return torch.where(scale < ratio, scale * 2, scale)
+
+
 def _pow2_scale(amax: torch.Tensor, limit: float) -> torch.Tensor:
     """Smallest power of two s with amax / s <= limit, at least E8M0's smallest, 2^-127."""
-    return torch.exp2(torch.ceil(torch.log2((amax / limit).clamp(min=2.0**-127))))
+    return _pow2_ceil((amax / limit).clamp(min=2.0**-127))
 
 
 def _exact(weight: torch.Tensor) -> torch.Tensor:
@@ -108,10 +117,14 @@ def _fp4_values(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
         raise ValueError(f"FP4 quantisation needs a column count divisible by {group}, got {cols}")
     grouped = _exact(weight).reshape(*lead, rows, cols // group, group)
     scale = _pow2_scale(grouped.abs().amax(dim=-1).float(), FP4_MAX)
-    scaled = grouped / scale[..., None].to(grouped.dtype)
+    return _round_e2m1(grouped / scale[..., None].to(grouped.dtype)), scale
+
+
+def _round_e2m1(scaled: torch.Tensor) -> torch.Tensor:
+    """Values within +-6 rounded to the nearest E2M1 grid value, ties to the even code."""
     magnitude = scaled.abs()
     spacing = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
-    return torch.copysign(torch.round(magnitude / spacing) * spacing, scaled), scale
+    return torch.copysign(torch.round(magnitude / spacing) * spacing, scaled)
 
 
 def quantize_fp4(weight: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,3 +147,22 @@ def fake_quantize_fp4(weight: torch.Tensor, group: int = FP4_GROUP) -> torch.Ten
     a grid value times a power of two has at most 2 significant bits)."""
     values, scale = _fp4_values(weight, group)
     return (values * scale[..., None].to(values.dtype)).reshape(weight.shape).to(weight.dtype)
+
+
+def fake_quantize_activation_fp8(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The released kernels' ``act_quant(x, group, "ue8m0", inplace=True)``: each ``group`` values along the last
+    dim scaled by the smallest power of two that brings their largest magnitude (at least 1e-4) to 448 or
+    below (the ratio taken with fp32's 1/448, as the kernels), cast to E4M3 and back; fp32 math, in ``x``'s
+    dtype."""
+    groups = x.float().unflatten(-1, (-1, group))
+    scale = _pow2_ceil(groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4) * (1 / FP8_MAX))
+    rounded = (groups / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    return rounded.flatten(-2).to(x.dtype)
+
+
+def fake_quantize_activation_fp4(x: torch.Tensor, group: int = FP4_GROUP) -> torch.Tensor:
+    """The released kernels' ``fp4_act_quant(x, group, inplace=True)``: as the FP4 weight rounding along the last
+    dim, the scale at least 2^-126; fp32 math, in ``x``'s dtype."""
+    groups = x.float().unflatten(-1, (-1, group))
+    scale = _pow2_ceil((groups.abs().amax(dim=-1, keepdim=True) * (1 / FP4_MAX)).clamp(min=2.0**-126))
+    return (_round_e2m1(groups / scale) * scale).flatten(-2).to(x.dtype)

@@ -30,6 +30,9 @@ class Model:
     expert_qat: str = "none"  # none | fp4 | fp8: routed experts train quantisation-aware, their forward
     # rounding each weight to the released instruct (fp4: E2M1, a power-of-two scale per row and 32 columns) or
     # Base (fp8: 128x128 blocks) format, gradients straight through; export in that format loses nothing
+    attention_qat: bool = False  # the attention's activations rounded as the released inference code rounds
+    # them, gradients straight through: the KV's non-RoPE dims in FP8 (what FP8 KV caches serve), the indexer's
+    # queries and keys Hadamard-rotated and in FP4; for fine-tuning the released model (trained so)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from ..components.pretokenized import check_tokenizer, pretokenized_parts
 from ..components.quantization import FP4_GROUP, QUANTIZE_FORMATS
 from ..models.deepseek_v4.args import EXPERT_STORAGE
 from ..models.deepseek_v4.lora import LORA_TARGETS
+from ..models.deepseek_v4.qat import attention_qat_mismatch
 from .job_config import JobConfig
 from .manager import ConfigError
 
@@ -211,6 +212,8 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
             raise ConfigError(f"`{key}` = 'fp4' needs the experts' input widths (hidden_size "
                               f"{model_args.hidden_size}, moe_intermediate_size {model_args.moe_intermediate_size}) "
                               f"to be multiples of {FP4_GROUP}, the FP4 scale group")
+    if config.model.attention_qat and (problem := attention_qat_mismatch(model_args)):
+        raise ConfigError(f"`model.attention_qat` = true needs the released attention's shapes: {problem}")
     if config.mtp.num_layers is not None:
         _at_least("mtp.num_layers", config.mtp.num_layers, 0)
         model_args = model_args.with_mtp_layers(config.mtp.num_layers)

@@ -16,7 +16,7 @@ KL's target). All paths are the same math and are tested equal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from .args import CSA_RATIO, DeepseekV4ModelArgs
 from .fp32_linear import fp32_linear, fp32_matmul, matmul_fp32_result
 from .gpu_paths import takes_gpu_path, takes_triton_kernels
 from .norm import RMSNorm, fp32, rms_normalise
+from .qat import indexer_qat, kv_qat
 from .rope import apply_rope, rope_rotation
 from .running_stats import recomputing
 from .sequence_shard import SequenceShard
@@ -247,8 +248,14 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(args.q_lora_rank, args.index_n_heads * args.index_head_dim, bias=False)
         self.weights_proj = nn.Linear(args.hidden_size, args.index_n_heads, bias=False)
         self.compressor = Compressor(args.hidden_size, args.index_head_dim, CSA_RATIO, True, args.rms_norm_eps)
+        self.qat = False  # queries and keys rotated and rounded to FP4 as the released indexer's (qat.py)
         # sum of the per-query indexer KL since the trainer last read it (for logging; not saved)
         self.register_buffer("kl_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def keys(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The compressed keys ``[B, P, D]`` the queries are scored against."""
+        keys = self.compressor(x, ctx).kv
+        return indexer_qat(keys) if self.qat else keys
 
     def select(self, x: torch.Tensor, qr: torch.Tensor, rotation: torch.Tensor, keys: torch.Tensor,
                visible: torch.Tensor, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -256,8 +263,9 @@ class Indexer(nn.Module):
         ``[B, Q, k]`` (fewer than k may be), and the fp32 index scores ``[B, Q, P]`` (-inf if not visible).
         ``kernel``: scored by the Triton kernel (``indexer_kernel.py``), no per-head scores in memory."""
         batch, q_len, _ = x.shape
-        q = self.wq_b(qr).view(batch, q_len, self.n_heads, self.head_dim)
-        q = apply_rope(q, rotation)
+        q = apply_rope(self.wq_b(qr).view(batch, q_len, self.n_heads, self.head_dim), rotation)
+        if self.qat:
+            q = indexer_qat(q)
         weights = fp32(self.weights_proj(x)) * self.n_heads**-0.5
         scores = (indexer_kernel.index_scores if kernel else index_scores)(q, keys, weights, self.head_dim**-0.5)
         scores = scores.masked_fill(~visible, float("-inf"))
@@ -302,6 +310,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = args.num_attention_heads, args.head_dim
         self.o_groups, self.window, self.eps = args.o_groups, args.sliding_window, args.rms_norm_eps
+        self.rope_dim = args.qk_rope_head_dim
+        self.qat = False  # the KV (window and entries) rounded to FP8 as the released attention's (qat.py)
         self.kind = args.layer_kind(layer_id)
         self.rope_kind = "main" if self.kind == "sliding" else "compress"
         self.query_block: int | str | None = "auto"
@@ -338,10 +348,13 @@ class Attention(nn.Module):
         q = rms_normalise(self.wq_b(qr).view(batch, seq, self.n_heads, self.head_dim), self.eps)
         q = apply_rope(q, rotation)
         kv = apply_rope(self.kv_norm(self.wkv(x)), rotation)  # [B, S, d], K == V
-
         entries = self.compressor(x, ctx) if self.compressor is not None else None
+        if self.qat:
+            kv = kv_qat(kv, self.rope_dim)
+            if entries is not None:
+                entries = replace(entries, kv=kv_qat(entries.kv, self.rope_dim))
         # the indexer sees the activations but never sends gradient into them
-        index_keys = self.indexer.compressor(x.detach(), ctx).kv if self.indexer is not None else None
+        index_keys = self.indexer.keys(x.detach(), ctx) if self.indexer is not None else None
         if shard is not None and entries is not None:
             entries = every_shards_entries(entries, shard, seq - shard.halo)
             if index_keys is not None:  # pooled like the entries: the same windows, in the same order

@@ -18,6 +18,7 @@ from .lora import add_adapters
 from .moe import RoutedExperts
 from .mtp import MTPBlock, mtp_input_ids
 from .norm import RMSNorm
+from .qat import attention_qat_mismatch
 from .pipeline import PIPELINE_REPLICAS, pipeline_stage_metas, pipeline_stage_modules
 from .rope import rope_inv_freq, rope_rotation
 from .sequence_shard import HALO_DOC, SequenceShard, shard_window
@@ -167,6 +168,16 @@ class DeepseekV4Model(nn.Module):
         for module in self.modules():
             if isinstance(module, RoutedExperts):
                 module.qat = fmt
+
+    def set_attention_qat(self, enabled: bool) -> None:
+        """Every attention (MTP blocks' included) rounds its KV and its indexer's queries and keys as the released
+        inference code does (``qat.py``), gradients straight through."""
+        if enabled and (problem := attention_qat_mismatch(self.args)):
+            raise ValueError(f"attention QAT: {problem}")
+        for module in self.attention_modules():
+            module.qat = enabled
+            if module.indexer is not None:
+                module.indexer.qat = enabled
 
     def set_mtp_loss_scale(self, scale: float) -> None:
         """lambda in ``main + lambda / D · Σ_k mtp_k``: the fused head's objective needs it in its forward."""

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...components.quantization import FP4_GROUP, dequantize_fp4, fake_quantize_fp4, fake_quantize_fp8
+from ...components.quantization import FP4_GROUP, dequantize_fp4
 from . import gpu_paths
 from .args import DeepseekV4ModelArgs
 from .fp32_linear import fp32_linear
 from .fused import compiled_on_cuda
 from .lora import adapter_names, merged_weight
 from .norm import fp32
+from .qat import FakeQuantized
 from .running_stats import recomputing
 
 
@@ -68,8 +69,6 @@ class Router(nn.Module):
         return weights * self.route_scale, idx
 
 
-# checkpoint formats of routed experts; on CUDA each rounding is a few compiled kernels, not a dozen passes
-EXPERT_QAT = {"fp4": compiled_on_cuda(fake_quantize_fp4), "fp8": compiled_on_cuda(fake_quantize_fp8)}
 EXPERT_WEIGHTS = ("experts.w1", "experts.w2", "experts.w3")  # names' endings of the stacked expert weights
 FP4_SCALE = "_scale"  # FP4-stored experts: ``w1`` holds the packed bytes, ``w1_scale`` the E8M0 scale bytes
 # routed-expert tensors stacked along dim 0 by expert: weights, their LoRA adapters, their FP4 scales
@@ -100,19 +99,6 @@ def dense_experts(names: Iterable[str], load: Callable[[str], torch.Tensor]
         return dequantize_fp4(tensor, load(f"{name}{FP4_SCALE}")) if f"{name}{FP4_SCALE}" in scales else tensor
 
     return [n for n in names if n not in scales], load_dense
-
-
-class FakeQuantized(torch.autograd.Function):
-    """Forward: the weight rounded to a checkpoint format and back (``EXPERT_QAT``); backward: the gradient
-    unchanged, the straight-through estimator, so the full-precision weight keeps learning below the grid."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, fmt: str) -> torch.Tensor:
-        return EXPERT_QAT[fmt](weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
 
 
 class RoutedExperts(nn.Module):
