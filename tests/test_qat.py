@@ -304,6 +304,36 @@ def test_expert_parallel_qat_run_exports_the_weights_its_forward_used(tmp_path):
     assert not torch.equal(exported["layers.2.ffn.experts.w1"], trained["layers.2.ffn.experts.w1"])
 
 
+@pytest.mark.slow
+def test_pipeline_parallel_run_rounds_every_stages_attention(tmp_path):
+    """The trainer turns the rounding on in every stage's attentions, the MTP block's on the last stage
+    included: step 1's loss is the single-process loss of the same weights with it."""
+    source = tmp_path / "source"
+    args = dataclasses.replace(FLAVORS["debugmodel"], head_dim=80)
+    titan_dsv4.save_pretrained(random_model(args, seed=6), source, dtype=torch.float32)
+    run = ("--training.steps", "1", "--training.seq_len", "64", "--training.local_batch_size", "4",
+           "--checkpoint.initial_load_in_hf", "--checkpoint.initial_load_path", str(source),
+           "--parallelism.pipeline_parallel_degree", "2", "--model.attention_qat")
+    logged = run_training(tmp_path / "run", *run, nproc=2)[0]
+    model = titan_dsv4.from_pretrained(source, dtype=torch.float32).train()
+    model.set_mtp_loss_scale(0.3)  # the trainer's default
+    batch = next(build_dataloader("pydocs", None, Tokenizer(), 64, 4, 0, 1))
+    targets = build_targets(batch.labels, batch.positions, 1)
+
+    def losses(qat: bool) -> list[float]:  # main, MTP depth 1
+        model.set_attention_qat(qat)
+        loss_fn = MTPLoss()
+        with torch.no_grad():
+            loss_fn(model(batch.input_ids, batch.positions, targets=targets), targets)
+        parts = loss_fn.take_parts()
+        return [(parts[0] / parts[1]).item(), (parts[2] / parts[3]).item()]
+
+    main, mtp = losses(True)
+    assert logged["loss"] == pytest.approx(main, rel=1e-6) and logged["mtp_losses"][0] == pytest.approx(mtp, rel=1e-6)
+    plain_main, plain_mtp = losses(False)  # the rounding moves both by more than that tolerance
+    assert abs(plain_main - main) > 5e-6 * main and abs(plain_mtp - mtp) > 5e-6 * mtp
+
+
 @pytest.mark.parametrize("key", ["model.expert_qat", "checkpoint.export_quantize"])
 def test_fp4_needs_expert_widths_in_whole_scale_groups(tmp_path, key):
     from titan_dsv4.config import ConfigError, load_config
