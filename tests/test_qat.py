@@ -30,20 +30,27 @@ from titan_dsv4.models.deepseek_v4.state_dict_adapter import DeepseekV4StateDict
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # code k's magnitude (bit 3 is the sign)
 
 
-def brute_force_fp4(row: list[float], smallest_exponent: int = -127) -> list[float]:
-    """One 32-value group, written out: the smallest power of two (at least 2^smallest_exponent) that brings
-    the largest magnitude to 6 or below, then the nearest E2M1 magnitude, a tie going to the even code."""
-    amax = max(abs(v) for v in row)
+def brute_force_group(row: list[float], grid: list[float], smallest_exponent: int, floor: float = 0.0
+                      ) -> list[float]:
+    """One scale group, written out: the smallest power of two (at least 2^smallest_exponent) that brings
+    max(largest magnitude, floor) to the grid's largest value or below, then the nearest grid magnitude, a tie
+    going to the even code."""
+    amax = max(max(abs(v) for v in row), floor)
     exponent = smallest_exponent
-    while amax / 2.0**exponent > 6.0:
+    while amax / 2.0**exponent > grid[-1]:
         exponent += 1
     scale = 2.0**exponent
     out = []
     for v in row:
         m = abs(v) / scale
-        code = min(range(8), key=lambda k: (abs(E2M1[k] - m), k % 2))  # nearest; on a tie the even code
-        out.append(math.copysign(E2M1[code] * scale, v))
+        code = min(range(len(grid)), key=lambda k: (abs(grid[k] - m), k % 2))  # nearest; on a tie the even code
+        out.append(math.copysign(grid[code] * scale, v))
     return out
+
+
+def brute_force_fp4(row: list[float], smallest_exponent: int = -127) -> list[float]:
+    """One 32-value group of E2M1 values with a power-of-two scale."""
+    return brute_force_group(row, E2M1, smallest_exponent)
 
 
 def test_fp4_rounding_matches_a_brute_force_search():
@@ -67,20 +74,9 @@ E4M3 = [v for v in torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn
 
 
 def brute_force_fp8_activation(row: list[float]) -> list[float]:
-    """One 64-value group as the released ``act_quant`` rounds it, written out: the smallest power of two that
-    brings max(largest magnitude, 1e-4) to 448 or below, then the nearest E4M3 magnitude, a tie going to the
-    even code."""
-    amax = max(max(abs(v) for v in row), 1e-4)
-    exponent = -140
-    while amax / 2.0**exponent > 448.0:
-        exponent += 1
-    scale = 2.0**exponent
-    out = []
-    for v in row:
-        m = abs(v) / scale
-        code = min(range(len(E4M3)), key=lambda k: (abs(E4M3[k] - m), k % 2))
-        out.append(math.copysign(E4M3[code] * scale, v))
-    return out
+    """One 64-value group as the released ``act_quant`` rounds it: E4M3 values with the power-of-two scale that
+    brings max(largest magnitude, 1e-4) to 448 or below."""
+    return brute_force_group(row, E4M3, smallest_exponent=-140, floor=1e-4)
 
 
 def test_fp8_activation_rounding_matches_a_brute_force_search():
