@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite (CPU only; multi-process tests use torchrun + gloo). Extra arguments go to pytest.
+# Run the test suite (CPU only; multi-process tests use torchrun + gloo), listing the 20 slowest tests so a
+# slow CI run shows where the time went. Extra arguments go to pytest.
 source "$(dirname "${BASH_SOURCE[0]}")/_bootstrap.sh" "test"
 cd "$ROOT"
-exec "$PY" -m pytest -q -p no:cacheprovider "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider --durations=20 "$@"
