@@ -6,9 +6,12 @@ shared one) and every layer type (hash-routed, sliding, CSA with indexer, HCA, a
 one GPU in bf16. A step is forward + main/MTP loss + backward (no optimizer: FSDP divides its cost).
 
 Baselines measured in the same run: a large bf16 matmul (the attainable matmul peak) and the same model with
-the fast paths switched back to the exact ones (eager mHC, per-expert loop). Component times are CUDA-event
-timings of each component's forward + backward on the real shapes; their FLOP shares come from
-``DeepseekV4ModelArgs`` counts. Writes a JSON summary and the profiler's top kernels to ``--out``.
+the fast paths switched back to the exact ones (eager mHC, per-expert loop). Time by component two ways: the
+torch profiler's kernels of one real step, each charged to the component that ran it (its backward kernels to
+the component whose forward built their autograd node: ``components/time_by_component.py``), and CUDA-event
+timings of each component's forward + backward alone on the real shapes, beside the baselines they replace;
+their FLOP shares come from ``DeepseekV4ModelArgs`` counts. Writes a JSON summary and the profiler's top
+kernels to ``--out``.
 
     python scripts/bench_gpu.py [--seq 4096] [--batch 2] [--steps 6] [--out DIR] [--compile-blocks]
                                 [--checkpointing]
@@ -28,9 +31,11 @@ import torch.nn.functional as F
 
 from titan_dsv4.components.loss import MTPLoss, build_targets
 from titan_dsv4.components.metrics import device_peak_tflops
+from titan_dsv4.components.time_by_component import labelled, time_by_component
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 from titan_dsv4.models.deepseek_v4 import (attention, attention_kernel, fp32_linear, gpu_paths, head_loss,
                                            hyper_connection, indexer_kernel)
+from titan_dsv4.models.deepseek_v4 import model as model_module
 from titan_dsv4.models.deepseek_v4.lora import freeze_all_but_adapters
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
 from titan_dsv4.models.deepseek_v4.parallelize import cast_to_compute_dtypes
@@ -246,18 +251,39 @@ def component_times(opts, device) -> dict[str, float]:
     return times
 
 
-def profile_top_kernels(opts, device, path: str) -> None:
+def component_labels(model: DeepseekV4Model) -> tuple[dict[torch.nn.Module, str], dict[tuple[object, str], str]]:
+    """The benchmark's components, as ``time_by_component.labelled`` takes them: attention, MoE, mHC (the
+    sites, their post step and the head's collapse) and the fused head + loss; the rest (embedding, norms,
+    MTP projections, RoPE tables, the batch's loss sums) is ``other``."""
+    by_leaf = {"attn": "attention", "ffn": "moe", "hc_attn": "mhc", "hc_ffn": "mhc", "hc_head": "mhc"}
+    modules = {module: by_leaf[fqn.rsplit(".", 1)[-1]] for fqn, module in model.named_modules()
+               if fqn.rsplit(".", 1)[-1] in by_leaf}
+    functions = {(model_module, "head_loss"): "head_loss", (hyper_connection.HyperConnection, "post"): "mhc"}
+    return modules, functions
+
+
+def profile_step(opts, device, path: str) -> dict:
+    """One fast MTP step under the torch profiler: its top kernels (written to ``path``) and its kernel time
+    by component and phase, attributed in the step itself (``time_by_component``), beside the step's wall
+    time: the difference is time the GPU waited for the host."""
+    from torch.profiler import ProfilerActivity, profile
     model = build(1, device)
     ids, targets = batch(model.args, opts.batch, opts.seq, device)
     step = step_fn(model, MTPLoss(), ids, targets)
-    step()
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
+    with labelled(*component_labels(model)):
+        step_s = cuda_time(step, 1, 3)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
     with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+        f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
+    seconds = time_by_component(prof.events())
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.is_user_annotation]
     del model
+    # kernel_s from the device's own records: attributed_s equals it when every kernel found its op
+    return dict(step_s=step_s, kernel_s=sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
+                attributed_s=sum(sum(phases.values()) for phases in seconds.values()), by_component=seconds)
 
 
 def fused_attention_error(device, seq: int = 1024) -> dict:
@@ -439,7 +465,7 @@ def main() -> None:
         part("attention_kernel_s", lambda: attention_kernel_tiles(opts, device))
         part("indexer_scores_s", lambda: indexer_scores_times(opts, device))
     part("component_flops_per_token", lambda: component_flops(bench_args(1), opts.seq))
-    part("profile", lambda: profile_top_kernels(opts, device, os.path.join(opts.out, "top_kernels.txt")))
+    part("profile", lambda: profile_step(opts, device, os.path.join(opts.out, "top_kernels.txt")))
     summary["total_s"] = round(time.perf_counter() - began, 1)
     with open(os.path.join(opts.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)

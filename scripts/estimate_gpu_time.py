@@ -40,9 +40,8 @@ import bench_gpu  # noqa: E402  (the benchmark's model and batch)
 
 from titan_dsv4.components.loss import MTPLoss  # noqa: E402
 from titan_dsv4.components.metrics import PEAK_BF16_TFLOPS  # noqa: E402
-from titan_dsv4.models.deepseek_v4 import model as model_module  # noqa: E402
+from titan_dsv4.components.time_by_component import around_components  # noqa: E402
 from titan_dsv4.models.deepseek_v4.gpu_paths import meta_as_gpu  # noqa: E402
-from titan_dsv4.models.deepseek_v4.hyper_connection import HyperConnection  # noqa: E402
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts  # noqa: E402
 
 GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_mm"}
@@ -57,18 +56,6 @@ PARTIAL_FIRST_INPUT = {"index", "gather", "index_select", "embedding", "index_ad
                        "scatter_add", "index_put_", "_index_put_impl_", "scatter_", "scatter"}
 DATASHEET_TFLOPS = PEAK_BF16_TFLOPS["H200"]  # dense bf16, bench_gpu.py's MFU denominator
 COMPONENTS = ("attention", "moe", "mhc", "head_loss", "other")
-
-
-def component_of(fqn: str) -> str | None:
-    """The benchmark component a module belongs to, by its name in the model."""
-    leaf = fqn.rsplit(".", 1)[-1]
-    if leaf == "attn":
-        return "attention"
-    if leaf == "ffn":
-        return "moe"
-    if leaf in ("hc_attn", "hc_ffn", "hc_head"):
-        return "mhc"
-    return None
 
 
 @dataclass
@@ -302,44 +289,18 @@ def _model_frame() -> str:
 
 @contextlib.contextmanager
 def component_hooks(model: torch.nn.Module, forward: _Forward):
-    """Tracks the running component: module hooks, and wrappers for the component code that is not a module
-    call (mHC's post step, called by the block; the fused head + cross-entropy, called by the model)."""
-
-    def enter(component: str) -> None:
-        forward.stack.append(component)
-
-    def leave(*_) -> None:
-        forward.stack.pop()
-
+    """Tracks the running component (``bench_gpu.component_labels``: module hooks, and wrappers for the
+    component code that is not a module call) and the running block."""
     handles = []
     for fqn, module in model.named_modules():
-        component = component_of(fqn)
-        if component is not None:
-            handles.append(module.register_forward_pre_hook(lambda m, a, c=component: enter(c)))
-            handles.append(module.register_forward_hook(leave))
         if fqn.count(".") == 1 and fqn.split(".")[0] in ("layers", "mtp"):  # a block: a compiled graph
             handles.append(module.register_forward_pre_hook(lambda m, a, b=fqn: setattr(forward, "block", b)))
             handles.append(module.register_forward_hook(lambda *_: setattr(forward, "block", "outside blocks")))
-
-    def charged_to(fn, component: str):
-        def run(*args, **kwargs):
-            enter(component)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                leave()
-        return run
-
-    originals = [(model_module, "head_loss", model_module.head_loss, "head_loss"),
-                 (HyperConnection, "post", HyperConnection.post, "mhc")]
-    for owner, attr, fn, component in originals:
-        wrapped = charged_to(fn, component)
-        setattr(owner, attr, staticmethod(wrapped) if isinstance(owner, type) else wrapped)
     try:
-        yield
+        with around_components(*bench_gpu.component_labels(model), enter=forward.stack.append,
+                               leave=forward.stack.pop):
+            yield
     finally:
-        for owner, attr, fn, _ in originals:
-            setattr(owner, attr, staticmethod(fn) if isinstance(owner, type) else fn)
         for h in handles:
             h.remove()
 
