@@ -14,7 +14,10 @@ their FLOP shares come from ``DeepseekV4ModelArgs`` counts. Writes a JSON summar
 kernels to ``--out``.
 
     python scripts/bench_gpu.py [--seq 4096] [--batch 2] [--steps 6] [--out DIR] [--compile-blocks]
-                                [--checkpointing]
+                                [--checkpointing] [--smoke]
+
+``--smoke`` runs every part on the debug model, once, on CPU when there is no GPU (the Triton parts under
+``TRITON_INTERPRET=1``): a check of the script, not a measurement (``tests/test_bench_gpu.py``).
 """
 
 from __future__ import annotations
@@ -48,8 +51,12 @@ BENCH_ARGS = dict(
 )
 
 
+SMOKE = False  # --smoke: the debug model instead, every part run in seconds (on CPU too) to check the script
+
+
 def bench_args(mtp: int):
-    return dataclasses.replace(FLAVORS["flash"], **BENCH_ARGS).with_mtp_layers(mtp)
+    base = FLAVORS["debugmodel"] if SMOKE else dataclasses.replace(FLAVORS["flash"], **BENCH_ARGS)
+    return base.with_mtp_layers(mtp)
 
 
 def model_flops_per_token(args, seq: int) -> float:
@@ -107,10 +114,23 @@ def batch(args, batch_size: int, seq: int, device: torch.device):
     return ids[:, :-1], build_targets(ids[:, 1:], positions, args.num_mtp_layers)
 
 
-def cuda_time(fn, warmup: int, iters: int) -> float:
-    """Mean seconds of ``fn`` over ``iters`` calls after ``warmup`` (CUDA events)."""
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_time(fn, warmup: int, iters: int) -> float:
+    """Mean seconds of ``fn`` over ``iters`` calls after ``warmup``: CUDA events, or the wall clock without a
+    GPU (``--smoke``, which runs ``fn`` once: it checks the code, not the speed)."""
+    if SMOKE:
+        warmup, iters = 0, 1
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        began = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - began) / iters
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -122,10 +142,11 @@ def cuda_time(fn, warmup: int, iters: int) -> float:
 
 
 def matmul_tflops(device: torch.device) -> float:
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    seconds = cuda_time(lambda: a @ b, 3, 10)
-    return 2 * 8192**3 / seconds / 1e12
+    n = 512 if SMOKE else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = device_time(lambda: a @ b, 3, 10)
+    return 2 * n**3 / seconds / 1e12
 
 
 def exact_paths(on: bool) -> None:
@@ -149,8 +170,10 @@ def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = Fal
     """``checkpointing``: ``(activation_checkpoint.mode, selective_ac_option)`` applied to every block;
     ``fused_attention=False``: the blocked torch attention instead of the Triton kernel; ``expert_qat``: the
     routed experts' quantisation-aware training (``[model] expert_qat``); ``lora``: as ``build``'s."""
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model = build(mtp, device, lora)
     model.set_attention_kernel("auto" if fused_attention else "torch")
     model.set_expert_qat(expert_qat)
@@ -167,14 +190,14 @@ def measure_step(mtp: int, opts, device, peak: float, compile_blocks: bool = Fal
     step = step_fn(model, loss_fn, ids, targets)
     t0 = time.perf_counter()
     step()
-    torch.cuda.synchronize()
+    synchronize(device)
     first = time.perf_counter() - t0
-    seconds = cuda_time(step, 1, opts.steps)
+    seconds = device_time(step, 1, opts.steps)
     tokens = opts.batch * opts.seq
     flops = model_flops_per_token(args, opts.seq) * tokens
     result = dict(mtp=mtp, step_s=seconds, first_step_s=first, tokens_per_s=tokens / seconds,
                   tflops=flops / seconds / 1e12, mfu=flops / seconds / 1e12 / peak,
-                  peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+                  peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
                   params_b=args.num_params() / 1e9, flops_per_token=flops / tokens)
     if compile_blocks:
         result["graph_breaks"] = {str(k): v for k, v in torch._dynamo.utils.counters["graph_break"].items()}
@@ -216,7 +239,7 @@ def component_times(opts, device) -> dict[str, float]:
             out = fn()
             out = out if isinstance(out, torch.Tensor) else out[0]
             out.float().sum().backward()
-        return cuda_time(run, 2, 5)
+        return device_time(run, 2, 5)
 
     blocks = [*model.layers.values(), *model.mtp.values()]
     times["attention_unfused_baseline"] = 0.0  # the blocked torch attention: not part of the step
@@ -271,10 +294,11 @@ def profile_step(opts, device, path: str) -> dict:
     ids, targets = batch(model.args, opts.batch, opts.seq, device)
     step = step_fn(model, MTPLoss(), ids, targets)
     with labelled(*component_labels(model)):
-        step_s = cuda_time(step, 1, 3)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_s = device_time(step, 1, 3)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
             step()
-            torch.cuda.synchronize()
+            synchronize(device)
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
     seconds = time_by_component(prof.events())
@@ -286,7 +310,7 @@ def profile_step(opts, device, path: str) -> dict:
                 attributed_s=sum(sum(phases.values()) for phases in seconds.values()), by_component=seconds)
 
 
-def fused_attention_error(device, seq: int = 1024) -> dict:
+def fused_attention_error(device, seq: int) -> dict:
     """The Triton attention kernel against the blocked torch path on the benchmark model's CSA and HCA layers
     (bf16): relative error of the output and of every gradient, the larger of the two layers."""
     model = build(0, device)
@@ -328,7 +352,7 @@ def attention_kernel_tiles(opts, device) -> dict[str, float]:
             attention_kernel.BLOCK_N = block_n
             run = lambda: attention_kernel.fused_attention(q, kv, entries, index, doc_ids, sink,
                                                            args.sliding_window)[0].float().sum().backward()
-            times[f"block_n{block_n}"] = cuda_time(run, 2, 5)
+            times[f"block_n{block_n}"] = device_time(run, 2, 5)
     finally:
         attention_kernel.BLOCK_N = chosen
     return times
@@ -347,13 +371,14 @@ def indexer_scores_times(opts, device) -> dict[str, float]:
     times = {}
     for name, fn in (("kernel", indexer_kernel.index_scores), ("torch", attention.index_scores)):
         with torch.no_grad():
-            times[f"{name}_forward"] = cuda_time(lambda: fn(q, keys, weights, scale), 2, 5)
-        times[f"{name}_forward_backward"] = cuda_time(lambda: fn(q, keys, weights, scale).sum().backward(), 2, 5)
+            times[f"{name}_forward"] = device_time(lambda: fn(q, keys, weights, scale), 2, 5)
+        times[f"{name}_forward_backward"] = device_time(lambda: fn(q, keys, weights, scale).sum().backward(), 2, 5)
     return times
 
 
-def check_fast_paths_on_gpu(device) -> dict:
-    """The fast paths equal the exact ones on this GPU (tiny model, fp32 for attention/mHC, bf16 experts)."""
+def check_fast_paths_on_gpu(device, seq: int) -> dict:
+    """The fast paths equal the exact ones on this GPU (tiny model, fp32 for attention/mHC, bf16 experts);
+    the fused attention kernel against the torch path on ``seq`` tokens of the benchmark model."""
     args = FLAVORS["debugmodel"]
     with torch.device(device):
         model = DeepseekV4Model(args)
@@ -390,8 +415,9 @@ def check_fast_paths_on_gpu(device) -> dict:
     grouped = experts(xs, ws, counts)
     RoutedExperts.use_grouped_mm = None
     gmm_err = ((loop - grouped).norm() / loop.norm()).item()
-    a = torch.randn(4096, 2048, device=device, dtype=torch.bfloat16)
-    w = torch.randn(8192, 2048, device=device)
+    rows, features = (64, 128) if SMOKE else (4096, 2048)
+    a = torch.randn(rows, features, device=device, dtype=torch.bfloat16)
+    w = torch.randn(4 * features, features, device=device)
     ref = a.double() @ w.double().t()
     split = fp32_linear.fp32_linear(a, w)
     exact_paths(True)
@@ -404,7 +430,8 @@ def check_fast_paths_on_gpu(device) -> dict:
                 qat_rounding_equal=qat_equal,
                 fp32_linear_max_err=(split - ref).abs().max().item(),
                 fp32_gemm_max_err=(plain - ref).abs().max().item(),
-                fused_attention_rel_err=fused_attention_error(device) if attention_kernel.available(device) else None)
+                fused_attention_rel_err=fused_attention_error(device, seq) if attention_kernel.available(device)
+                else None)
 
 
 def main() -> None:
@@ -416,12 +443,20 @@ def main() -> None:
     parser.add_argument("--compile-blocks", action="store_true", help="also time [compile] per block")
     parser.add_argument("--checkpointing", action="store_true",
                         help="also time full and op-level activation checkpointing (step time, peak memory)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the debug model: every part in seconds, on CPU without a GPU (checks the script; "
+                             "its figures mean nothing)")
     opts = parser.parse_args()
+    global SMOKE
+    SMOKE = opts.smoke
+    if not (SMOKE or torch.cuda.is_available()):
+        parser.error("no CUDA GPU: the benchmark needs one (--smoke checks the script on CPU)")
     os.makedirs(opts.out, exist_ok=True)
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     began = time.perf_counter()
-    summary: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                     "seq": opts.seq, "batch": opts.batch, "model": BENCH_ARGS}
+    summary: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "torch": torch.__version__, "seq": opts.seq, "batch": opts.batch,
+                     "model": "debugmodel" if SMOKE else BENCH_ARGS}
     peak = device_peak_tflops(device) or 989.0
 
     def part(name, fn):
@@ -434,9 +469,10 @@ def main() -> None:
         print(name, json.dumps(summary[name], default=str)[:2000], flush=True)
         with open(os.path.join(opts.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1, default=str)
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    part("gpu_equality", lambda: check_fast_paths_on_gpu(device))
+    part("gpu_equality", lambda: check_fast_paths_on_gpu(device, min(opts.seq, 1024)))
     torch._dynamo.reset()  # the benchmark's shapes compile afresh (static), not as dynamic-shape kernels
     part("matmul_peak_tflops", lambda: matmul_tflops(device))
     summary["datasheet_peak_tflops"] = peak
