@@ -478,12 +478,16 @@ def main() -> None:
     summary["datasheet_peak_tflops"] = peak
     part("fast_mtp0", lambda: measure_step(0, opts, device, peak))
     part("fast_mtp1", lambda: measure_step(1, opts, device, peak))
+    # the goal's figures first (a run stopped at its time limit keeps the parts written so far), then the rest
+    part("component_flops_per_token", lambda: component_flops(bench_args(1), opts.seq))
+    part("profile", lambda: profile_step(opts, device, os.path.join(opts.out, "top_kernels.txt")))
+    part("component_s", lambda: component_times(opts, device))
+    if opts.compile_blocks:  # whole blocks compiled (no graph breaks on these paths): the step users run
+        part("compiled_mtp1", lambda: measure_step(1, opts, device, peak, compile_blocks=True))
     part("qat_fp4_mtp1", lambda: measure_step(1, opts, device, peak, expert_qat="fp4"))  # its cost vs fast_mtp1
     # LoRA with FP4-stored experts and FP4 QAT: dequantising and merging each layer's experts vs fast_mtp1's
     # weight gradients (MFU counts the full model's training FLOPs, as for the others)
     part("lora_fp4_mtp1", lambda: measure_step(1, opts, device, peak, expert_qat="fp4", lora=True))
-    if opts.compile_blocks:  # whole blocks compiled (no graph breaks on these paths): the step users run
-        part("compiled_mtp1", lambda: measure_step(1, opts, device, peak, compile_blocks=True))
 
     def exact(mtp):
         exact_paths(True)
@@ -496,12 +500,9 @@ def main() -> None:
         part("ac_op_mtp1", lambda: measure_step(1, opts, device, peak, checkpointing=("selective", "op")))
     part("unfused_attention_mtp1", lambda: measure_step(1, opts, device, peak, fused_attention=False))
     part("exact_mtp1", lambda: exact(1))
-    part("component_s", lambda: component_times(opts, device))
     if attention_kernel.available(device):
         part("attention_kernel_s", lambda: attention_kernel_tiles(opts, device))
         part("indexer_scores_s", lambda: indexer_scores_times(opts, device))
-    part("component_flops_per_token", lambda: component_flops(bench_args(1), opts.seq))
-    part("profile", lambda: profile_step(opts, device, os.path.join(opts.out, "top_kernels.txt")))
     summary["total_s"] = round(time.perf_counter() - began, 1)
     with open(os.path.join(opts.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
