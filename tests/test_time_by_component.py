@@ -47,7 +47,8 @@ class Event:
 
 
 def _node(name: str, seq: int, **kw) -> Event:
-    return Event(BACKWARD_PREFIX + name, sequence_nr=seq, fwd_thread=1, **kw)
+    """A backward node built on thread 1 and run on thread 3 (as CUDA's autograd device thread runs it)."""
+    return Event(BACKWARD_PREFIX + name, sequence_nr=seq, thread=3, fwd_thread=1, **kw)
 
 
 def test_hand_made_trace_each_self_time_once_backward_by_sequence_number():
