@@ -478,15 +478,16 @@ class Attention(nn.Module):
         """Attention output ``[B, q1-q0, h, d]`` for the queries of ``blocks`` and, when the indexer trains,
         its per-query KL ``[B, q1-q0]``."""
         size, window = blocks.size, self.window
-        # raw keys of block i: positions start_i - window ... start_i + size - 1 (a strided view of kv)
+        # raw keys of block i: positions start_i - window ... start_i + size - 1, gathered (not ``unfold``'s
+        # view: inductor's vectorised CPU code for its backward writes out of bounds, torch 2.13)
         first = blocks.q0 - window
         span = F.pad(kv[:, max(first, 0): blocks.q1], (0, 0, max(-first, 0), blocks.n * size + window
                                                        - (blocks.q1 - first)))
-        keys = span.unfold(1, size + window, size)  # [B, n, d, size + window]
+        rows = torch.arange(blocks.n, device=x.device)[:, None] * size + torch.arange(size + window, device=x.device)
+        keys = span[:, rows].transpose(-1, -2)  # [B, n, d, K = size + window]
         key_index = blocks.index[:, :1] - window + torch.arange(size + window, device=x.device)  # [n, K]
         key_doc = F.pad(ctx.doc_ids, (window, blocks.n * size + window), value=-2)
-        key_doc = key_doc[:, first + window: first + window + blocks.n * size + window]
-        key_doc = key_doc.unfold(1, size + window, size)  # [B, n, K]
+        key_doc = key_doc[:, first + window: first + window + blocks.n * size + window][:, rows]  # [B, n, K]
         q_index = blocks.index[..., None]
         allowed = (key_index[:, None, :] <= q_index) & (key_index[:, None, :] > q_index - window)
         allowed = allowed & (key_doc[:, :, None, :] == blocks.doc[..., None])  # [B, n, size, K]
