@@ -279,8 +279,8 @@ def component_labels(model: DeepseekV4Model) -> tuple[dict[torch.nn.Module, str]
     sites, their post step and the head's collapse) and the fused head + loss; the rest (embedding, norms,
     MTP projections, RoPE tables, the batch's loss sums) is ``other``."""
     by_leaf = {"attn": "attention", "ffn": "moe", "hc_attn": "mhc", "hc_ffn": "mhc", "hc_head": "mhc"}
-    modules = {module: by_leaf[fqn.rsplit(".", 1)[-1]] for fqn, module in model.named_modules()
-               if fqn.rsplit(".", 1)[-1] in by_leaf}
+    modules = {module: by_leaf[leaf] for fqn, module in model.named_modules()
+               if (leaf := fqn.rsplit(".", 1)[-1]) in by_leaf}
     functions = {(model_module, "head_loss"): "head_loss", (hyper_connection.HyperConnection, "post"): "mhc"}
     return modules, functions
 

@@ -91,23 +91,23 @@ def time_by_component(events: Iterable[Any]) -> dict[str, dict[str, float]]:
 
 def attribute(events: Iterable[Any]) -> list[tuple[Any, str, str]]:
     """Every host-side op of a profile with its component and phase (``forward`` or ``backward``)."""
-    events = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and not e.is_async]
+    # each op's innermost range or backward node, and the backward node it runs in (one walk up each)
+    placed = [(e, _owner(e), _backward_node(e)) for e in events
+              if e.device_type == torch.autograd.DeviceType.CPU and not e.is_async]
     # which component each forward op's autograd node belongs to, by (forward thread, sequence number)
     node_label: dict[tuple[int, int], str] = {}
-    for event in events:
-        owner = _owner(event)
-        if event.sequence_nr >= 0 and owner is not None and _is_range(owner) and _backward_node(event) is None:
+    for event, owner, node in placed:
+        if event.sequence_nr >= 0 and owner is not None and _is_range(owner) and node is None:
             node_label.setdefault((event.thread, event.sequence_nr), owner.name[len(RANGE_PREFIX):])
     ops = []
-    for event in events:
-        owner = _owner(event)
+    for event, owner, node in placed:
         if owner is None:
             label = OTHER
         elif _is_range(owner):
             label = owner.name[len(RANGE_PREFIX):]
         else:  # a backward node: the component of the forward op that built it
             label = node_label.get((owner.fwd_thread, owner.sequence_nr), OTHER)
-        ops.append((event, label, "forward" if _backward_node(event) is None else "backward"))
+        ops.append((event, label, "forward" if node is None else "backward"))
     return ops
 
 
