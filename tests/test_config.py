@@ -126,6 +126,28 @@ def test_bad_input_exits_2_with_one_line(argv, message):
     assert not result.stdout
 
 
+@pytest.mark.parametrize("argv,world_size,key", [
+    (["--parallelism.pipeline_parallel_degree", "2"], 2, "parallelism.pipeline_parallel_degree` = 2"),
+    (["--parallelism.context_parallel_degree", "2"], 2, "parallelism.context_parallel_degree` = 2"),
+    (["--lora.rank", "8", "--lora.expert_storage", "fp4"], 2, "lora.expert_storage` = 'fp4'"),
+])
+def test_layouts_needing_torch_2_13_are_refused_on_an_older_torch(monkeypatch, argv, world_size, key):
+    """Each failed inside torch 2.11 (the lent GPU image's, the repository on PYTHONPATH) at its first step;
+    one process trains there."""
+    from torch.torch_version import TorchVersion
+
+    from titan_dsv4.config.validate import validate
+
+    base = ["--job.config_file", str(REPO / "train_configs/debug_model.toml"), "--parallelism.pipeline_parallel_degree",
+            "1"]
+    validate(load_config([*base, *argv]), world_size)  # this torch
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.11.0+cu130"))
+    with pytest.raises(ConfigError, match=rf"`{key} needs torch >= 2.13 \(this is 2.11.0\+cu130\)"):
+        validate(load_config([*base, *argv]), world_size)
+    if argv[0].startswith("--lora"):
+        validate(load_config([*base, *argv]), 1)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has the CUDA allocator to record")
 def test_memory_snapshots_without_cuda_exit_2():
     result = run_cli("--job.config_file", str(REPO / "train_configs/debug_model.toml"),

@@ -241,6 +241,7 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                                  dp_shard=p.data_parallel_shard_degree, pp=p.pipeline_parallel_degree,
                                  ep=p.expert_parallel_degree, world_size=world_size, cp=p.context_parallel_degree)
     _check_context_parallel(parallel_dims.cp, t.seq_len, model_args)
+    _check_torch_supports(parallel_dims, config.lora.expert_storage)
     if model_args.n_routed_experts % parallel_dims.ep:
         raise ConfigError(f"`parallelism.expert_parallel_degree` = {parallel_dims.ep} is invalid: it must divide "
                           f"the model's n_routed_experts ({model_args.n_routed_experts})")
@@ -278,6 +279,21 @@ def _check_context_parallel(cp: int, seq_len: int, model_args) -> None:
                           f"{cp} = {seq_len // cp} tokens are shorter than the {halo} tokens of the previous shard "
                           f"each shard's attention reads (sliding window, compressor windows); at most "
                           f"{max(1, seq_len // halo)} shards of this sequence length")
+
+
+def _check_torch_supports(dims, expert_storage: str) -> None:
+    """The package asks for torch >= 2.13, but an older one on ``PYTHONPATH`` (a GPU image's 2.11, say) runs
+    one-process layouts. These need 2.13: before it, the pipeline schedules cannot split the step's 0-dim
+    token count into microbatches, the context-parallel all-gather's backward rejects a non-contiguous
+    gradient, and FSDP2 cannot shard the integer bytes of FP4-stored experts (found under torch 2.11.0)."""
+    if torch.__version__ >= "2.13":
+        return
+    for key, value, used in (("parallelism.pipeline_parallel_degree", dims.pp, dims.pp > 1),
+                             ("parallelism.context_parallel_degree", dims.cp, dims.cp > 1),
+                             ("lora.expert_storage", "'fp4'", expert_storage == "fp4" and dims.world_size > 1)):
+        if used:
+            raise ConfigError(f"`{key}` = {value} needs torch >= 2.13 (this is {torch.__version__}): upgrade "
+                              "torch, or train in one process")
 
 
 def _check_checkpointing_fits_the_schedule(config: JobConfig, plan) -> None:

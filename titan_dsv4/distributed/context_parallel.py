@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_gather_single
+
+try:
+    from torch.distributed._functional_collectives import all_gather_single
+except ImportError:  # torch < 2.13 (the lent GPU machines' image holds 2.11): the same all-gather with autograd
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd as all_gather_single
 
 
 class ContextParallel:
