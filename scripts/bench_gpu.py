@@ -456,6 +456,7 @@ def main() -> None:
     began = time.perf_counter()
     summary: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "torch": torch.__version__, "seq": opts.seq, "batch": opts.batch,
+                     "triton": attention_kernel.triton and attention_kernel.triton.__version__,
                      "model": "debugmodel" if SMOKE else BENCH_ARGS}
     peak = device_peak_tflops(device) or 989.0
 

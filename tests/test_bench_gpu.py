@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from launch import REPO
 
@@ -18,7 +19,7 @@ PARTS = ["gpu_equality", "matmul_peak_tflops", "fast_mtp0", "fast_mtp1", "qat_fp
 
 @pytest.mark.slow
 def test_every_part_of_the_benchmark_runs(tmp_path):
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
     result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--smoke", "--seq", "128", "--batch", "1",
                              "--steps", "1", "--checkpointing", "--out", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=900,
@@ -28,6 +29,7 @@ def test_every_part_of_the_benchmark_runs(tmp_path):
     failed = {name: part["error"] for name, part in summary.items() if isinstance(part, dict) and "error" in part}
     assert failed == {}
     assert set(PARTS + ["attention_kernel_s", "indexer_scores_s"]) <= set(summary)
+    assert (summary["torch"], summary["triton"]) == (torch.__version__, triton.__version__)  # what made the figures
     # the Triton attention kernel (interpreted) against the torch path on the debug model's CSA and HCA
     # layers, in bf16: output and every gradient
     assert max(summary["gpu_equality"]["fused_attention_rel_err"].values()) < 3e-2, summary["gpu_equality"]
