@@ -140,7 +140,9 @@ def test_layouts_needing_torch_2_13_are_refused_on_an_older_torch(monkeypatch, a
 
     base = ["--job.config_file", str(REPO / "train_configs/debug_model.toml"), "--parallelism.pipeline_parallel_degree",
             "1"]
-    validate(load_config([*base, *argv]), world_size)  # this torch
+    for version in (torch.__version__, "2.13.0a0+git1234"):  # this torch; a pre-release build (NGC containers')
+        monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+        validate(load_config([*base, *argv]), world_size)
     monkeypatch.setattr(torch, "__version__", TorchVersion("2.11.0+cu130"))
     with pytest.raises(ConfigError, match=rf"`{key} needs torch >= 2.13 \(this is 2.11.0\+cu130\)"):
         validate(load_config([*base, *argv]), world_size)

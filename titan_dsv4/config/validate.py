@@ -286,7 +286,7 @@ def _check_torch_supports(dims, expert_storage: str) -> None:
     one-process layouts. These need 2.13: before it, the pipeline schedules cannot split the step's 0-dim
     token count into microbatches, the context-parallel all-gather's backward rejects a non-contiguous
     gradient, and FSDP2 cannot shard the integer bytes of FP4-stored experts (found under torch 2.11.0)."""
-    if torch.__version__ >= "2.13":
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 13):  # 2.13.0a0 builds (NGC) too
         return
     for key, value, used in (("parallelism.pipeline_parallel_degree", dims.pp, dims.pp > 1),
                              ("parallelism.context_parallel_degree", dims.cp, dims.cp > 1),

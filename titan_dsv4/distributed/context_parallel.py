@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 try:
     from torch.distributed._functional_collectives import all_gather_single
-except ImportError:  # torch < 2.13 (the lent GPU machines' image holds 2.11): the same all-gather with autograd
+except ImportError:  # torch < 2.13 (the lent GPU image holds 2.11): the trainer imports; CP itself is refused there
     from torch.distributed._functional_collectives import all_gather_tensor_autograd as all_gather_single
 
 
