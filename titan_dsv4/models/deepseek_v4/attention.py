@@ -485,9 +485,8 @@ class Attention(nn.Module):
                                                        - (blocks.q1 - first)))
         rows = torch.arange(blocks.n, device=x.device)[:, None] * size + torch.arange(size + window, device=x.device)
         keys = span[:, rows].transpose(-1, -2)  # [B, n, d, K = size + window]
-        key_index = blocks.index[:, :1] - window + torch.arange(size + window, device=x.device)  # [n, K]
-        key_doc = F.pad(ctx.doc_ids, (window, blocks.n * size + window), value=-2)
-        key_doc = key_doc[:, first + window: first + window + blocks.n * size + window][:, rows]  # [B, n, K]
+        key_index = first + rows  # [n, K]
+        key_doc = F.pad(ctx.doc_ids, (window, blocks.n * size + window), value=-2)[:, window + key_index]  # [B, n, K]
         q_index = blocks.index[..., None]
         allowed = (key_index[:, None, :] <= q_index) & (key_index[:, None, :] > q_index - window)
         allowed = allowed & (key_doc[:, :, None, :] == blocks.doc[..., None])  # [B, n, size, K]
