@@ -36,13 +36,15 @@ def _dense_reference(q, kv, entries, entry_index, doc_ids, sink, window):
     return out, probs[..., seq:].sum(dim=1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_equals_dense_masked_softmax_with_sink(dtype):
+@pytest.mark.parametrize("dtype,window", [(torch.float32, 11), (torch.bfloat16, 11), (torch.float32, 40)])
+def test_kernel_equals_dense_masked_softmax_with_sink(dtype, window):
     """Outputs, the gradients of queries, keys/values, entries and sinks, and each listed entry's probability
     summed over heads (the indexer's KL target); two packed documents, a window and an entry list that are
-    not multiples of the key tile, heads that are not a power of two, unused list slots (-1) and an entry
-    listed twice for one query (it counts twice, as a gathered one does)."""
-    batch, seq, heads, dim, num, listed, window = 2, 37, 3, 32, 9, 19, 11
+    not multiples of the key tile, heads that are not a power of two, unused list slots (-1: some lists
+    end early, some are empty) and an entry listed twice for one query (it counts twice, as a gathered one
+    does). Window 40 (more than two key tiles, longer than the sequence): the first queries start past the
+    tiles wholly before position 0."""
+    batch, seq, heads, dim, num, listed = 2, 37, 3, 32, 9, 19
     q = torch.randn(batch, seq, heads, dim).to(dtype)
     kv = torch.randn(batch, seq, dim).to(dtype)
     entries = torch.randn(batch, num, dim).to(dtype)
@@ -51,6 +53,9 @@ def test_kernel_equals_dense_masked_softmax_with_sink(dtype):
     doc_ids[1, 15:] = 1
     entry_index = torch.randint(-1, num, (batch, seq, listed))
     entry_index[0, 5, :2] = 3
+    entry_index[0, 30, 4:] = -1  # the kernel walks the list up to its last used slot
+    entry_index[1, 10, 16], entry_index[1, 10, 17:] = 2, -1  # the last used slot opens a key tile
+    entry_index[1, 20:23] = -1
     grad = torch.randn(batch, seq, heads, dim)
     leaves = [t.clone().requires_grad_() for t in (q, kv, entries, sink)]
     out, mass = fused_attention(*leaves[:3], entry_index, doc_ids, leaves[3], window, entry_mass=True)
@@ -176,32 +181,37 @@ def test_kernels_compile_for_h100_at_flash_shapes():
     for name, usage in report.items():
         assert 0 <= usage["shared_bytes"] <= 227 * 1024 and usage["registers"] > 0, name
         assert usage["spill_bytes"] == 0, name
-    assert all(report[name]["shared_bytes"] > 0 for name in report if name.startswith("attention"))  # its tiles
+    for name in ("attention forward", "attention forward, indexer trained", "attention backward"):
+        # the key tiles stream through shared memory, the next one loading while this one computes
+        assert report[name]["shared_bytes"] > 0 and report[name]["async_copies"] > 0, name
 
 
 class _LaunchSpy:
-    """A Triton kernel that records the types of the pointers each launch passes (then launches it)."""
-
-    TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
+    """A Triton kernel that records each launch's arguments (then launches it)."""
 
     def __init__(self, kernel, launches: list):
         self.kernel, self.launches = kernel, launches
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            bound = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
-            self.launches.append((self.kernel, {name: self.TYPES.get(value.dtype, str(value.dtype))
-                                                for name, value in bound.items() if name.endswith("_ptr")}))
+            self.launches.append((self.kernel, args, kwargs))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
 
+def _pointers(kernel, args, kwargs, compile_kernels) -> dict:
+    """Each pointer argument's Triton type and whether the launcher marks it 16-byte aligned."""
+    signature, _, attrs, _ = compile_kernels.specialise(kernel, args, kwargs)
+    return {name: (kind, (i,) in attrs) for i, (name, kind) in enumerate(signature.items()) if name.endswith("_ptr")}
+
+
 def test_a_bf16_model_launches_the_kernels_as_compiled_for_h100(gpu_code_paths, monkeypatch):
-    """``compile_kernels.py`` compiles each kernel for sm_90 (the test above keeps it free of spills) with the
-    pointer types a bf16 model launches it with: a launch with others compiles anew on the GPU, or fails,
-    as the attention backward did with an fp32 output gradient against bf16 keys ("Both operands must be
-    same dtype"; the interpreter upcasts every GEMM operand and could not see it). Forward and backward,
-    indexer trained, MTP included."""
+    """``compile_kernels.py`` compiles each kernel for sm_90 (the test above keeps it free of spills) for the
+    launches a bf16 model makes: the same pointer types and 16-byte alignment (which Triton's launcher
+    specialises on: an unaligned view would make another kernel). A launch with other types compiles anew
+    on the GPU, or fails, as the attention backward did with an fp32 output gradient against bf16 keys
+    ("Both operands must be same dtype"; the interpreter upcasts every GEMM operand and could not see it).
+    Forward and backward, indexer trained, MTP included."""
     from titan_dsv4.models.deepseek_v4 import attention_kernel, indexer_kernel, sinkhorn_kernel
     from triton_model import bf16_model_with_triton_kernels
 
@@ -209,9 +219,8 @@ def test_a_bf16_model_launches_the_kernels_as_compiled_for_h100(gpu_code_paths, 
     import compile_kernels
 
     compiled = {}
-    for _, kernel, config, _, pointer in compile_kernels._variants(4, 64, 8, 8, 4, 4, 32):
-        types = compile_kernels.signature(kernel, config, pointer)
-        compiled[kernel] = {name: kind for name, kind in types.items() if name.endswith("_ptr")}
+    for _, kernel, args, kwargs in compile_kernels.recorded_launches(4, 64, 8, 8, 4, 4, 32):
+        compiled.setdefault(kernel, _pointers(kernel, args, kwargs, compile_kernels))
     launches = []
     for module, name in ((attention_kernel, "_forward_kernel"), (attention_kernel, "_backward_kernel"),
                          (indexer_kernel, "_scores_kernel"), (sinkhorn_kernel, "_forward_kernel"),
@@ -219,6 +228,31 @@ def test_a_bf16_model_launches_the_kernels_as_compiled_for_h100(gpu_code_paths, 
         monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), launches))
     model, ids, targets = bf16_model_with_triton_kernels([4, 128, 4], indexer_loss_scale=0.5)
     model(ids, targets=targets)[0].backward()
-    assert {kernel for kernel, _ in launches} == set(compiled)  # every kernel ran, and no other
-    for kernel, types in launches:
-        assert types == compiled[kernel], kernel.fn.__qualname__
+    assert {kernel for kernel, _, _ in launches} == set(compiled)  # every kernel ran, and no other
+    for kernel, args, kwargs in launches:
+        assert _pointers(kernel, args, kwargs, compile_kernels) == compiled[kernel], kernel.fn.__qualname__
+
+
+def test_compile_kernels_specialises_as_tritons_launcher():
+    """``compile_kernels.specialise`` marks each argument of the recorded launches as the installed Triton's
+    launcher does (its private ``native_specialize_impl``, where this Triton has it)."""
+    jit = pytest.importorskip("triton.runtime.jit")
+    if not hasattr(jit, "native_specialize_impl"):
+        pytest.skip("this Triton's launcher specialises elsewhere")
+    from triton.backends.compiler import BaseBackend
+
+    sys.path.insert(0, SCRIPTS)
+    import compile_kernels
+
+    for label, kernel, args, kwargs in compile_kernels.recorded_launches(64, 512, 128, 512, 4, 64, 128):
+        signature, constexprs, attrs, _ = compile_kernels.specialise(kernel, args, kwargs)
+        bound = {**dict(zip(kernel.arg_names, args)), **kwargs}
+        for i, param in enumerate(jit.JITFunction(kernel.fn).params):  # (the tests' kernels are interpreted)
+            if param.is_constexpr:
+                assert signature[param.name] == "constexpr", (label, param.name)
+                continue
+            kind, key = jit.native_specialize_impl(BaseBackend, bound[param.name], False, True, True)
+            if kind == "constexpr":
+                assert constexprs[param.name] == key, (label, param.name)
+            else:
+                assert (signature[param.name], (i,) in attrs) == (kind, key == "D"), (label, param.name)

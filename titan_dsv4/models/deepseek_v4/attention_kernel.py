@@ -81,6 +81,17 @@ if triton is not None:
         return ptrs, ok, rows
 
     @triton.jit
+    def _tile_range(idx_ptr, b, t, E, WINDOW, s_ib, s_is, BLOCK_N: tl.constexpr, N_WINDOW_TILES: tl.constexpr,
+                    ENTRY_SLOTS: tl.constexpr):
+        """The tiles query ``t`` walks: from its first window tile holding a position >= 0 to its last listed
+        entry's tile. Loop bounds rather than a per-tile skip: a load under a branch is not software-pipelined
+        (its keys would arrive one tile at a time), and a tile of masked keys adds exactly nothing."""
+        first = tl.maximum(WINDOW - 1 - t, 0) // BLOCK_N
+        slots = tl.arange(0, ENTRY_SLOTS)
+        listed = tl.load(idx_ptr + b * s_ib + t * s_is + slots, mask=slots < E, other=-1)
+        return first, N_WINDOW_TILES + tl.cdiv(tl.max(tl.where(listed >= 0, slots + 1, 0)), BLOCK_N)
+
+    @triton.jit
     def _tile_probabilities(q, ptrs, ok, h_ok, lse, scale, UPCAST: tl.constexpr):
         """A key tile and its final probabilities ``[BLOCK_H, BLOCK_N]`` (from the softmax's log-sum-exp)."""
         k = tl.load(ptrs, mask=ok[:, None], other=0.0)
@@ -92,7 +103,7 @@ if triton is not None:
                         H, E, WINDOW, scale,
                         s_qb, s_qs, s_qh, s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, s_lb, s_ls,
                         D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                        N_WINDOW_TILES: tl.constexpr, N_ENTRY_TILES: tl.constexpr, UPCAST: tl.constexpr,
+                        N_WINDOW_TILES: tl.constexpr, ENTRY_SLOTS: tl.constexpr, UPCAST: tl.constexpr,
                         MASS: tl.constexpr):
         """``out`` (fp32) and ``lse``; with ``MASS`` also each listed entry's probability summed over heads
         into ``mass`` (laid out as the index list, zeroed by the caller)."""
@@ -103,32 +114,32 @@ if triton is not None:
         m = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
         denom = tl.full([BLOCK_H], 1.0, tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
-        for tile in range(N_WINDOW_TILES + N_ENTRY_TILES):
+        first, last = _tile_range(idx_ptr, b, t, E, WINDOW, s_ib, s_is, BLOCK_N, N_WINDOW_TILES, ENTRY_SLOTS)
+        for tile in range(first, last):
             ptrs, ok, _ = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, E, WINDOW,
                                     s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
-            if tl.max(ok.to(tl.int32)) > 0:  # tiles before the document or of unused list slots: skipped
-                k = tl.load(ptrs, mask=ok[:, None], other=0.0)
-                s = bf16_dot(q, tl.trans(k), UPCAST) * scale
-                s = tl.where(ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                alpha = tl.exp(m - m_new)
-                p = tl.exp(s - m_new[:, None])
-                denom = denom * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + bf16_dot(p.to(k.dtype), k, UPCAST)
-                m = m_new
+            k = tl.load(ptrs, mask=ok[:, None], other=0.0)
+            s = bf16_dot(q, tl.trans(k), UPCAST) * scale
+            s = tl.where(ok[None, :], s, float("-inf"))
+            # no key seen (another document, an unused slot): m stays (the sink made it finite), alpha = 1, p = 0
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            denom = denom * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + bf16_dot(p.to(k.dtype), k, UPCAST)
+            m = m_new
         # the offsets written out again (``rows_q`` kept through the loop costs 64 registers per thread on sm_90)
         tl.store(out_ptr + query + h[:, None] * s_qh + tl.arange(0, D)[None, :], acc / denom[:, None],
                  mask=h_ok[:, None])
         lse = m + tl.log(denom)
         tl.store(lse_ptr + rows_l, lse, mask=h_ok)
         if MASS:  # a second pass over the entries, now that the denominator is known
-            for tile in range(N_WINDOW_TILES, N_WINDOW_TILES + N_ENTRY_TILES):
+            for tile in range(N_WINDOW_TILES, last):
                 ptrs, ok, _ = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, E, WINDOW,
                                         s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
-                if tl.max(ok.to(tl.int32)) > 0:
-                    k, p = _tile_probabilities(q, ptrs, ok, h_ok, lse, scale, UPCAST)
-                    e = (tile - N_WINDOW_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
-                    tl.atomic_add(mass_ptr + b * s_ib + t * s_is + e, tl.sum(p, axis=0), mask=ok)  # head blocks
+                k, p = _tile_probabilities(q, ptrs, ok, h_ok, lse, scale, UPCAST)
+                e = (tile - N_WINDOW_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+                tl.atomic_add(mass_ptr + b * s_ib + t * s_is + e, tl.sum(p, axis=0), mask=ok)  # head blocks
 
     @triton.jit
     def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, lse_ptr, delta_ptr, dout_ptr,
@@ -136,8 +147,9 @@ if triton is not None:
                          H, E, WINDOW, scale,
                          s_qb, s_qs, s_qh, s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, s_lb, s_ls,
                          D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                         N_WINDOW_TILES: tl.constexpr, N_ENTRY_TILES: tl.constexpr, UPCAST: tl.constexpr):
+                         N_WINDOW_TILES: tl.constexpr, ENTRY_SLOTS: tl.constexpr, UPCAST: tl.constexpr):
         t, b, h, h_ok, query, rows_q, rows_l = _program_rows(H, s_qb, s_qs, s_qh, s_lb, s_ls, D, BLOCK_H)
+        first, last = _tile_range(idx_ptr, b, t, E, WINDOW, s_ib, s_is, BLOCK_N, N_WINDOW_TILES, ENTRY_SLOTS)
         d = tl.arange(0, D)
         q = tl.load(q_ptr + query + rows_q, mask=h_ok[:, None], other=0.0)
         dout = tl.load(dout_ptr + query + rows_q, mask=h_ok[:, None], other=0.0)
@@ -145,39 +157,39 @@ if triton is not None:
         delta = tl.load(delta_ptr + rows_l, mask=h_ok, other=0.0)
         doc_t = tl.load(doc_ptr + b * s_db + t)
         dq = tl.zeros([BLOCK_H, D], tl.float32)
-        for tile in range(N_WINDOW_TILES + N_ENTRY_TILES):
+        for tile in range(first, last):
             ptrs, ok, rows = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, E, WINDOW,
                                        s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
-            if tl.max(ok.to(tl.int32)) > 0:
-                k, p = _tile_probabilities(q, ptrs, ok, h_ok, lse, scale, UPCAST)
-                dp = bf16_dot(dout, tl.trans(k), UPCAST)
-                ds = (p * (dp - delta[:, None])).to(k.dtype)  # enters the GEMMs as bf16, as in the torch path
-                dq += bf16_dot(ds, k, UPCAST)
-                # K == V: the key and value gradients of these rows, summed
-                dk = bf16_dot(tl.trans(ds), q, UPCAST) * scale + bf16_dot(tl.trans(p.to(k.dtype)), dout, UPCAST)
-                if tile < N_WINDOW_TILES:
-                    dptrs = dkv_ptr + b * s_kvb + rows[:, None] * s_kvs + d[None, :]
-                else:
-                    dptrs = dent_ptr + b * s_eb + rows[:, None] * s_ep + d[None, :]
-                tl.atomic_add(dptrs, dk, mask=ok[:, None])
+            k, p = _tile_probabilities(q, ptrs, ok, h_ok, lse, scale, UPCAST)  # p = 0 where no key is seen
+            dp = bf16_dot(dout, tl.trans(k), UPCAST)
+            ds = (p * (dp - delta[:, None])).to(k.dtype)  # enters the GEMMs as bf16, as in the torch path
+            dq += bf16_dot(ds, k, UPCAST)
+            # K == V: the key and value gradients of these rows, summed
+            dk = bf16_dot(tl.trans(ds), q, UPCAST) * scale + bf16_dot(tl.trans(p.to(k.dtype)), dout, UPCAST)
+            if tile < N_WINDOW_TILES:
+                dptrs = dkv_ptr + b * s_kvb + rows[:, None] * s_kvs + d[None, :]
+            else:
+                dptrs = dent_ptr + b * s_eb + rows[:, None] * s_ep + d[None, :]
+            tl.atomic_add(dptrs, dk, mask=ok[:, None])
         tl.store(dq_ptr + query + h[:, None] * s_qh + tl.arange(0, D)[None, :],
                  (dq * scale).to(dq_ptr.dtype.element_ty), mask=h_ok[:, None])
 
 
 BLOCK_N = 16  # keys per tile
 NUM_WARPS = 8
+NUM_STAGES = 2  # key tiles in flight: the next one loads while this one computes (3 spilled the backward)
 
 
 def launch_config(heads: int, head_dim: int, window: int, entries: int) -> dict[str, int]:
     """The kernels' compile-time sizes. Heads per program: a power of two of at least 16 (``tl.dot``'s
     smallest tile) and at most 32, so that a 512-d query, its output gradient and the fp32 accumulators
-    fit the registers of 8 warps (sm_90, Triton 3.8, ``scripts/compile_kernels.py``: forward 174
+    fit the registers of 8 warps (sm_90, Triton 3.8, ``scripts/compile_kernels.py``: forward 148
     registers per thread, backward 255, no spill)."""
     if head_dim & (head_dim - 1):
         raise ValueError(f"the fused attention kernel needs a power-of-two head_dim, got {head_dim}")
     return dict(D=head_dim, BLOCK_H=min(32, max(16, triton.next_power_of_2(heads))), BLOCK_N=BLOCK_N,
-                N_WINDOW_TILES=triton.cdiv(window, BLOCK_N), N_ENTRY_TILES=triton.cdiv(entries, BLOCK_N),
-                num_warps=NUM_WARPS)
+                N_WINDOW_TILES=triton.cdiv(window, BLOCK_N), ENTRY_SLOTS=triton.next_power_of_2(max(entries, 1)),
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 def _launch(kernel, q, kv, entries, entry_index, doc_ids, window: int, *tensors: torch.Tensor, **flags) -> None:
