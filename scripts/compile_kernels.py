@@ -1,10 +1,11 @@
 """Compile the Triton kernels (fused attention, indexer scores, Sinkhorn) for an H100/H200 (sm_90) without a
 GPU, as the model's launches would compile them, and report what ptxas gave each: registers per thread,
-spill stack, shared memory, and how many asynchronous copies (pipelined loads) it issues. Triton's wheel
-carries the compiler and ``cuobjdump``.
+spill stack, shared memory, asynchronous copies (pipelined loads) and device-wide memory fences. Triton's
+wheel carries the compiler and ``cuobjdump``.
 
-A kernel the interpreter runs may still not compile for the GPU, spill its 512-d tiles out of registers, or
-wait for every tile's loads: this shows all three before any GPU time is spent.
+A kernel the interpreter runs may still not compile for the GPU, spill its 512-d tiles out of registers,
+wait for every tile's loads, or fence memory at each atomic add: this shows it before any GPU time is
+spent.
 
     python scripts/compile_kernels.py [--heads 64] [--head-dim 512] [--window 128] [--entries 512]
                                       [--index-heads 64] [--index-head-dim 128] [--hc-mult 4] [--json]
@@ -121,8 +122,10 @@ def specialise(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dic
 
 def compile_for_sm90(heads: int, head_dim: int, window: int, entries: int, hc_mult: int = 4,
                      index_heads: int = 64, index_head_dim: int = 128) -> dict[str, dict[str, int]]:
-    """``{kernel: {"registers", "spill_bytes", "shared_bytes", "async_copies"}}`` of the kernels as launched
-    for these shapes (``async_copies``: ``cp.async`` instructions, the pipelined loop's prefetched loads)."""
+    """``{kernel: {"registers", "spill_bytes", "shared_bytes", "async_copies", "device_fences"}}`` of the
+    kernels as launched for these shapes (``async_copies``: ``cp.async`` instructions, the pipelined loop's
+    prefetched loads; ``device_fences``: GPU-wide ``MEMBAR`` instructions, which an atomic add in Triton's
+    default ``acq_rel`` order puts before itself, with an L1 invalidation after)."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     report = {}
     for label, kernel, args, kwargs in recorded_launches(heads, head_dim, window, entries, hc_mult, index_heads,
@@ -133,12 +136,13 @@ def compile_for_sm90(heads: int, head_dim: int, window: int, entries: int, hc_mu
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(compiled.asm["cubin"])
             cubin.flush()
-            usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True,
-                                   check=True).stdout
+            usage, sass = (subprocess.run([cuobjdump, flag, cubin.name], capture_output=True, text=True,
+                                          check=True).stdout for flag in ("-res-usage", "-sass"))
         fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
         report[label] = {
             "registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"]) + int(fields["LOCAL"]),
             "shared_bytes": compiled.metadata.shared, "async_copies": compiled.asm["ptx"].count("cp.async.cg"),
+            "device_fences": len(re.findall(r"\bMEMBAR\.\S*GPU\b", sass)),
         }
     return report
 
@@ -162,7 +166,8 @@ def main() -> None:
     for name, usage in report.items():
         fits = "fits" if usage["shared_bytes"] <= H100_SHARED_BYTES else "EXCEEDS sm_90 shared memory"
         print(f"{name:35s} registers/thread {usage['registers']:3d}  spill {usage['spill_bytes']:5d} B  "
-              f"shared {usage['shared_bytes'] / 1024:6.1f} KiB ({fits})  async copies {usage['async_copies']}")
+              f"shared {usage['shared_bytes'] / 1024:6.1f} KiB ({fits})  async copies {usage['async_copies']:2d}  "
+              f"device fences {usage['device_fences']}")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ if triton is not None:
                                         s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
                 k, p = _tile_probabilities(q, ptrs, ok, h_ok, lse, scale, UPCAST)
                 e = (tile - N_WINDOW_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
-                tl.atomic_add(mass_ptr + b * s_ib + t * s_is + e, tl.sum(p, axis=0), mask=ok)  # head blocks
+                tl.atomic_add(mass_ptr + b * s_ib + t * s_is + e, tl.sum(p, axis=0), mask=ok,  # head blocks
+                              sem="relaxed")
 
     @triton.jit
     def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, doc_ptr, lse_ptr, delta_ptr, dout_ptr,
@@ -170,7 +171,9 @@ if triton is not None:
                 dptrs = dkv_ptr + b * s_kvb + rows[:, None] * s_kvs + d[None, :]
             else:
                 dptrs = dent_ptr + b * s_eb + rows[:, None] * s_ep + d[None, :]
-            tl.atomic_add(dptrs, dk, mask=ok[:, None])
+            # relaxed: nothing reads these sums before the kernel ends; Triton's default (acq_rel) fences device
+            # memory before every atomic instruction and invalidates L1 after it (8 per tile)
+            tl.atomic_add(dptrs, dk, mask=ok[:, None], sem="relaxed")
         tl.store(dq_ptr + query + h[:, None] * s_qh + tl.arange(0, D)[None, :],
                  (dq * scale).to(dq_ptr.dtype.element_ty), mask=h_ok[:, None])
 
