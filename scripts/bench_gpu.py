@@ -37,7 +37,7 @@ from titan_dsv4.components.metrics import device_peak_tflops
 from titan_dsv4.components.time_by_component import labelled, time_by_component
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 from titan_dsv4.models.deepseek_v4 import (attention, attention_kernel, fp32_linear, gpu_paths, head_loss,
-                                           hyper_connection, indexer_kernel)
+                                           hyper_connection, indexer_kernel, sinkhorn_kernel)
 from titan_dsv4.models.deepseek_v4 import model as model_module
 from titan_dsv4.models.deepseek_v4.lora import freeze_all_but_adapters
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
@@ -376,6 +376,26 @@ def indexer_scores_times(opts, device) -> dict[str, float]:
     return times
 
 
+def compiled_kernels() -> dict[str, list[dict]]:
+    """Each variant Triton compiled for this run's launches of the project's kernels: its compile-time
+    constants and what ptxas gave it (``compile_kernels.usage``: registers, spills, shared memory, pipelined
+    loads, device-wide fences). ``scripts/compile_kernels.py`` predicts these without a GPU; this checks it.
+    Interpreted kernels (``--smoke``) compile nothing."""
+    from compile_kernels import usage
+
+    found = {}
+    for module, name in ((attention_kernel, "_forward_kernel"), (attention_kernel, "_backward_kernel"),
+                         (indexer_kernel, "_scores_kernel"), (sinkhorn_kernel, "_forward_kernel"),
+                         (sinkhorn_kernel, "_backward_kernel")):
+        kernel, variants = getattr(module, name), []
+        for caches in getattr(kernel, "device_caches", {}).values():
+            for compiled in caches[0].values():  # the launcher's compiled kernels, by specialisation
+                constants = {kernel.arg_names[path[0]]: value for path, value in compiled.src.constants.items()}
+                variants.append({"constants": constants, **usage(compiled)})
+        found[f"{module.__name__.rsplit('.', 1)[-1]}.{name}"] = variants
+    return found
+
+
 def check_fast_paths_on_gpu(device, seq: int) -> dict:
     """The fast paths equal the exact ones on this GPU (tiny model, fp32 for attention/mHC, bf16 experts);
     the fused attention kernel against the torch path on ``seq`` tokens of the benchmark model."""
@@ -504,6 +524,7 @@ def main() -> None:
     if attention_kernel.available(device):
         part("attention_kernel_s", lambda: attention_kernel_tiles(opts, device))
         part("indexer_scores_s", lambda: indexer_scores_times(opts, device))
+        part("compiled_kernels", compiled_kernels)
     summary["total_s"] = round(time.perf_counter() - began, 1)
     with open(os.path.join(opts.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)

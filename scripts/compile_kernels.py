@@ -120,30 +120,33 @@ def specialise(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dic
     return signature, constexprs, attrs, options
 
 
+def usage(compiled) -> dict[str, int]:
+    """What ptxas gave a compiled kernel (``triton.compile``'s here, or one from the launcher's cache on a GPU:
+    ``bench_gpu.py`` reports those): ``registers`` per thread, ``spill_bytes``, ``shared_bytes``,
+    ``async_copies`` (``cp.async`` instructions: a pipelined loop's prefetched loads) and ``device_fences``
+    (GPU-wide ``MEMBAR`` instructions, which an atomic add in Triton's default ``acq_rel`` order puts before
+    itself, with an L1 invalidation after)."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        resources, sass = (subprocess.run([cuobjdump, flag, cubin.name], capture_output=True, text=True,
+                                          check=True).stdout for flag in ("-res-usage", "-sass"))
+    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", resources))
+    return {"registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"]) + int(fields["LOCAL"]),
+            "shared_bytes": compiled.metadata.shared, "async_copies": compiled.asm["ptx"].count("cp.async.cg"),
+            "device_fences": len(re.findall(r"\bMEMBAR\.\S*GPU\b", sass))}
+
+
 def compile_for_sm90(heads: int, head_dim: int, window: int, entries: int, hc_mult: int = 4,
                      index_heads: int = 64, index_head_dim: int = 128) -> dict[str, dict[str, int]]:
-    """``{kernel: {"registers", "spill_bytes", "shared_bytes", "async_copies", "device_fences"}}`` of the
-    kernels as launched for these shapes (``async_copies``: ``cp.async`` instructions, the pipelined loop's
-    prefetched loads; ``device_fences``: GPU-wide ``MEMBAR`` instructions, which an atomic add in Triton's
-    default ``acq_rel`` order puts before itself, with an L1 invalidation after)."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    """``{kernel: usage}`` of the kernels as launched for these shapes, compiled for sm_90."""
     report = {}
     for label, kernel, args, kwargs in recorded_launches(heads, head_dim, window, entries, hc_mult, index_heads,
                                                          index_head_dim):
         signature, constexprs, attrs, options = specialise(kernel, args, kwargs)
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-            cubin.write(compiled.asm["cubin"])
-            cubin.flush()
-            usage, sass = (subprocess.run([cuobjdump, flag, cubin.name], capture_output=True, text=True,
-                                          check=True).stdout for flag in ("-res-usage", "-sass"))
-        fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-        report[label] = {
-            "registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"]) + int(fields["LOCAL"]),
-            "shared_bytes": compiled.metadata.shared, "async_copies": compiled.asm["ptx"].count("cp.async.cg"),
-            "device_fences": len(re.findall(r"\bMEMBAR\.\S*GPU\b", sass)),
-        }
+        report[label] = usage(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options))
     return report
 
 
@@ -163,11 +166,11 @@ def main() -> None:
     if args.json:
         print(json.dumps(report))
         return
-    for name, usage in report.items():
-        fits = "fits" if usage["shared_bytes"] <= H100_SHARED_BYTES else "EXCEEDS sm_90 shared memory"
-        print(f"{name:35s} registers/thread {usage['registers']:3d}  spill {usage['spill_bytes']:5d} B  "
-              f"shared {usage['shared_bytes'] / 1024:6.1f} KiB ({fits})  async copies {usage['async_copies']:2d}  "
-              f"device fences {usage['device_fences']}")
+    for name, figures in report.items():
+        fits = "fits" if figures["shared_bytes"] <= H100_SHARED_BYTES else "EXCEEDS sm_90 shared memory"
+        print(f"{name:35s} registers/thread {figures['registers']:3d}  spill {figures['spill_bytes']:5d} B  "
+              f"shared {figures['shared_bytes'] / 1024:6.1f} KiB ({fits})  "
+              f"async copies {figures['async_copies']:2d}  device fences {figures['device_fences']}")
 
 
 if __name__ == "__main__":

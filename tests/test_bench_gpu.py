@@ -28,7 +28,8 @@ def test_every_part_of_the_benchmark_runs(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     failed = {name: part["error"] for name, part in summary.items() if isinstance(part, dict) and "error" in part}
     assert failed == {}
-    assert set(PARTS + ["attention_kernel_s", "indexer_scores_s"]) <= set(summary)
+    assert set(PARTS + ["attention_kernel_s", "indexer_scores_s", "compiled_kernels"]) <= set(summary)
+    assert all(variants == [] for variants in summary["compiled_kernels"].values())  # interpreted: none compiled
     assert (summary["torch"], summary["triton"]) == (torch.__version__, triton.__version__)  # what made the figures
     # the Triton attention kernel (interpreted) against the torch path on the debug model's CSA and HCA
     # layers, in bf16: output and every gradient
@@ -40,3 +41,39 @@ def test_every_part_of_the_benchmark_runs(tmp_path):
     profile = summary["profile"]
     assert {"attention", "moe", "mhc", "head_loss"} <= set(profile["by_component"])
     assert profile["attributed_s"] > 0 and (tmp_path / "top_kernels.txt").stat().st_size > 0
+
+
+READ_THE_LAUNCHERS_CACHE = """
+import json, sys
+sys.path.insert(0, "scripts")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import bench_gpu, compile_kernels
+
+label, kernel, args, kwargs = compile_kernels.recorded_launches(64, 512, 128, 512, 4, 64, 128)[0]
+signature, constexprs, attrs, options = compile_kernels.specialise(kernel, args, kwargs)
+compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+kernel.device_caches = {0: ({"a launch": compiled}, {}, None, None, None)}  # as a GPU launch leaves it
+print(json.dumps([label, compile_kernels.usage(compiled), bench_gpu.compiled_kernels()]))
+"""
+
+
+def test_the_benchmark_reports_what_the_launcher_compiled():
+    """On a GPU, ``compiled_kernels`` reads each kernel's variants from Triton's launcher cache: here the
+    attention forward, compiled for sm_90 as ``compile_kernels.py`` compiles it, put where a launch leaves
+    it. The benchmark names the variant's constants and gives ptxas's figures; the kernels not launched
+    have none."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not interpreted
+    result = subprocess.run([sys.executable, "-c", READ_THE_LAUNCHERS_CACHE], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    label, figures, found = json.loads(result.stdout.splitlines()[-1])
+    assert label == "attention forward"
+    (variant,) = found.pop("attention_kernel._forward_kernel")
+    assert all(variants == [] for variants in found.values()) and len(found) == 4
+    assert variant.pop("constants") == {"D": 512, "BLOCK_H": 32, "BLOCK_N": 16, "N_WINDOW_TILES": 8,
+                                        "ENTRY_SLOTS": 512, "UPCAST": False, "MASS": False}
+    assert variant == figures and figures["registers"] > 0
