@@ -31,7 +31,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from titan_dsv4.models.deepseek_v4 import attention_kernel, indexer_kernel, sinkhorn_kernel  # noqa: E402
-from titan_dsv4.models.deepseek_v4.args import DeepseekV4ModelArgs  # noqa: E402
+from titan_dsv4.models.deepseek_v4.args import CSA_RATIO, DeepseekV4ModelArgs  # noqa: E402
 
 H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 SEQ = 256  # tokens of the recorded launches: a multiple of 16 specialises as a 4k-token run's launch does
@@ -54,14 +54,13 @@ def recorded_launches(heads: int, head_dim: int, window: int, entries: int, hc_m
     """``[(label, kernel, args, kwargs)]``: each kernel's launch as the model's kernel ops make it for a bf16
     model at these shapes (CPU tensors stand in for CUDA ones: the same dtypes, strides and 16-byte
     alignment), forward and backward, with and without the indexer's second pass."""
-    args = DeepseekV4ModelArgs()
-    bf16 = torch.bfloat16
+    released, bf16 = DeepseekV4ModelArgs(), torch.bfloat16
     q, kv = torch.zeros(1, SEQ, heads, head_dim, dtype=bf16), torch.zeros(1, SEQ, head_dim, dtype=bf16)
-    compressed = torch.zeros(1, SEQ // 4, head_dim, dtype=bf16)
+    compressed = torch.zeros(1, SEQ // CSA_RATIO, head_dim, dtype=bf16)
     index, doc_ids = torch.zeros(1, SEQ, entries, dtype=torch.int32), torch.zeros(1, SEQ, dtype=torch.int32)
     per_head = torch.zeros(1, SEQ, heads)  # sinks' log-sum-exp, delta
     index_q = torch.zeros(1, SEQ, index_heads, index_head_dim, dtype=bf16)
-    index_keys = torch.zeros(1, SEQ // 4, index_head_dim, dtype=bf16)
+    index_keys = torch.zeros(1, SEQ // CSA_RATIO, index_head_dim, dtype=bf16)
     comb = torch.zeros(1, SEQ, hc_mult, hc_mult)
     calls = (
         ("attention forward", attention_kernel, "_forward_kernel",
@@ -74,9 +73,9 @@ def recorded_launches(heads: int, head_dim: int, window: int, entries: int, hc_m
         ("indexer scores", indexer_kernel, "_scores_kernel",
          lambda: indexer_kernel._index_scores(index_q, index_keys, torch.zeros(1, SEQ, index_heads), 1.0)),
         ("sinkhorn forward", sinkhorn_kernel, "_forward_kernel",
-         lambda: sinkhorn_kernel._sinkhorn(comb, args.hc_sinkhorn_iters, args.hc_eps)),
+         lambda: sinkhorn_kernel._sinkhorn(comb, released.hc_sinkhorn_iters, released.hc_eps)),
         ("sinkhorn backward", sinkhorn_kernel, "_backward_kernel",
-         lambda: sinkhorn_kernel._sinkhorn_backward(comb, comb, args.hc_sinkhorn_iters, args.hc_eps)),
+         lambda: sinkhorn_kernel._sinkhorn_backward(comb, comb, released.hc_sinkhorn_iters, released.hc_eps)),
     )
     launches = []
     for label, module, name, call in calls:
