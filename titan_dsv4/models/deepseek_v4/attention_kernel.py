@@ -150,7 +150,6 @@ if triton is not None:
                          D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                          N_WINDOW_TILES: tl.constexpr, ENTRY_SLOTS: tl.constexpr, UPCAST: tl.constexpr):
         t, b, h, h_ok, query, rows_q, rows_l = _program_rows(H, s_qb, s_qs, s_qh, s_lb, s_ls, D, BLOCK_H)
-        first, last = _tile_range(idx_ptr, b, t, E, WINDOW, s_ib, s_is, BLOCK_N, N_WINDOW_TILES, ENTRY_SLOTS)
         d = tl.arange(0, D)
         q = tl.load(q_ptr + query + rows_q, mask=h_ok[:, None], other=0.0)
         dout = tl.load(dout_ptr + query + rows_q, mask=h_ok[:, None], other=0.0)
@@ -158,6 +157,7 @@ if triton is not None:
         delta = tl.load(delta_ptr + rows_l, mask=h_ok, other=0.0)
         doc_t = tl.load(doc_ptr + b * s_db + t)
         dq = tl.zeros([BLOCK_H, D], tl.float32)
+        first, last = _tile_range(idx_ptr, b, t, E, WINDOW, s_ib, s_is, BLOCK_N, N_WINDOW_TILES, ENTRY_SLOTS)
         for tile in range(first, last):
             ptrs, ok, rows = _key_tile(kv_ptr, ent_ptr, idx_ptr, doc_ptr, b, t, doc_t, tile, E, WINDOW,
                                        s_kvb, s_kvs, s_eb, s_ep, s_ib, s_is, s_db, D, BLOCK_N, N_WINDOW_TILES)
