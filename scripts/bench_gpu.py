@@ -37,7 +37,7 @@ from titan_dsv4.components.metrics import device_peak_tflops
 from titan_dsv4.components.time_by_component import labelled, time_by_component
 from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
 from titan_dsv4.models.deepseek_v4 import (attention, attention_kernel, fp32_linear, gpu_paths, head_loss,
-                                           hyper_connection, indexer_kernel, sinkhorn_kernel)
+                                           hyper_connection, indexer_kernel)
 from titan_dsv4.models.deepseek_v4 import model as model_module
 from titan_dsv4.models.deepseek_v4.lora import freeze_all_but_adapters
 from titan_dsv4.models.deepseek_v4.moe import RoutedExperts
@@ -381,12 +381,10 @@ def compiled_kernels() -> dict[str, list[dict]]:
     constants and what ptxas gave it (``compile_kernels.usage``: registers, spills, shared memory, pipelined
     loads, device-wide fences). ``scripts/compile_kernels.py`` predicts these without a GPU; this checks it.
     Interpreted kernels (``--smoke``) compile nothing."""
-    from compile_kernels import usage
+    from compile_kernels import KERNELS, usage
 
     found = {}
-    for module, name in ((attention_kernel, "_forward_kernel"), (attention_kernel, "_backward_kernel"),
-                         (indexer_kernel, "_scores_kernel"), (sinkhorn_kernel, "_forward_kernel"),
-                         (sinkhorn_kernel, "_backward_kernel")):
+    for module, name in KERNELS:
         kernel, variants = getattr(module, name), []
         for caches in getattr(kernel, "device_caches", {}).values():
             for compiled in caches[0].values():  # the launcher's compiled kernels, by specialisation

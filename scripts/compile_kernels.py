@@ -37,6 +37,9 @@ H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm
 SEQ = 256  # tokens of the recorded launches: a multiple of 16 specialises as a 4k-token run's launch does
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
                 torch.int64: "i64"}
+KERNELS = ((attention_kernel, "_forward_kernel"), (attention_kernel, "_backward_kernel"),
+           (indexer_kernel, "_scores_kernel"), (sinkhorn_kernel, "_forward_kernel"),
+           (sinkhorn_kernel, "_backward_kernel"))  # (module, name): every Triton kernel of the model
 
 
 class _Recorder:
@@ -140,13 +143,16 @@ def usage(compiled) -> dict[str, int]:
 def compile_for_sm90(heads: int, head_dim: int, window: int, entries: int, hc_mult: int = 4,
                      index_heads: int = 64, index_head_dim: int = 128) -> dict[str, dict[str, int]]:
     """``{kernel: usage}`` of the kernels as launched for these shapes, compiled for sm_90."""
-    report = {}
-    for label, kernel, args, kwargs in recorded_launches(heads, head_dim, window, entries, hc_mult, index_heads,
-                                                         index_head_dim):
-        signature, constexprs, attrs, options = specialise(kernel, args, kwargs)
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        report[label] = usage(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options))
-    return report
+    return {label: usage(compile_launch(kernel, args, kwargs))
+            for label, kernel, args, kwargs in recorded_launches(heads, head_dim, window, entries, hc_mult,
+                                                                 index_heads, index_head_dim)}
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict):
+    """The kernel Triton's launcher would compile for this launch on an sm_90 GPU (``specialise``)."""
+    signature, constexprs, attrs, options = specialise(kernel, args, kwargs)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def main() -> None:

@@ -213,7 +213,6 @@ def test_a_bf16_model_launches_the_kernels_as_compiled_for_h100(gpu_code_paths, 
     on the GPU, or fails, as the attention backward did with an fp32 output gradient against bf16 keys
     ("Both operands must be same dtype"; the interpreter upcasts every GEMM operand and could not see it).
     Forward and backward, indexer trained, MTP included."""
-    from titan_dsv4.models.deepseek_v4 import attention_kernel, indexer_kernel, sinkhorn_kernel
     from triton_model import bf16_model_with_triton_kernels
 
     sys.path.insert(0, SCRIPTS)
@@ -223,9 +222,7 @@ def test_a_bf16_model_launches_the_kernels_as_compiled_for_h100(gpu_code_paths, 
     for _, kernel, args, kwargs in compile_kernels.recorded_launches(4, 64, 8, 8, 4, 4, 32):
         compiled.setdefault(kernel, _pointers(kernel, args, kwargs, compile_kernels))
     launches = []
-    for module, name in ((attention_kernel, "_forward_kernel"), (attention_kernel, "_backward_kernel"),
-                         (indexer_kernel, "_scores_kernel"), (sinkhorn_kernel, "_forward_kernel"),
-                         (sinkhorn_kernel, "_backward_kernel")):
+    for module, name in compile_kernels.KERNELS:
         monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), launches))
     model, ids, targets = bf16_model_with_triton_kernels([4, 128, 4], indexer_loss_scale=0.5)
     model(ids, targets=targets)[0].backward()

@@ -46,15 +46,10 @@ def test_every_part_of_the_benchmark_runs(tmp_path):
 READ_THE_LAUNCHERS_CACHE = """
 import json, sys
 sys.path.insert(0, "scripts")
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import bench_gpu, compile_kernels
 
 label, kernel, args, kwargs = compile_kernels.recorded_launches(64, 512, 128, 512, 4, 64, 128)[0]
-signature, constexprs, attrs, options = compile_kernels.specialise(kernel, args, kwargs)
-compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options=options)
+compiled = compile_kernels.compile_launch(kernel, args, kwargs)
 kernel.device_caches = {0: ({"a launch": compiled}, {}, None, None, None)}  # as a GPU launch leaves it
 print(json.dumps([label, compile_kernels.usage(compiled), bench_gpu.compiled_kernels()]))
 """
