@@ -65,13 +65,14 @@ def model_flops_per_token(args, seq: int) -> float:
 
 
 @torch.no_grad()
-def fast_init(model: DeepseekV4Model) -> None:
-    """Random init on the GPU (the per-FQN CPU init of ``init.py`` is exact but slow for billions)."""
-    h = model.args.hidden_size
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+def fast_init(module: torch.nn.Module, args) -> None:
+    """Random init of a model of ``args`` or a block of it, on the GPU (the per-FQN CPU init of ``init.py`` is
+    exact but slow for billions)."""
+    h = args.hidden_size
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("tid2eid"):
-            k, e = model.args.num_experts_per_tok, model.args.n_routed_experts
+            k, e = args.num_experts_per_tok, args.n_routed_experts
             t.copy_(torch.rand(t.shape[0], e, device=t.device).argsort(dim=-1)[:, :k])
         elif t.dtype == torch.uint8 and name.endswith("_scale"):  # FP4-stored experts: scales 2^-9 ...
             t.fill_(118)
@@ -100,7 +101,7 @@ def build(mtp: int, device: torch.device, lora: bool = False) -> DeepseekV4Model
     with torch.device(device):
         model = DeepseekV4Model(args)
     cast_to_compute_dtypes(model)
-    fast_init(model)
+    fast_init(model, model.args)
     if lora:
         freeze_all_but_adapters(model)
     model.set_mtp_loss_scale(0.3)
@@ -400,7 +401,7 @@ def check_fast_paths_on_gpu(device, seq: int) -> dict:
     args = FLAVORS["debugmodel"]
     with torch.device(device):
         model = DeepseekV4Model(args)
-    fast_init(model)
+    fast_init(model, model.args)
     model.train()
     ids = torch.randint(2, args.vocab_size, (2, 300), device=device)
     targets = build_targets(ids.roll(-1, 1), torch.arange(300, device=device).expand(2, 300), 1)

@@ -174,7 +174,7 @@ def test_deepseek_step_by_the_benchmarks_components(paths):
         torch.manual_seed(0)
         args = FLAVORS["debugmodel"]
         model = DeepseekV4Model(args)
-        bench_gpu.fast_init(model)
+        bench_gpu.fast_init(model, model.args)
         model.set_mtp_loss_scale(0.3)
         ids = torch.randint(2, args.vocab_size, (2, 256))
         targets = build_targets(ids.roll(-1, 1), torch.arange(256).expand(2, 256), args.num_mtp_layers)
