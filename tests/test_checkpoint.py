@@ -103,7 +103,10 @@ def test_a_weights_only_last_save_resumes_with_fresh_optimizer_state(tmp_path):
     records = read_metrics(dump)
     assert_same_run(records[:4], reference[:4])
     assert [r["step"] for r in records[4:]] == [5, 6]
-    assert (records[4]["loss"], records[4]["grad_norm"]) == (reference[4]["loss"], reference[4]["grad_norm"])
+    assert records[4]["loss"] == reference[4]["loss"]
+    # to the last bit in 106 runs here, but one CI run differed by one fp32 ulp (cause unknown): the same
+    # weights give the same loss exactly; the norm is checked far below any weight difference's effect
+    assert records[4]["grad_norm"] == pytest.approx(reference[4]["grad_norm"], rel=1e-6)
     assert records[5]["loss"] != reference[5]["loss"]
 
 
