@@ -138,6 +138,7 @@ def block_step(kind: str, args, device: torch.device, batch: int, seq: int
 
 
 def backward(outputs: tuple[torch.Tensor, ...]) -> None:
+    """Back-propagates random output gradients (a constant one is a different graph: inductor could fold it)."""
     gen = torch.Generator(device=outputs[0].device).manual_seed(1) if outputs[0].device.type != "meta" else None
     grads = [torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=gen) for o in outputs]
     torch.autograd.backward(outputs, grads)
