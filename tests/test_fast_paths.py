@@ -1,5 +1,6 @@
 """The fast paths (chosen automatically by device or size) against the exact reference path: block-batched
-sliding-window attention, CSA attending only to its gathered chosen entries, and the compiled (fused) mHC."""
+sliding-window attention, CSA attending only to its gathered chosen entries, the compiled (fused) mHC and the
+fused RMSNorm."""
 
 import dataclasses
 import math
@@ -12,6 +13,7 @@ from hf_reference import random_model
 from titan_dsv4.models.deepseek_v4 import FLAVORS
 from titan_dsv4.models.deepseek_v4.attention import AUTO_BLOCK
 from titan_dsv4.models.deepseek_v4.hyper_connection import hc_post, hc_pre
+from titan_dsv4.models.deepseek_v4.norm import RMSNorm
 
 
 def _grads(model):
@@ -255,3 +257,22 @@ def test_split_products_trace_whole_with_symbolic_sizes():
     a, b = torch.randn(8, 16), torch.randn(16, 4)
     torch.testing.assert_close(compiled(a, b), product(a, b))
     torch.testing.assert_close(compiled(a, b).double(), a.double() @ b.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_rms_norm_is_the_released_formula_through_the_fused_op():
+    """RMSNorm (fp32 math, fp32 weight) equals the formula written out, bit for bit on CPU (values and both
+    gradients, bf16 and fp32 inputs), and runs as ``aten::_fused_rms_norm``: one kernel each way on CUDA."""
+    norm = RMSNorm(256, 1e-6)
+    torch.nn.init.normal_(norm.weight)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(2, 16, 256, dtype=dtype, requires_grad=True)
+        grad_out = torch.randn(2, 16, 256, dtype=dtype)
+        xf = x.float()
+        want = (norm.weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6))).to(dtype)
+        with torch.profiler.profile() as prof:
+            got = norm(x)
+        assert "aten::_fused_rms_norm" in {event.name for event in prof.events()}
+        assert torch.equal(got, want)
+        for a, b in zip(torch.autograd.grad(got, [x, norm.weight], grad_out),
+                        torch.autograd.grad(want, [x, norm.weight], grad_out)):
+            assert torch.equal(a, b)

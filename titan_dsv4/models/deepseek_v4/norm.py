@@ -18,9 +18,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = fp32(x)
-        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return (fp32(self.weight) * xf).to(x.dtype)
+        """``weight · x / sqrt(mean(x²) + eps)`` in fp32: ``torch.rms_norm`` on the upcast input is one fused
+        kernel each way on CUDA (eagerly ~8 forward and ~10 backward kernels, each through fp32 copies of
+        the tokens) and, elsewhere, the same ops as that formula written out, bit for bit."""
+        return torch.rms_norm(fp32(x), (x.shape[-1],), fp32(self.weight), self.eps).to(x.dtype)
 
 
 def rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
