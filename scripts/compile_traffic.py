@@ -33,7 +33,6 @@ import estimate_gpu_time  # noqa: E402  (the eager and fusion-bound byte counts)
 
 from titan_dsv4.models.deepseek_v4 import (attention, attention_kernel, fp32_linear, head_loss,  # noqa: E402
                                            indexer_kernel, sinkhorn_kernel)
-from titan_dsv4.models.deepseek_v4.args import CSA_RATIO  # noqa: E402
 from titan_dsv4.models.deepseek_v4.attention import Attention  # noqa: E402
 from titan_dsv4.models.deepseek_v4.gpu_paths import meta_as_gpu  # noqa: E402
 from titan_dsv4.models.deepseek_v4.hyper_connection import HyperConnection  # noqa: E402
@@ -88,10 +87,8 @@ def gpu_code_paths_on_cpu() -> None:
 
 
 def kind_of(args, layer: int) -> str:
-    """``hash`` | ``sliding`` | ``csa`` | ``hca``: a decoder layer's routing and attention."""
-    ratio = args.compress_ratios[layer]
-    return ("hash" if layer < args.num_hash_layers else "sliding" if not ratio
-            else "csa" if ratio == CSA_RATIO else "hca")
+    """``hash`` | ``sliding`` | ``csa`` | ``hca``: a decoder layer's routing, else its attention."""
+    return "hash" if layer < args.num_hash_layers else args.layer_kind(layer)
 
 
 def layer_id(args, kind: str) -> int:
@@ -152,9 +149,7 @@ def estimated(kind: str, args, batch: int, seq: int) -> tuple[float, int, float]
     costs = estimate_gpu_time.CostModel(roofline, estimate_gpu_time._Forward())
     with meta_as_gpu(), costs:
         backward(run(module))
-    eager = estimate_gpu_time.Cost()
-    for cost in costs.by_component.values():
-        eager.add(cost)
+    eager = costs.total()
     return eager.bytes, eager.kernels, sum(costs.fusion_bound()[1].values())
 
 

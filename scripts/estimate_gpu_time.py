@@ -263,6 +263,13 @@ class CostModel(TorchDispatchMode):
                                              (component, phase, name, where), sum(read))
         return out
 
+    def total(self) -> Cost:
+        """The eager step: every component's kernels summed."""
+        total = Cost()
+        for cost in self.by_component.values():
+            total.add(cost)
+        return total
+
     def fusion_bound(self) -> tuple[dict[str, float], dict[tuple, float]]:
         """Seconds per component if every fusable op of a region ran fused: GEMM/sort FLOPs at the GEMM rate
         plus the bytes of the tensors that must be in memory, at the bandwidth; and those bytes by the site
@@ -325,9 +332,7 @@ def estimate(seq: int, batch: int, mtp: int, roofline: Roofline, expert_qat: str
 
 
 def report(costs: CostModel, model_flops: float, top: int) -> str:
-    total = Cost()
-    for c in costs.by_component.values():
-        total.add(c)
+    total = costs.total()
     fused, kept_bytes = costs.fusion_bound()
     lines = [f"eager estimate {total.seconds:.3f} s per step ({total.kernels:,} kernels, {total.flops / 1e12:.1f} "
              f"TFLOP traced vs {model_flops / 1e12:.1f} model FLOPs, {total.bytes / 1e9:.0f} GB moved); "

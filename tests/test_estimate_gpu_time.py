@@ -22,9 +22,7 @@ def run(fn, *tensors) -> estimate.CostModel:
 
 def totals(costs: estimate.CostModel) -> tuple[float, int, float, float]:
     """(eager bytes, kernels, FLOPs, fusion-bound bytes)."""
-    eager = estimate.Cost()
-    for cost in costs.by_component.values():
-        eager.add(cost)
+    eager = costs.total()
     return eager.bytes, eager.kernels, eager.flops, sum(costs.fusion_bound()[1].values())
 
 
