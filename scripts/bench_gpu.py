@@ -335,10 +335,12 @@ def fused_attention_error(device, seq: int) -> dict:
     return errors
 
 
-def attention_kernel_tiles(opts, device) -> dict[str, float]:
-    """Seconds of the fused attention kernel's forward + backward for one CSA layer's shapes (window 128,
-    top-k 512 listed entries) with 16 and 32 keys per tile (both compile without spills on sm_90): what to
-    set ``attention_kernel.BLOCK_N`` to."""
+def attention_kernel_tiles(opts, device) -> dict[str, dict[str, float]]:
+    """The fused attention kernel on one CSA layer's shapes (window 128, top-k 512 listed entries) with 16 and
+    32 keys per tile (both compile without spills on sm_90): what to set ``attention_kernel.BLOCK_N`` to.
+    Forward and backward apart, each with its GEMMs' TFLOP/s (2 GEMMs per key forward, 5 backward): the
+    roofline estimate assumes 40% of the matmul peak for both; a backward much slower per FLOP than the
+    forward points at its atomic key/value-gradient adds, the case for a key-major backward."""
     args = bench_args(0)
     b, s, h, d = opts.batch, opts.seq, args.num_attention_heads, args.head_dim
     q = torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -347,13 +349,21 @@ def attention_kernel_tiles(opts, device) -> dict[str, float]:
     sink = torch.zeros(h, device=device, requires_grad=True)
     index = torch.rand(b, s, s // 4, device=device).argsort(-1)[..., :args.index_topk].int()
     doc_ids = torch.zeros(b, s, dtype=torch.long, device=device)
+    window = args.sliding_window
+    keys_seen = b * (sum(min(t + 1, window) for t in range(s)) + s * index.shape[-1])  # (query, key) pairs
+    gemm_flops = keys_seen * h * 2 * d  # one [heads, D] x [D] product per pair
+    attend = lambda: attention_kernel.fused_attention(q, kv, entries, index, doc_ids, sink, window)[0]
     chosen, times = attention_kernel.BLOCK_N, {}
     try:
         for block_n in (16, 32):
             attention_kernel.BLOCK_N = block_n
-            run = lambda: attention_kernel.fused_attention(q, kv, entries, index, doc_ids, sink,
-                                                           args.sliding_window)[0].float().sum().backward()
-            times[f"block_n{block_n}"] = device_time(run, 2, 5)
+            with torch.no_grad():
+                forward = device_time(attend, 2, 5)
+            both = device_time(lambda: attend().float().sum().backward(), 2, 5)
+            backward = max(both - forward, 1e-9)
+            times[f"block_n{block_n}"] = {
+                "forward_s": forward, "forward_backward_s": both,
+                "forward_tflops": 2 * gemm_flops / forward / 1e12, "backward_tflops": 5 * gemm_flops / backward / 1e12}
     finally:
         attention_kernel.BLOCK_N = chosen
     return times
@@ -521,7 +531,7 @@ def main() -> None:
     part("unfused_attention_mtp1", lambda: measure_step(1, opts, device, peak, fused_attention=False))
     part("exact_mtp1", lambda: exact(1))
     if attention_kernel.available(device):
-        part("attention_kernel_s", lambda: attention_kernel_tiles(opts, device))
+        part("attention_kernel_tiles", lambda: attention_kernel_tiles(opts, device))
         part("indexer_scores_s", lambda: indexer_scores_times(opts, device))
         part("compiled_kernels", compiled_kernels)
     summary["total_s"] = round(time.perf_counter() - began, 1)
