@@ -14,7 +14,11 @@ their FLOP shares come from ``DeepseekV4ModelArgs`` counts. Writes a JSON summar
 kernels to ``--out``.
 
     python scripts/bench_gpu.py [--seq 4096] [--batch 2] [--steps 6] [--out DIR] [--compile-blocks]
-                                [--checkpointing] [--smoke]
+                                [--checkpointing] [--deadline SECONDS] [--smoke]
+
+It ends with the issue's goal figures against their bounds (``goal`` in the summary, kept up to date after
+every part). ``scripts/gpu_run.sh`` is what a lent GPU's one call runs: this script, then the GPU checks of
+the memory planner and of ``[profiling]``.
 
 ``--smoke`` runs every part on the debug model, once, on CPU when there is no GPU (the Triton parts under
 ``TRITON_INTERPRET=1``): a check of the script, not a measurement (``tests/test_bench_gpu.py``).
@@ -463,6 +467,43 @@ def check_fast_paths_on_gpu(device, seq: int) -> dict:
                 else None)
 
 
+GOAL = {"mfu": 0.40, "mtp_overhead_over_flop_share": 1.1, "component_time_over_flop_share": 2.0}  # issue 9
+
+
+def goal_figures(summary: dict) -> dict:
+    """Issue 9's goal figures from the parts measured so far (those missing are left out): MFU of the fast
+    step with MTP D=1, eager and compiled; MTP's step-time overhead over its share of the FLOPs; each
+    component's share of the profiled step's kernel time over its share of the FLOPs. ``GOAL`` holds the
+    bounds: MFU at least, the ratios at most."""
+    goal: dict = {}
+    for name in ("fast_mtp1", "compiled_mtp1"):
+        if "mfu" in summary.get(name, {}):
+            goal[f"mfu_{name}"] = summary[name]["mfu"]
+    mtp0, mtp1 = summary.get("fast_mtp0", {}), summary.get("fast_mtp1", {})
+    if "step_s" in mtp0 and "step_s" in mtp1:
+        extra_flops = mtp1["flops_per_token"] / mtp0["flops_per_token"] - 1
+        goal["mtp_overhead_over_flop_share"] = (mtp1["step_s"] / mtp0["step_s"] - 1) / extra_flops
+    profile, flops = summary.get("profile", {}), summary.get("component_flops_per_token", {})
+    if "by_component" in profile and "total" in flops and profile["attributed_s"] > 0:
+        goal["component_time_over_flop_share"] = {
+            name: sum(profile["by_component"].get(name, {}).values()) / profile["attributed_s"]
+            / (share / flops["total"]) for name, share in flops.items() if name != "total" and share > 0}
+    return goal
+
+
+def goal_table(goal: dict) -> str:
+    """``goal_figures`` as a few lines, each against its bound."""
+    lines = [f"{name:36s} {value:6.1%}  (goal >= {GOAL['mfu']:.0%})"
+             for name, value in goal.items() if name.startswith("mfu_")]
+    if "mtp_overhead_over_flop_share" in goal:
+        lines.append(f"{'MTP D=1 overhead / its FLOP share':36s} {goal['mtp_overhead_over_flop_share']:6.2f}  "
+                     f"(goal <= {GOAL['mtp_overhead_over_flop_share']})")
+    for name, ratio in goal.get("component_time_over_flop_share", {}).items():
+        lines.append(f"{name + ' time share / FLOP share':36s} {ratio:6.2f}  "
+                     f"(goal <= {GOAL['component_time_over_flop_share']})")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq", type=int, default=4096)
@@ -472,6 +513,9 @@ def main() -> None:
     parser.add_argument("--compile-blocks", action="store_true", help="also time [compile] per block")
     parser.add_argument("--checkpointing", action="store_true",
                         help="also time full and op-level activation checkpointing (step time, peak memory)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which no further part starts (skipped parts are marked so): the "
+                             "goal's figures come first, so a lent GPU's minutes are spent on them")
     parser.add_argument("--smoke", action="store_true",
                         help="the debug model: every part in seconds, on CPU without a GPU (checks the script; "
                              "its figures mean nothing)")
@@ -489,13 +533,17 @@ def main() -> None:
                      "model": "debugmodel" if SMOKE else BENCH_ARGS}
     peak = device_peak_tflops(device) or 989.0
 
-    def part(name, fn):
+    def part(name, fn, always: bool = False):
         t0 = time.perf_counter()
-        try:
-            summary[name] = fn()
-        except Exception as exc:  # report and go on: one failing part must not cost the others
-            summary[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+        if not always and opts.deadline is not None and t0 - began > opts.deadline:
+            summary[name] = {"skipped": f"--deadline {opts.deadline:g} s passed"}
+        else:
+            try:
+                summary[name] = fn()
+            except Exception as exc:  # report and go on: one failing part must not cost the others
+                summary[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
         summary.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        summary["goal"] = goal_figures(summary)
         print(name, json.dumps(summary[name], default=str)[:2000], flush=True)
         with open(os.path.join(opts.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1, default=str)
@@ -509,11 +557,13 @@ def main() -> None:
     part("fast_mtp0", lambda: measure_step(0, opts, device, peak))
     part("fast_mtp1", lambda: measure_step(1, opts, device, peak))
     # the goal's figures first (a run stopped at its time limit keeps the parts written so far), then the rest
-    part("component_flops_per_token", lambda: component_flops(bench_args(1), opts.seq))
-    part("profile", lambda: profile_step(opts, device, os.path.join(opts.out, "top_kernels.txt")))
-    part("component_s", lambda: component_times(opts, device))
     if opts.compile_blocks:  # whole blocks compiled (no graph breaks on these paths): the step users run
         part("compiled_mtp1", lambda: measure_step(1, opts, device, peak, compile_blocks=True))
+    part("component_flops_per_token", lambda: component_flops(bench_args(1), opts.seq))
+    part("profile", lambda: profile_step(opts, device, os.path.join(opts.out, "top_kernels.txt")))
+    if attention_kernel.available(device):
+        part("attention_kernel_tiles", lambda: attention_kernel_tiles(opts, device))
+    part("component_s", lambda: component_times(opts, device))
     part("qat_fp4_mtp1", lambda: measure_step(1, opts, device, peak, expert_qat="fp4"))  # its cost vs fast_mtp1
     # LoRA with FP4-stored experts and FP4 QAT: dequantising and merging each layer's experts vs fast_mtp1's
     # weight gradients (MFU counts the full model's training FLOPs, as for the others)
@@ -531,13 +581,13 @@ def main() -> None:
     part("unfused_attention_mtp1", lambda: measure_step(1, opts, device, peak, fused_attention=False))
     part("exact_mtp1", lambda: exact(1))
     if attention_kernel.available(device):
-        part("attention_kernel_tiles", lambda: attention_kernel_tiles(opts, device))
         part("indexer_scores_s", lambda: indexer_scores_times(opts, device))
-        part("compiled_kernels", compiled_kernels)
+        part("compiled_kernels", compiled_kernels, always=True)  # what this run's launches compiled: no GPU time
     summary["total_s"] = round(time.perf_counter() - began, 1)
     with open(os.path.join(opts.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     print("done", summary["total_s"], flush=True)
+    print(goal_table(summary["goal"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,32 @@ def test_every_part_of_the_benchmark_runs(tmp_path):
     profile = summary["profile"]
     assert {"attention", "moe", "mhc", "head_loss"} <= set(profile["by_component"])
     assert profile["attributed_s"] > 0 and (tmp_path / "top_kernels.txt").stat().st_size > 0
+    # the goal's figures, worked out again from the parts they come from
+    goal = summary["goal"]
+    assert goal["mfu_fast_mtp1"] == summary["fast_mtp1"]["mfu"]
+    mtp0, mtp1 = summary["fast_mtp0"], summary["fast_mtp1"]
+    assert goal["mtp_overhead_over_flop_share"] == pytest.approx(
+        (mtp1["step_s"] - mtp0["step_s"]) / mtp0["step_s"]
+        / ((mtp1["flops_per_token"] - mtp0["flops_per_token"]) / mtp0["flops_per_token"]))
+    shares = goal["component_time_over_flop_share"]
+    assert set(shares) == {"attention", "moe", "mhc", "head_loss"}
+    other = sum(profile["by_component"].get("other", {}).values())
+    assert sum(shares[c] * flops[c] / flops["total"] for c in shares) == pytest.approx(
+        1 - other / profile["attributed_s"])  # the four components' time shares
+    tiles = summary["attention_kernel_tiles"]["block_n16"]
+    assert tiles["forward_tflops"] / tiles["backward_tflops"] == pytest.approx(
+        2 / 5 * (tiles["forward_backward_s"] - tiles["forward_s"]) / tiles["forward_s"])
+
+
+def test_no_part_starts_after_the_deadline(tmp_path):
+    """``--deadline 0``: every part is marked skipped, the summary still written, the goal left empty."""
+    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--smoke", "--deadline", "0", "--out",
+                             str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    parts = [name for name in PARTS if name in summary]
+    assert parts and all("skipped" in summary[name] for name in parts), summary
+    assert summary["goal"] == {}
 
 
 READ_THE_LAUNCHERS_CACHE = """
