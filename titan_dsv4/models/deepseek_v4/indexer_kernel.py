@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import torch
 
-from .attention_kernel import INTERPRETED, available, bf16_dot, triton
+from .attention_kernel import INTERPRETED, available, triton
 from .fp32_linear import matmul_fp32_result
 
 BLOCK_P = 64  # entries per program
 BLOCK_Q = 16  # queries per program (each entry tile is loaded once for them)
 NUM_WARPS = 4
 
-if triton is not None:
+if triton is not None:  # an optional extra: the torch path serves without it
     import triton.language as tl
+
+    from .attention_kernel import bf16_dot
 
     @triton.jit
     def _scores_kernel(q_ptr, k_ptr, w_ptr, out_ptr, H, Q, P, scale,
