@@ -13,6 +13,7 @@ else
   PY="$VENV/bin/python"
   STAMP="$VENV/.titan_dsv4-$(cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}" | sha1sum | cut -c1-12)-${EXTRAS:-base}"
   if [ ! -f "$STAMP" ]; then
+    echo "titan_dsv4: installing the package${EXTRAS:+ with its $EXTRAS extras} into $VENV (once; a minute or two)" >&2
     if ! command -v nvidia-smi >/dev/null 2>&1; then
       # no CUDA: a pinned CPU build (an unpinned torch may pull a multi-GB CUDA build)
       "$PY" -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}

@@ -25,10 +25,11 @@ def test_slurm_node_script_builds_the_torchrun_command(tmp_path):
     env = fake_tools(tmp_path, scontrol='[ "$1 $2 $3" = "show hostnames gpu[07-10]" ] && '
                                        'printf "gpu07\\ngpu08\\ngpu09\\ngpu10\\n"\n')
     env.update(SLURM_JOB_ID="4242", SLURM_NNODES="4", SLURM_NODEID="2", SLURM_JOB_NODELIST="gpu[07-10]",
-               SLURM_GPUS_ON_NODE="8", DRY_RUN="1", PYTHON="python3")
-    out = subprocess.run(["bash", "scripts/slurm/node.sh", "cfg.toml", "--training.steps", "9"], cwd=REPO,
+               SLURM_GPUS_ON_NODE="8", DRY_RUN="1", PYTHON=sys.executable)
+    args = [DEBUG_TOML, "--job.dump_folder", str(tmp_path / "out"), "--training.steps", "9"]  # valid for 32 ranks
+    out = subprocess.run(["bash", "scripts/slurm/node.sh", *args], cwd=REPO,
                          env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out[:3] == ["python3", "-m", "torch.distributed.run"]
+    assert out[:3] == [sys.executable, "-m", "torch.distributed.run"]
 
     def value(flag):
         return out[out.index(flag) + 1]
@@ -36,9 +37,9 @@ def test_slurm_node_script_builds_the_torchrun_command(tmp_path):
     assert value("--nnodes") == "4" and value("--node_rank") == "2" and value("--nproc_per_node") == "8"
     assert value("--rdzv_backend") == "c10d" and value("--rdzv_endpoint") == "gpu07:29500"
     assert value("--rdzv_id") == "4242" and value("--log_dir") == "logs/4242/node2"
-    assert out[-6:] == ["-m", "titan_dsv4.train", "--job.config_file", "cfg.toml", "--training.steps", "9"]
+    assert out[-8:] == ["-m", "titan_dsv4.train", "--job.config_file", *args]
     env["MASTER_ADDR"], env["MASTER_PORT"] = "10.0.0.1", "6000"
-    out = subprocess.run(["bash", "scripts/slurm/node.sh", "cfg.toml"], cwd=REPO, env=env, capture_output=True,
+    out = subprocess.run(["bash", "scripts/slurm/node.sh", *args], cwd=REPO, env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     assert value("--rdzv_endpoint") == "10.0.0.1:6000"
 

@@ -103,6 +103,10 @@ BAD_RUNS = [
     (["--optimizer.muon_momentum", "1"], "`optimizer.muon_momentum` = 1.0 is invalid: must be in [0, 1)"),
     (["--job.config_file", "/nonexistent.toml"], "no such file"),
     (["--training.dataset", "text", "--training.dataset_path", "/nonexistent"], "`training.dataset_path`"),
+    (["--training.dataset_path", "corpus.txt"], "`training.dataset_path` = 'corpus.txt' is set, but "
+     "`training.dataset` = 'pydocs' (the embedded corpus) reads no files: set it to 'text'"),
+    (["--job.dump_folder", "README.md/out"], "`job.dump_folder` = 'README.md/out' is not writable: Not a directory"),
+    (["--lr_scheduler.total_steps", "0"], "`lr_scheduler.total_steps` = 0 is invalid: must be >= 1"),
     (["--validation.enable", "--validation.steps", "0"], "`validation.steps` = 0 is invalid"),
     (["--training.shuffle"], "`training.shuffle` = true needs random access to the documents: dataset 'pretokenized'"),
     (["--validation.enable", "--validation.dataset", "text"], "`validation.dataset_path` = None is invalid"),
@@ -267,3 +271,11 @@ def test_help_into_a_reader_that_stopped_is_not_an_error():
     process.stdout.close()  # before the interpreter has even imported torch
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 0 and "Traceback" not in stderr, stderr
+
+
+def test_the_configuration_reference_is_current():
+    """docs/configuration.md is generated from the config classes: regenerate it with
+    `python -m titan_dsv4.config > docs/configuration.md`."""
+    from titan_dsv4.config.manager import reference_markdown
+
+    assert (REPO / "docs" / "configuration.md").read_text() == reference_markdown()

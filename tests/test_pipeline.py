@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -115,12 +116,15 @@ BAD_LAYOUTS = [
     (dict(module_fqns_per_model_part=[["layers.0", "layers.1", "head"], ["layers.2", "layers.3"]]),
      "module 'head' must be on pipeline stage 1"),
     (dict(pipeline_parallel_schedule_csv="/nonexistent.csv"), "no such file"),
+    (dict(pipeline_parallel_layers_per_stage=64), "`parallelism.pipeline_parallel_layers_per_stage` = 64 gives 1 "
+     "stage for 4 layers (+2 for the embedding and the head), which cannot be placed evenly on "
+     "pipeline_parallel_degree = 2"),
 ]
 
 
-@pytest.mark.parametrize("kwargs,message", BAD_LAYOUTS, ids=[m for _, m in BAD_LAYOUTS])
+@pytest.mark.parametrize("kwargs,message", BAD_LAYOUTS, ids=[m[:40] for _, m in BAD_LAYOUTS])
 def test_bad_layouts_fail_before_compute(kwargs, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         plan(**kwargs)
 
 
@@ -142,3 +146,22 @@ def test_csv_with_wrong_rank_count(tmp_path):
     path.write_text("0F0,0B0\n")
     with pytest.raises(ConfigError, match="1 rank rows but pipeline_parallel_degree = 2"):
         plan(pipeline_parallel_schedule_csv=str(path))
+
+
+def test_a_malformed_csv_is_named_with_its_cell(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("0F0,0B0\n1F0,1X0\n")
+    with pytest.raises(ConfigError) as info:
+        plan(pipeline_parallel_schedule_csv=str(path))
+    assert str(info.value) == (f"`parallelism.pipeline_parallel_schedule_csv` = {str(path)!r}: line 2 has '1X0'; "
+                               "cells are STAGE ACTION MICROBATCH with action F, B, I or W (e.g. 0F1)")
+
+
+def test_the_banner_names_the_csv_schedule_that_runs():
+    from titan_dsv4.config import load_config
+    from titan_dsv4.config.validate import describe_run, validate
+
+    config = load_config(["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule",
+                          "1F1B", "--parallelism.pipeline_parallel_schedule_csv", CSV])
+    banner = describe_run(config, validate(config, 2), 2)
+    assert "PP 2 (CSV schedule pp2_looped_bfs.csv) x DP 1" in banner and "1F1B" not in banner

@@ -67,7 +67,7 @@ def test_the_run_names_itself_first(tmp_path):
 
     from launch import REPO, training_command
     from titan_dsv4.models.deepseek_v4 import FLAVORS, DeepseekV4Model
-    from titan_dsv4.train import _count
+    from titan_dsv4.config.validate import _count
 
     cmd, env = training_command(tmp_path, *SMALL, "--training.steps", "1", "--activation_checkpoint.mode",
                                 "selective", "--activation_checkpoint.selective_ac_option", "op")

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-from .components.checkpoint import StoredTensors
+from .components.checkpoint import StoredTensors, single_process_quiet
 from .components.hf_checkpoint import CheckpointError, HFCheckpointReader, _full_shapes, save_hf, storage_dtype
 from .components.quantization import QUANTIZE_FORMATS
 from .models.deepseek_v4.args import DeepseekV4ModelArgs
@@ -76,8 +76,10 @@ def hf_to_dcp(hf_dir: str | Path, dcp_dir: str | Path, dtype: torch.dtype = torc
     dtypes = {k: storage_dtype(k, v, dtype) for k, v in shapes.items()}
     meta_state = {k: torch.empty(v.shape, dtype=dtypes[k], device="meta") for k, v in shapes.items()}
     dcp_dir = Path(dcp_dir)
-    dcp.save(meta_state, storage_writer=FileSystemWriter(str(dcp_dir), single_file_per_rank=False, thread_count=1),
-             planner=_PullFromHF(reader, dtypes), no_dist=True)
+    with single_process_quiet():
+        dcp.save(meta_state, storage_writer=FileSystemWriter(str(dcp_dir), single_file_per_rank=False,
+                                                             thread_count=1),
+                 planner=_PullFromHF(reader, dtypes), no_dist=True)
     (dcp_dir / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))
 
 
@@ -118,13 +120,21 @@ def dcp_to_hf(dcp_dir: str | Path, hf_dir: str | Path, dtype: torch.dtype = torc
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m titan_dsv4.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("direction", choices=["hf-to-dcp", "dcp-to-hf"])
-    parser.add_argument("source")
-    parser.add_argument("destination")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--num-mtp-layers", type=int, default=None)
-    parser.add_argument("--quantize", default=None, choices=list(QUANTIZE_FORMATS))
+    parser = argparse.ArgumentParser(prog="python -m titan_dsv4.convert", description=__doc__.split("\n\n")[0],
+                                     epilog="hf-to-dcp: a released (or save_pretrained) Hugging Face folder to a "
+                                            "model-only DCP checkpoint (checkpoint.initial_load_path). dcp-to-hf: "
+                                            "a DCP checkpoint or a training run's step-N folder to the released "
+                                            "Hugging Face layout.")
+    parser.add_argument("direction", choices=["hf-to-dcp", "dcp-to-hf"], help="which way to convert")
+    parser.add_argument("source", help="the Hugging Face folder (hf-to-dcp) or the DCP / step-N folder (dcp-to-hf)")
+    parser.add_argument("destination", help="the folder to write")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="dtype of the written tensors (tensors released in fp32 stay fp32)")
+    parser.add_argument("--num-mtp-layers", type=int, default=None,
+                        help="hf-to-dcp: MTP depths to keep (default: the checkpoint's num_nextn_predict_layers)")
+    parser.add_argument("--quantize", default=None, choices=list(QUANTIZE_FORMATS),
+                        help="dcp-to-hf: fp8 writes the Base release's FP8 blocks, fp4 the instruct release's FP8 "
+                             "weights with FP4 routed experts (default: unquantised)")
     parser.add_argument("--max-shard-mb", type=int, default=4096, help="dcp-to-hf: largest output shard")
     opts = parser.parse_args(argv)
     dtype = getattr(torch, opts.dtype)

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .config import ConfigError, config_help, load_config, print_help
 from .config.job_config import JobConfig
-from .config.validate import RunSetup, validate
+from .config.validate import RunSetup, validate, world_from_degrees
 from .distributed.pipeline import prune_to_stage, schedule_actions
 from .models.deepseek_v4.lora import freeze_all_but_adapters, is_adapter
 from .models.deepseek_v4.moe import STACKED_BY_EXPERT
@@ -280,6 +280,7 @@ def without_cluster_files(config: JobConfig) -> JobConfig:
     weights) and no CUDA: the plan depends on shapes and layout only (``model.flavor`` gives the shape)."""
     config = copy.deepcopy(config)
     config.training.dataset, config.training.dataset_path = "pydocs", None
+    config.validation.enable = False
     config.model.tokenizer_path = config.model.hf_assets_path = None
     config.checkpoint.initial_load_path, config.checkpoint.load_step = None, -1
     config.optimizer.implementation = "foreach"
@@ -429,7 +430,8 @@ def report(config: JobConfig, ranks: list[RankPlan], world_size: int, device: st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--ngpu", type=int, default=None, help="world size (default: the config's degrees)")
+    parser.add_argument("--ngpu", type=int, default=None, help="world size (default: the product of the config's "
+                        "degrees)")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     opts, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -440,21 +442,13 @@ def main(argv: list[str] | None = None) -> int:
             print_help(reference)
             return 0
         config = load_config(rest)
-        world = opts.ngpu or _world_from_degrees(config)
+        world = opts.ngpu or world_from_degrees(config)
         ranks = plan_memory(config, world, opts.device)
     except ConfigError as e:
         print(f"titan_dsv4.plan: {e}", file=sys.stderr)
         return 2
     print(report(config, ranks, world, opts.device, opts.gpu_memory_gib))
     return 0
-
-
-def _world_from_degrees(config: JobConfig) -> int:
-    p = config.parallelism
-    if p.data_parallel_shard_degree < 1:
-        raise ConfigError("`parallelism.data_parallel_shard_degree` = -1 needs the world size: pass --ngpu N")
-    return (p.pipeline_parallel_degree * p.data_parallel_replicate_degree * p.data_parallel_shard_degree
-            * p.context_parallel_degree)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -34,11 +35,11 @@ from .components.garbage_collection import GarbageCollection
 from .components.hf_checkpoint import load_hf_into, stage_export, write_index, write_shards
 from .components.load_balance import gather_max_violations, learned_routing_moes, update_expert_bias
 from .components.loss import build_targets, summarise_parts
-from .components.metrics import MetricsLogger, device_peak_tflops, memory_record
+from .components.metrics import MetricsLogger, device_peak_tflops, format_duration, loss_parts, memory_record
 from .components.optimizer import build_lr_scheduler, build_optimizer, unique_trainable_parameters
 from .components.profiling import StepProfiler
-from .config import ConfigError, JobConfig, config_help, load_config, print_help
-from .config.validate import RunSetup, validate
+from .config import ConfigError, JobConfig, config_help, config_to_dict, load_config, print_help
+from .config.validate import RunSetup, check_run_environment, describe_run, validate
 from .distributed.context_parallel import ContextParallel
 from .distributed.utils import (
     all_reduce_sum,
@@ -84,6 +85,7 @@ class Trainer:
         if self.rank == 0:
             print(f"titan_dsv4: {describe_run(config, setup, dist.get_world_size() if self.distributed else 1)}",
                   flush=True)
+            report_config(config)
         self._warn_if_cut(self._validation_first_cut, "validation")
         self.loss_fn = setup.spec.build_loss_fn(config, self.model_args)
         self.dp_cp_group = dims.dp_cp_group() if self.distributed else None
@@ -120,7 +122,8 @@ class Trainer:
         self.norm_params = [p for p in params if id(p) not in followers]  # replicas count once
         matrices = {id(p): n for part in self.model_parts for p, n in part.matrix_parameters()}
         self.optimizer = build_optimizer(params, config.optimizer, matrices)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.training.steps, config.lr_scheduler)
+        schedule_steps = config.lr_scheduler.total_steps or config.training.steps
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, schedule_steps, config.lr_scheduler)
         self.metrics = MetricsLogger(config.job.dump_folder, enabled=self.rank == 0,
                                      color=not config.metrics.disable_color_printing)
         self.step = 0
@@ -146,11 +149,15 @@ class Trainer:
                 self._restore(self.checkpointer.load_from(Path(ck.initial_load_path)))
         if self.pipeline is not None and (resume is not None or ck.initial_load_path):
             self.pipeline.ties.copy_from_source()
+        if self.step == 0:  # nothing resumed: this run's metrics.jsonl starts empty
+            self.metrics.start_fresh()
         m = config.metrics
         self.metrics.open_dashboards(m.save_tb_folder if m.enable_tensorboard else None,
                                      dataclasses.asdict(config) if m.enable_wandb else None, resume)
         self._signal: int | None = None
         self._grace_timer: threading.Timer | None = None
+        self.last_record: dict | None = None  # the last logged step's (the final step is always logged)
+        self.run_time = (0, 0.0)  # steps this process ran, and their seconds
 
     # ------------------------------------------------------------------ checkpoints
     def _resume_step(self) -> int | None:
@@ -426,6 +433,8 @@ class Trainer:
                               "step_time_s": elapsed, **memory_record(self.device), "mfu": mfu}
                     per_step = (time.perf_counter() - run_start) / (self.step - first_step)
                     self.metrics.log(record, cfg.training.steps, per_step * (cfg.training.steps - self.step))
+                    self.last_record = record
+                self.run_time = (self.step - first_step, time.perf_counter() - run_start)
                 if self._preempted():
                     if self.checkpointer is not None:
                         self.save_checkpoint()
@@ -433,10 +442,8 @@ class Trainer:
                     if self._grace_timer is not None:
                         self._grace_timer.cancel()
                     return False
-                if self.checkpointer is not None and (self.step % cfg.checkpoint.interval == 0
-                                                      or self.step == cfg.training.steps):
-                    final = self.step == cfg.training.steps
-                    self.save_checkpoint(model_only=final and cfg.checkpoint.last_save_model_only)
+                if self.checkpointer is not None and self._save_due():
+                    self.save_checkpoint(model_only=last and cfg.checkpoint.last_save_model_only)
                 profiler.step(self.step)
                 collector.step(self.step)
             if self.checkpointer is not None:
@@ -450,6 +457,29 @@ class Trainer:
             collector.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _save_due(self) -> bool:
+        ck = self.config.checkpoint
+        return (self.step % ck.interval == 0 or self.step == self.config.training.steps
+                or (self.step == 1 and ck.enable_first_step_checkpoint))
+
+    def report_end(self, export: Path | None) -> None:
+        """Rank 0's closing lines: the final losses, the run's throughput, and where its outputs are."""
+        if self.rank != 0 or self.last_record is None:
+            return
+        record, (steps, seconds) = self.last_record, self.run_time
+        losses = "  ".join(loss_parts(record))
+        if record.get("validation"):
+            losses += "  | validation " + "  ".join(loss_parts(record["validation"]))
+        tokens_per_sec = self.tokens_per_step * steps / seconds
+        lines = [f"titan_dsv4: finished step {self.step}: {losses}",
+                 f"  {steps} steps in {format_duration(seconds)}, {tokens_per_sec:,.0f} tokens/s",
+                 f"  metrics:    {self.metrics.path}"]
+        if self.checkpointer is not None:
+            lines.append(f"  checkpoint: {self.checkpointer.folder / f'step-{self.step}'}")
+        if export is not None:
+            lines.append(f"  export:     {export}")
+        print("\n".join(lines), flush=True)
 
     def _report_graph_breaks(self) -> None:
         """After the first compiled step: each graph break splits a block into graphs run with Python in
@@ -521,29 +551,16 @@ class Trainer:
         shutdown_distributed()
 
 
-def describe_run(config: JobConfig, setup: RunSetup, world: int) -> str:
-    """One line: the job, the model and the layout it runs in."""
-    args, dims, t, ac = setup.model_args, setup.parallel_dims, config.training, config.activation_checkpoint
-    p = config.parallelism
-    layout = f"PP {dims.pp} ({p.pipeline_parallel_schedule}) x DP {dims.dp}" if dims.pp > 1 else f"DP {dims.dp}"
-    if dims.cp > 1:
-        layout += f", CP {dims.cp} ({t.seq_len // dims.cp} tokens per rank)"
-    if dims.ep > 1:
-        layout += f", EP {dims.ep}"
-    checkpointing = ac.mode + (f" ({ac.selective_ac_option})" if ac.mode == "selective" else "")
-    compiled = "on" if config.compile.enable else "off"
-    trained = "" if config.model.expert_qat == "none" else f", experts trained {config.model.expert_qat.upper()}-aware"
-    if config.model.attention_qat:
-        trained += ", attention trained as the released model quantises it"
-    if args.lora_rank:
-        trained += f", LoRA rank {args.lora_rank} on {', '.join(args.lora_targets)} (all else frozen)"
-        if args.expert_storage == "fp4":
-            trained += ", frozen experts stored as FP4"
-    return (f"{config.job.description}: {config.model.flavor}, {_count(args.num_params())} parameters "
-            f"({_count(args.num_active_params())} active), MTP depth {args.num_nextn_predict_layers}{trained}; "
-            f"{world} process{'es' if world > 1 else ''}: {layout}; activation checkpointing {checkpointing}, "
-            f"compile {compiled}; {t.steps} step{'s' if t.steps > 1 else ''} of {setup.global_batch_size} x "
-            f"{t.seq_len} tokens")
+def report_config(config: JobConfig) -> None:
+    """``job.print_config``: every key's value on the console; ``job.save_config_file``: as JSON under the dump
+    folder."""
+    values = config_to_dict(config)
+    if config.job.print_config:
+        print("titan_dsv4: config\n" + json.dumps(values, indent=2), flush=True)
+    if config.job.save_config_file:
+        path = Path(config.job.dump_folder) / config.job.save_config_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values, indent=2) + "\n")
 
 
 def _data_source(section: str, dataset: str, path: str | None) -> str:
@@ -551,53 +568,51 @@ def _data_source(section: str, dataset: str, path: str | None) -> str:
     return f"`{section}.dataset` = {dataset!r}" if dataset == "pydocs" else f"`{section}.dataset_path` = {path!r}"
 
 
-def _count(n: int) -> str:
-    return next(f"{n / scale:.4g}{unit}" for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k"), (1, ""))
-                if n >= scale or scale == 1)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    first_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports a config error
     try:
         reference = config_help(argv, "python -m titan_dsv4.train [--job.config_file FILE.toml] "
                                       "[--section.key VALUE ...]")
         if reference is not None:
-            print_help(reference)
+            if first_rank:
+                print_help(reference)
             return 0
         config = load_config(argv)
         setup = validate(config, launched_world_size())
+        check_run_environment(config)
     except ConfigError as e:
-        print(f"titan_dsv4: config error: {e}", file=sys.stderr)
+        report_error("config error", e, first_rank)
         return 2
     try:
         trainer = Trainer(config, setup)
-    except ConfigError as e:  # layout problems only torch can judge (schedule construction)
-        print(f"titan_dsv4: config error: {e}", file=sys.stderr)
-        shutdown_distributed()
-        return 2
-    except CheckpointError as e:
-        print(f"titan_dsv4: checkpoint error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError) as e:  # layout problems only torch can judge; checkpoints that do not fit
+        # found by the ranks that hold the stage or tensor, not necessarily rank 0: each says which it is
+        rank = f" (rank {os.environ['RANK']})" if launched_world_size() > 1 else ""
+        report_error(f"{'config' if isinstance(e, ConfigError) else 'checkpoint'} error{rank}", e, True)
         shutdown_distributed()
         return 2
     try:
         finished = trainer.train()  # other exceptions propagate: torchrun tears the whole group down
     except NonFiniteError as e:
-        if trainer.rank == 0:
-            print(f"titan_dsv4: stopping: {e}", file=sys.stderr, flush=True)
+        report_error("stopping", e, trainer.rank == 0)
         trainer.close()
         return 3
     except DataError as e:
-        if trainer.rank == 0:
-            saved = (f"; step {trainer.step} is checkpointed: mend the data and rerun the same command to resume"
-                     if trainer.checkpointer is not None and trainer.step > 0 else "")
-            print(f"titan_dsv4: data error reading step {trainer.step + 1}: {e}{saved}", file=sys.stderr,
-                  flush=True)
+        saved = (f"; step {trainer.step} is checkpointed: mend the data and rerun the same command to resume"
+                 if trainer.checkpointer is not None and trainer.step > 0 else "")
+        report_error(f"data error reading step {trainer.step + 1}", f"{e}{saved}", trainer.rank == 0)
         trainer.close()
         return 4
-    if finished and config.checkpoint.last_save_in_hf:
-        trainer.export_hf()
+    export = trainer.export_hf() if finished and config.checkpoint.last_save_in_hf else None
+    trainer.report_end(export)
     trainer.close()
     return 0
+
+
+def report_error(kind: str, error: object, printing: bool) -> None:
+    if printing:
+        print(f"titan_dsv4: {kind}: {error}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

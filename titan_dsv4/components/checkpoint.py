@@ -17,10 +17,13 @@ previous checkpoints are untouched until the new one is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -46,6 +49,14 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
 CONFIG_FILE = "config.json"
 OPTIMIZER_PREFIX = "optimizer."
+
+
+@contextlib.contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """DCP warns at every save and load in one process that it assumes one process: what we ask for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def complete_steps(folder: Path) -> list[int]:
@@ -207,7 +218,8 @@ def _checked_metadata(path: Path, model: dict[str, torch.Tensor], metadata=None)
 
 def _load(state: dict[str, torch.Tensor], path: Path) -> None:
     try:
-        dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=not dist.is_initialized())
+        with single_process_quiet():
+            dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures; keep the path in the message
         raise CheckpointError(f"{path}: loading failed: {e}") from None
 
@@ -267,12 +279,14 @@ class CheckpointManager:
             state.update(self._saved_optimizer_entries())
         writer = FileSystemWriter(str(partial), single_file_per_rank=True, sync_files=True)
         if self.async_mode:
-            future = dcp.async_save(state, storage_writer=writer, process_group=self.async_group,
-                                    no_dist=not dist.is_initialized())
+            with single_process_quiet():
+                future = dcp.async_save(state, storage_writer=writer, process_group=self.async_group,
+                                        no_dist=not dist.is_initialized())
             self._pending = (future, partial, trainer_state, step)
             return
         try:
-            dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
+            with single_process_quiet():
+                dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
         except (Exception, CheckpointException) as e:  # e.g. a full disk: the previous checkpoints stay intact
             self._abandon(partial, e)
             return

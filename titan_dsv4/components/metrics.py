@@ -1,6 +1,6 @@
 """Step metrics: a console line, ``{dump_folder}/metrics.jsonl`` and optionally TensorBoard and W&B.
 
-``metrics.jsonl`` is a public contract (README "Metrics"): one JSON object per logged step with at least
+``metrics.jsonl`` is a public contract (docs/metrics.md): one JSON object per logged step with at least
 ``step``, ``loss`` (main LM cross-entropy per valid token, without MTP), ``mtp_losses`` (one float per
 depth, [] without MTP), ``mtp_acceptance`` (greedy acceptance per depth), ``total_loss`` (the optimised
 objective), ``grad_norm``, ``lr``, ``tokens_per_sec`` (global), ``max_memory_mb`` (this rank's peak) and
@@ -112,6 +112,17 @@ class MetricsLogger:
                                     config=wandb_config, id=run_id, resume="allow" if run_id else None)
             id_file.write_text(self.wandb.id + "\n")
 
+    def start_fresh(self) -> None:
+        """A run that resumed nothing keeps its own ``metrics.jsonl``: an earlier run's file is kept beside it
+        as ``metrics-K.jsonl`` (the next free K), never appended to."""
+        if not self.enabled or not self.path.is_file():
+            return
+        k = 1
+        while (kept := self.path.with_name(f"metrics-{k}.jsonl")).exists():
+            k += 1
+        self.path.replace(kept)
+        print(f"titan_dsv4: a new run: the earlier run's {self.path.name} is kept as {kept.name}", flush=True)
+
     def drop_after(self, step: int) -> None:
         """Forget records past ``step`` (a resumed run redoes those steps)."""
         if not self.enabled or not self.path.is_file():
@@ -143,7 +154,7 @@ class MetricsLogger:
 
     def validation_line(self, step: int, losses: dict) -> str:
         """``validation at step 100  loss 3.52  mtp0 3.91 acc 40%  (262,144 tokens)``"""
-        parts = [f"validation at step {step}", *_loss_parts(losses), f"({losses['valid_tokens']:,} tokens)"]
+        parts = [f"validation at step {step}", *loss_parts(losses), f"({losses['valid_tokens']:,} tokens)"]
         line = "  ".join(parts)
         return f"\033[33m{line}\033[0m" if self.color else line
 
@@ -151,7 +162,7 @@ class MetricsLogger:
         """``step 120/5000 (2%)  loss 3.41  mtp0 3.80 acc 41%  ...  maxvio 0.12  ...  mfu 38.2%  eta 3h12m``"""
         step = f"{record['step']}/{total_steps} ({record['step'] / total_steps:.0%})" if total_steps \
             else str(record["step"])
-        parts = [f"step {step}", *_loss_parts(record)]
+        parts = [f"step {step}", *loss_parts(record)]
         if record.get("indexer_loss") is not None:
             parts.append(f"indexer_kl {record['indexer_loss']:.4f}")
         parts += [f"total {record['total_loss']:.4f}", f"grad_norm {record['grad_norm']:.3f}"]
@@ -177,7 +188,7 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _loss_parts(losses: dict) -> list[str]:
+def loss_parts(losses: dict) -> list[str]:
     """``loss 3.41``, then ``mtp0 3.80 acc 41%`` per depth."""
     return [f"loss {losses['loss']:.4f}"] + [
         f"mtp{k} {loss:.4f} acc {acc:.0%}" for k, (loss, acc) in enumerate(zip(losses["mtp_losses"],

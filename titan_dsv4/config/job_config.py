@@ -14,6 +14,8 @@ class Job:
     config_file: str | None = None  # TOML file the other values come from
     dump_folder: str = "./outputs"  # metrics, checkpoints and TensorBoard go under here
     description: str = "titan_dsv4 training job"  # free text for the logs
+    print_config: bool = False  # print every key's value at start-up (rank 0)
+    save_config_file: str | None = None  # also write the config as JSON to this file under dump_folder
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Optimizer:
     beta2: float = 0.95  # second-moment decay (AdamW)
     eps: float = 1e-8  # added to the second moment's root (AdamW)
     weight_decay: float = 0.1  # decoupled, on every parameter as in torchtitan (AdamW and Muon)
-    implementation: str = "foreach"  # for-loop | foreach | fused (fused needs CUDA); AdamW's kernels
+    implementation: str = "foreach"  # for-loop | foreach | fused: AdamW's kernels (fused on CPU too)
     muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
     muon_update_rms: float = 0.18  # RMS of Muon's update per matrix before the lr (DeepSeek-V4: 0.18)
 
@@ -53,6 +55,7 @@ class Optimizer:
 @dataclass
 class LRScheduler:
     warmup_steps: int = 2  # linear warmup from lr/(warmup+1)
+    total_steps: int | None = None  # steps the schedule spans (warmup, stable, decay); None: training.steps
     decay_ratio: float | None = None  # share of steps spent decaying at the end; None = decay after warmup
     decay_type: str = "linear"  # linear | sqrt | cosine
     min_lr_factor: float = 0.0  # lr floor as a fraction of optimizer.lr
@@ -64,7 +67,7 @@ class Training:
     # chat format; only the assistant messages are trained on) | pretokenized (either, tokenized ahead)
     dataset: str = "pydocs"
     # text: .txt / .jsonl (.gz, .zst) / .parquet file or folder ('text' field); chat: .jsonl / .parquet
-    # ('messages' field); pretokenized: the folder python -m titan_dsv4.pretokenize wrote
+    # ('messages' field); pretokenized: the folder python -m titan_dsv4.pretokenize wrote; pydocs reads none
     dataset_path: str | None = None
     local_batch_size: int = 8  # sequences per data-parallel rank per step
     global_batch_size: int = -1  # -1: local_batch_size x data-parallel degree; larger -> grad accumulation
@@ -114,6 +117,7 @@ class Checkpoint:
     enable: bool = False  # save DCP checkpoints and resume from the latest one
     folder: str = "checkpoint"  # under job.dump_folder
     interval: int = 500  # steps between checkpoints (the last step is always saved)
+    enable_first_step_checkpoint: bool = False  # also save after the first step (proves the storage early)
     initial_load_path: str | None = None  # weights to start from when no checkpoint exists yet
     initial_load_in_hf: bool = False  # initial_load_path is a Hugging Face folder (the released checkpoint)
     initial_load_model_only: bool = True  # False: also optimizer, step, data position (a DCP step-N folder)

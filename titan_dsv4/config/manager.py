@@ -15,10 +15,12 @@ import sys
 import textwrap
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .job_config import JobConfig
+from .torchtitan_keys import Alias, Inert, torchtitan_rule, torchtitan_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,7 +38,7 @@ def _sections() -> dict[str, type]:
 
 
 def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.8)  # close spellings only
     return f" (did you mean `{match[0]}`?)" if match else ""
 
 
@@ -81,20 +83,48 @@ def _describe(hint: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
-def _set(config: JobConfig, dotted: str, value: Any, from_cli: bool) -> None:
+def _set(config: JobConfig, dotted: str, value: Any, from_cli: bool, foreign: dict[str, Any]) -> None:
+    """Set one key; a torchtitan key without a field here is renamed (``Alias``) or kept in ``foreign`` to be
+    judged once every key is loaded (``Inert``)."""
     sections = _sections()
     if "." not in dotted:
         raise ConfigError(f"`{dotted}` is not a config key: use --section.key (sections: {', '.join(sections)})")
+    rule = torchtitan_rule(dotted)
+    if isinstance(rule, Alias):
+        dotted = rule.target
+    elif isinstance(rule, Inert):
+        foreign[dotted] = _literal(value) if from_cli else value
+        return
     section_name, key = dotted.split(".", 1)
     if section_name not in sections:
         raise ConfigError(f"unknown config section `{section_name}`{_closest(section_name, list(sections))}; "
                           f"allowed: {', '.join(sections)}")
     section = getattr(config, section_name)
     hints = typing.get_type_hints(type(section))
+    if key not in hints and from_cli and key.startswith("no_") and hints.get(key[3:]) is bool and value == "true":
+        key, value = key[3:], "false"  # torchtitan's --section.no_key
     if key not in hints:
         raise ConfigError(f"unknown config key `{dotted}`{_closest(key, list(hints))}; "
                           f"keys of [{section_name}]: {', '.join(hints)}")
-    setattr(section, key, _convert(dotted, value, hints[key], from_cli))
+    setattr(section, key, _convert(dotted, torchtitan_value(dotted, value), hints[key], from_cli))
+
+
+def _literal(value: str) -> Any:
+    """A command-line value as TOML reads it (a bare word stays a string)."""
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _flatten(table: dict[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
+    """``section.key`` pairs of a TOML table, nested tables (torchtitan's ``[quantize.linear.float8]``)
+    dotted."""
+    for key, value in table.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
 
 
 def load_config(argv: list[str] | None = None) -> JobConfig:
@@ -119,6 +149,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
         overrides.append((key.replace("-", "_"), value))
 
     config = JobConfig()
+    assignments: list[tuple[str, Any, bool]] = []
     config_file = next((v for k, v in reversed(overrides) if k == "job.config_file"), None)
     if config_file:
         path = Path(config_file)
@@ -131,10 +162,24 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
         for section_name, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"top-level key `{section_name}` in {config_file} must be a [section]")
-            for key, value in table.items():
-                _set(config, f"{section_name}.{key}", value, from_cli=False)
-    for key, value in overrides:
-        _set(config, key, value, from_cli=True)
+            assignments += [(key, value, False) for key, value in _flatten(table, section_name)]
+    assignments += [(key, value, True) for key, value in overrides]
+    problems: list[str] = []
+    foreign: dict[str, Any] = {}  # torchtitan keys without a field here, judged once every value is known
+    for key, value, from_cli in assignments:
+        try:
+            _set(config, key, value, from_cli, foreign)
+        except ConfigError as e:
+            problems.append(str(e))
+    for key, value in foreign.items():
+        rule = torchtitan_rule(key)
+        if not rule.accepts(value, config):
+            problems.append(f"`{key}` = {value!r} asks for what titan_dsv4 does not have: {rule.instead}")
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the configuration:\n"
+                          + "\n".join(f"  - {p}" for p in problems))
     return config
 
 
@@ -178,6 +223,28 @@ def config_help(argv: list[str], usage: str) -> str | None:
             lines.append(f"{head:<42}{wrapped[0]}" if len(head) < 41 else head)
             lines += [" " * 42 + w for w in (wrapped[1:] if len(head) < 41 else wrapped)]
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """``docs/configuration.md``: every section and key with its default and description (the comments of
+    ``job_config.py``), as ``python -m titan_dsv4.config`` prints it; a test keeps the page equal to this."""
+    lines = ["# Configuration reference", "",
+             "<!-- generated by `python -m titan_dsv4.config > docs/configuration.md` from "
+             "titan_dsv4/config/job_config.py; do not edit -->", "",
+             "Values come from the defaults below, then the TOML file (`--job.config_file`), then the command line: "
+             "`--section.key value` or `--section.key=value`; a bare `--section.key` is true and "
+             "`--section.no_key` false; lists are TOML (`'[[\"embed\", \"layers.0\"], [\"layers.1\"]]'`) or "
+             "comma-separated. `python -m titan_dsv4.train --job.config_file X.toml --help` prints every key at "
+             "the values that command line gives. torchtitan keys without a field here are listed in "
+             "[torchtitan.md](torchtitan.md)."]
+    defaults = JobConfig()
+    for section_name, section_type in _sections().items():
+        docs = field_docs(section_type)
+        lines += ["", f"## [{section_name}]", "", "| key | default | meaning |", "|---|---|---|"]
+        for key in typing.get_type_hints(section_type):
+            default = _toml(getattr(getattr(defaults, section_name), key))
+            lines.append(f"| `{key}` | `{default}` | {docs.get(key, '').replace('|', chr(92) + '|')} |")
+    return "\n".join(lines) + "\n"
 
 
 def field_docs(section: type) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,8 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
         section, name = key.split(".")
         _at_least(key, getattr(getattr(config, section), name), low)
     lr = config.lr_scheduler
+    if lr.total_steps is not None:
+        _at_least("lr_scheduler.total_steps", lr.total_steps, 1)
     if lr.decay_ratio is not None and not 0.0 <= lr.decay_ratio <= 1.0:
         raise ConfigError(f"`lr_scheduler.decay_ratio` = {lr.decay_ratio} is invalid: must be in [0, 1] or unset")
     if not 0.0 <= lr.min_lr_factor <= 1.0:
@@ -122,13 +125,7 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     if config.compile.enable:
         _choice("compile.backend", config.compile.backend,
                 sorted({"eager", "aot_eager", *torch._dynamo.list_backends()}))
-    if config.optimizer.implementation == "fused" and not torch.cuda.is_available():
-        raise ConfigError("`optimizer.implementation` = 'fused' needs CUDA: use foreach on CPU")
     _check_profiling(config.profiling)
-    for key, package, extra in (("enable_tensorboard", "tensorboard", "metrics"), ("enable_wandb", "wandb", "wandb")):
-        if getattr(config.metrics, key) and importlib.util.find_spec(package) is None:
-            raise ConfigError(f"`metrics.{key}` = true needs the {package} package: pip install "
-                              f"'titan_dsv4[{extra}]'")
     sources = [("training", t.dataset, t.dataset_path)]
     if config.validation.enable:
         v = config.validation
@@ -142,6 +139,10 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                           f"'pretokenized' (python -m titan_dsv4.pretokenize), not {t.dataset!r}")
     for section, dataset, path in sources:
         _choice(f"{section}.dataset", dataset, DATASETS)
+        if dataset == "pydocs" and path:
+            raise ConfigError(f"`{section}.dataset_path` = {path!r} is set, but `{section}.dataset` = 'pydocs' (the "
+                              "embedded corpus) reads no files: set it to 'text' (documents), 'chat' "
+                              "(conversations) or 'pretokenized'")
         if dataset in FORMATS:
             _check_dataset_files(f"{section}.dataset_path", path, dataset)
         elif dataset == "pretokenized":
@@ -157,6 +158,11 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
                           f"{', '.join(spec.model_args)}")
     model_args = spec.model_args[config.model.flavor]
     ck = config.checkpoint
+    if ck.initial_load_in_hf and not ck.initial_load_path:  # as torchtitan: the HF assets hold the weights
+        if not config.model.hf_assets_path:
+            raise ConfigError("`checkpoint.initial_load_in_hf` = true needs the Hugging Face folder: set "
+                              "checkpoint.initial_load_path or model.hf_assets_path")
+        ck.initial_load_path = config.model.hf_assets_path
     if ck.initial_load_path:
         hf_config = Path(ck.initial_load_path) / "config.json"
         if not ck.initial_load_in_hf and not (Path(ck.initial_load_path) / ".metadata").is_file():
@@ -312,6 +318,25 @@ def _check_checkpointing_fits_the_schedule(config: JobConfig, plan) -> None:
                           "schedule without W actions (1F1B, GPipe, Interleaved1F1B, LoopedBFS)")
 
 
+def check_run_environment(config: JobConfig) -> None:
+    """What a run needs of this machine beyond a valid config (the planner needs none of it): the logging
+    packages it asks for, and a dump folder it can write (every rank writes checkpoints there; rank 0 the
+    metrics)."""
+    for key, package, extra in (("enable_tensorboard", "tensorboard", "metrics"), ("enable_wandb", "wandb", "wandb")):
+        if getattr(config.metrics, key) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"`metrics.{key}` = true needs the {package} package: pip install "
+                              f"'titan_dsv4[{extra}]'")
+    dump_folder = config.job.dump_folder
+    folder = Path(dump_folder)
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"`job.dump_folder` = {dump_folder!r} is not writable: {e.strerror or e}") from None
+
+
 def _check_profiling(prof) -> None:
     if prof.enable_profiling:
         _at_least("profiling.profiler_warmup", prof.profiler_warmup, 0)
@@ -353,3 +378,45 @@ def _check_dataset_files(key: str, path: str | None, dataset: str) -> None:
         if any(data_suffix(f) == suffix for f in files) and importlib.util.find_spec(package) is None:
             raise ConfigError(f"`{key}` = {path!r} holds {suffix} files: reading them needs {package} "
                               "(pip install 'titan_dsv4[data]')")
+
+
+def describe_run(config: JobConfig, setup: RunSetup, world: int) -> str:
+    """One line: the job, the model and the layout it runs in."""
+    args, dims, t, ac = setup.model_args, setup.parallel_dims, config.training, config.activation_checkpoint
+    p = config.parallelism
+    schedule = (f"CSV schedule {Path(p.pipeline_parallel_schedule_csv).name}" if p.pipeline_parallel_schedule_csv
+                else p.pipeline_parallel_schedule)
+    layout = f"PP {dims.pp} ({schedule}) x DP {dims.dp}" if dims.pp > 1 else f"DP {dims.dp}"
+    if dims.cp > 1:
+        layout += f", CP {dims.cp} ({t.seq_len // dims.cp} tokens per rank)"
+    if dims.ep > 1:
+        layout += f", EP {dims.ep}"
+    checkpointing = ac.mode + (f" ({ac.selective_ac_option})" if ac.mode == "selective" else "")
+    compiled = "on" if config.compile.enable else "off"
+    trained = "" if config.model.expert_qat == "none" else f", experts trained {config.model.expert_qat.upper()}-aware"
+    if config.model.attention_qat:
+        trained += ", attention trained as the released model quantises it"
+    if args.lora_rank:
+        trained += f", LoRA rank {args.lora_rank} on {', '.join(args.lora_targets)} (all else frozen)"
+        if args.expert_storage == "fp4":
+            trained += ", frozen experts stored as FP4"
+    return (f"{config.job.description}: {config.model.flavor}, {_count(args.num_params())} parameters "
+            f"({_count(args.num_active_params())} active), MTP depth {args.num_nextn_predict_layers}{trained}; "
+            f"{world} process{'es' if world > 1 else ''}: {layout}; activation checkpointing {checkpointing}, "
+            f"compile {compiled}; {t.steps} step{'s' if t.steps > 1 else ''} of {setup.global_batch_size} x "
+            f"{t.seq_len} tokens")
+
+
+def _count(n: int) -> str:
+    return next(f"{n / scale:.4g}{unit}" for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k"), (1, ""))
+                if n >= scale or scale == 1)
+
+
+def world_from_degrees(config: JobConfig) -> int:
+    """The world size a config's parallel degrees name (``--ngpu``'s default in the planner and the check)."""
+    p = config.parallelism
+    if p.data_parallel_shard_degree < 1:
+        raise ConfigError("`parallelism.data_parallel_shard_degree` = -1 takes what the world size leaves: pass "
+                          "--ngpu N (the GPUs the job will have), or set the degree in the config")
+    return (p.pipeline_parallel_degree * p.data_parallel_replicate_degree * p.data_parallel_shard_degree
+            * p.context_parallel_degree)

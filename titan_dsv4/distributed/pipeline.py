@@ -69,14 +69,24 @@ class PipelinePlan:
 
 
 def _csv_stages(path: str) -> list[list[int]]:
-    """Stage indices each rank row of a compute-only schedule CSV (cells like ``0F1``, ``2B0``) runs."""
+    """Stage indices each rank row of a compute-only schedule CSV (cells like ``0F1``, ``2B0``: stage, action
+    F/B/I/W, microbatch) runs."""
     stages = []
     with open(path, newline="") as f:
-        for row in csv.reader(f):
-            found = sorted({int(m.group(1)) for cell in row if (m := re.match(r"\s*(\d+)[A-Z]", cell))})
+        for line, row in enumerate(csv.reader(f), 1):
+            cells = [cell.strip() for cell in row if cell.strip()]
+            bad = next((cell for cell in cells if not re.fullmatch(r"\d+[FBIW]\d+", cell)), None)
+            if bad is not None:
+                raise ConfigError(f"`parallelism.pipeline_parallel_schedule_csv` = {path!r}: line {line} has "
+                                  f"{bad!r}; cells are STAGE ACTION MICROBATCH with action F, B, I or W (e.g. 0F1)")
             if row:
-                stages.append(found)
+                stages.append(sorted({int(re.match(r"\d+", cell).group()) for cell in cells}))
     return stages
+
+
+def _at_least_one(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"`{key}` = {value} is invalid: must be >= 1")
 
 
 def split_layers(layer_fqns: list[str], num_stages: int, first_less: int, last_less: int) -> list[list[str]]:
@@ -129,24 +139,31 @@ def plan_pipeline(model: nn.Module, job_config: JobConfig, pp: int, local_batch_
     explicit = par.module_fqns_per_model_part
     if csv_stages:
         num_stages = 1 + max(max(r, default=0) for r in csv_stages)
+        source = f"`parallelism.pipeline_parallel_schedule_csv` = {csv_path!r} runs {num_stages} stages"
     elif explicit:
         num_stages = len(explicit)
+        source = f"`parallelism.module_fqns_per_model_part` names {num_stages} stages"
     elif par.pipeline_parallel_layers_per_stage:
         lps = par.pipeline_parallel_layers_per_stage
+        _at_least_one("parallelism.pipeline_parallel_layers_per_stage", lps)
         effective = len(layer_fqns) + par.pipeline_parallel_first_stage_less_layers + \
             par.pipeline_parallel_last_stage_less_layers
         num_stages = math.ceil(effective / lps)
+        source = (f"`parallelism.pipeline_parallel_layers_per_stage` = {lps} gives {num_stages} stage"
+                  f"{'s' if num_stages > 1 else ''} for {len(layer_fqns)} layers (+{effective - len(layer_fqns)} "
+                  "for the embedding and the head)")
     else:
         num_stages = pp * (2 if multi else 1)
-    if num_stages % pp:
-        raise ConfigError(f"{num_stages} pipeline stages cannot be placed evenly on pipeline_parallel_degree = {pp}")
+        source = f"schedule {schedule} on pipeline_parallel_degree = {pp} gives {num_stages} stages"
+    if num_stages % pp or num_stages < pp:
+        raise ConfigError(f"{source}, which cannot be placed evenly on pipeline_parallel_degree = {pp}")
     stages_per_rank = num_stages // pp
     if schedule in SINGLE_STAGE_SCHEDULES and stages_per_rank != 1:
-        raise ConfigError(f"schedule {schedule} runs one stage per rank, but the layout gives "
-                          f"{stages_per_rank} ({num_stages} stages on {pp} ranks)")
+        raise ConfigError(f"schedule {schedule} runs one stage per rank, but {source}: {stages_per_rank} per rank "
+                          f"on pipeline_parallel_degree = {pp}")
     if multi and stages_per_rank < 2:
-        raise ConfigError(f"schedule {schedule} needs at least two stages per rank, but the layout gives "
-                          f"{stages_per_rank} ({num_stages} stages on {pp} ranks)")
+        raise ConfigError(f"schedule {schedule} needs at least two stages per rank, but {source}: "
+                          f"{stages_per_rank} per rank on pipeline_parallel_degree = {pp}")
     if schedule in V_SCHEDULES and stages_per_rank != 2:
         raise ConfigError(f"schedule {schedule} places exactly two stages per rank (V shape), got {stages_per_rank}")
     style = "v" if schedule in V_SCHEDULES else "loop"
@@ -159,8 +176,8 @@ def plan_pipeline(model: nn.Module, job_config: JobConfig, pp: int, local_batch_
         elif per_rank == 2 and csv_stages == v:
             style = "v"
         else:
-            raise ConfigError(f"`parallelism.pipeline_parallel_schedule_csv`: ranks run stages {csv_stages}; "
-                              f"supported placements are loop {loop} or V {v}")
+            raise ConfigError(f"`parallelism.pipeline_parallel_schedule_csv` = {csv_path!r}: ranks run stages "
+                              f"{csv_stages}; supported placements are loop {loop} or V {v}")
 
     if explicit:
         fqns_per_stage = [list(stage) for stage in explicit]
