@@ -282,7 +282,8 @@ def without_cluster_files(config: JobConfig) -> JobConfig:
     config.training.dataset, config.training.dataset_path = "pydocs", None
     config.validation.enable = False
     config.model.tokenizer_path = config.model.hf_assets_path = None
-    config.checkpoint.initial_load_path, config.checkpoint.load_step = None, -1
+    config.checkpoint.initial_load_path, config.checkpoint.initial_load_in_hf = None, False
+    config.checkpoint.load_step = -1
     config.optimizer.implementation = "foreach"
     return config
 
