@@ -34,6 +34,13 @@ def training_command(dump: Path, *overrides: str, nproc: int = 1,
     return cmd, env
 
 
+def launcher_env(**extra: str) -> dict:
+    """The environment for scripts/run_train.sh and the SLURM node script to use this interpreter (no venv of
+    their own)."""
+    return {**os.environ, "USE_VENV": "0", "PYTHON": sys.executable,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
+
+
 def read_metrics(dump: Path) -> list[dict]:
     return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
 

@@ -8,19 +8,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from launch import DEBUG_TOML, REPO, training_command
+from launch import DEBUG_TOML, REPO, launcher_env, training_command
 
 OPTIONAL = ("triton", "transformers", "tensorboard", "wandb", "pyarrow", "zstandard")
-
-
-def launcher_env(**extra) -> dict:
-    """scripts/run_train.sh and the SLURM node script with this interpreter (no venv of their own)."""
-    return {**os.environ, "USE_VENV": "0", "PYTHON": sys.executable,
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
 
 
 def test_declared_dependencies_are_enough(tmp_path):

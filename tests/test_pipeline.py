@@ -165,3 +165,14 @@ def test_the_banner_names_the_csv_schedule_that_runs():
                           "1F1B", "--parallelism.pipeline_parallel_schedule_csv", CSV])
     banner = describe_run(config, validate(config, 2), 2)
     assert "PP 2 (CSV schedule pp2_looped_bfs.csv) x DP 1" in banner and "1F1B" not in banner
+
+
+def test_a_negative_layers_per_stage_is_refused_naming_the_key():
+    from titan_dsv4.config import load_config
+    from titan_dsv4.config.validate import validate
+
+    config = load_config(["--parallelism.pipeline_parallel_degree", "2",
+                          "--parallelism.pipeline_parallel_layers_per_stage", "-1"])
+    with pytest.raises(ConfigError, match=re.escape("`parallelism.pipeline_parallel_layers_per_stage` = -1 is "
+                                                    "invalid: must be >= 1")):
+        validate(config, 2)

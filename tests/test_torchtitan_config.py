@@ -3,24 +3,18 @@ JobConfig documents, only the model and dataset edited) trains here; values aski
 are refused all in one message."""
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from launch import launcher_env
 from titan_dsv4.config import ConfigError, load_config
 from titan_dsv4.config.torchtitan_keys import TORCHTITAN_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHTITAN_TOML = str(REPO / "tests" / "assets" / "torchtitan_debug_model.toml")
-
-
-def launcher_env(**extra) -> dict:
-    """The environment for scripts/run_train.sh with this interpreter (no venv of its own)."""
-    return {**os.environ, "USE_VENV": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
 
 
 @pytest.mark.slow

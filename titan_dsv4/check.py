@@ -2,7 +2,7 @@
 
     python -m titan_dsv4.check [--ngpu N] --job.config_file X.toml [--section.key value ...]
 
-The trainer's own checks (``validate`` and ``check_run_environment``): silent with exit 0 when it would start,
+The trainer's own checks (``validate_run``): silent with exit 0 when it would start,
 else its one message and exit 2. ``scripts/run_train.sh`` and ``scripts/slurm/node.sh`` run it first, so a
 mistake is one line, not one per rank plus torchrun's traceback.
 """
@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from .config import ConfigError, load_config
-from .config.validate import check_run_environment, validate, world_from_degrees
+from .config.validate import validate_run, world_from_degrees
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     opts, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(rest)
-        validate(config, opts.ngpu or world_from_degrees(config))
-        check_run_environment(config)
+        validate_run(config, opts.ngpu or world_from_degrees(config))
     except ConfigError as e:
         print(f"titan_dsv4: config error: {e}", file=sys.stderr)
         return 2

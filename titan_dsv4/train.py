@@ -39,7 +39,7 @@ from .components.metrics import MetricsLogger, device_peak_tflops, format_durati
 from .components.optimizer import build_lr_scheduler, build_optimizer, unique_trainable_parameters
 from .components.profiling import StepProfiler
 from .config import ConfigError, JobConfig, config_help, config_to_dict, load_config, print_help
-from .config.validate import RunSetup, check_run_environment, describe_run, validate
+from .config.validate import RunSetup, describe_run, validate_run
 from .distributed.context_parallel import ContextParallel
 from .distributed.utils import (
     all_reduce_sum,
@@ -579,8 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                 print_help(reference)
             return 0
         config = load_config(argv)
-        setup = validate(config, launched_world_size())
-        check_run_environment(config)
+        setup = validate_run(config, launched_world_size())
     except ConfigError as e:
         report_error("config error", e, first_rank)
         return 2

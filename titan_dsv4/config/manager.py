@@ -52,11 +52,10 @@ def _convert(key: str, value: Any, hint: Any, from_cli: bool) -> Any:
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if from_cli and hint is not str and isinstance(value, str):
-        try:
-            value = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            if hint is bool or (origin is list and args[0] is not str):
-                raise ConfigError(f"`{key}` = {value!r} is invalid: expected {_describe(hint)}") from None
+        parsed = _literal(value)
+        if parsed is value and (hint is bool or (origin is list and args[0] is not str)):  # not a TOML value
+            raise ConfigError(f"`{key}` = {value!r} is invalid: expected {_describe(hint)}")
+        value = parsed
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -110,7 +109,7 @@ def _set(config: JobConfig, dotted: str, value: Any, from_cli: bool, foreign: di
 
 
 def _literal(value: str) -> Any:
-    """A command-line value as TOML reads it (a bare word stays a string)."""
+    """A command-line value as TOML reads it; a bare word, not a TOML value, is returned as it is."""
     try:
         return tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:

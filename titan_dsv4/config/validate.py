@@ -260,6 +260,9 @@ def validate(config: JobConfig, world_size: int) -> RunSetup:
     if parallel_dims.pp_enabled:
         from ..distributed.pipeline import plan_pipeline
 
+        if p.pipeline_parallel_layers_per_stage:  # unset or 0: one stage per rank (two for looped schedules)
+            _at_least("parallelism.pipeline_parallel_layers_per_stage", p.pipeline_parallel_layers_per_stage, 1)
+
         with torch.device("meta"):
             meta_model = spec.model_cls(model_args)
         plan = plan_pipeline(meta_model, config, parallel_dims.pp, t.local_batch_size)
@@ -316,6 +319,13 @@ def _check_checkpointing_fits_the_schedule(config: JobConfig, plan) -> None:
                           f"{plan.schedule}: it splits each backward into input and weight passes, and torch's "
                           "selective checkpointing allows one; use mode 'full', selective_ac_option 'N', or a "
                           "schedule without W actions (1F1B, GPipe, Interleaved1F1B, LoopedBFS)")
+
+
+def validate_run(config: JobConfig, world_size: int) -> RunSetup:
+    """Everything the trainer checks before it starts, which ``python -m titan_dsv4.check`` runs for launchers."""
+    setup = validate(config, world_size)
+    check_run_environment(config)
+    return setup
 
 
 def check_run_environment(config: JobConfig) -> None:

@@ -84,11 +84,6 @@ def _csv_stages(path: str) -> list[list[int]]:
     return stages
 
 
-def _at_least_one(key: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"`{key}` = {value} is invalid: must be >= 1")
-
-
 def split_layers(layer_fqns: list[str], num_stages: int, first_less: int, last_less: int) -> list[list[str]]:
     """Spread the layers evenly, the first/last stage counting ``first_less``/``last_less`` layers' worth of
     other work (embedding; head, loss and MTP)."""
@@ -145,7 +140,6 @@ def plan_pipeline(model: nn.Module, job_config: JobConfig, pp: int, local_batch_
         source = f"`parallelism.module_fqns_per_model_part` names {num_stages} stages"
     elif par.pipeline_parallel_layers_per_stage:
         lps = par.pipeline_parallel_layers_per_stage
-        _at_least_one("parallelism.pipeline_parallel_layers_per_stage", lps)
         effective = len(layer_fqns) + par.pipeline_parallel_first_stage_less_layers + \
             par.pipeline_parallel_last_stage_less_layers
         num_stages = math.ceil(effective / lps)
